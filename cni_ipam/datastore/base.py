@@ -1,0 +1,139 @@
+"""The one small interface between the IPAM engine and etcd.
+
+Two primitives, implemented by each transport:
+
+* ``read(reads)``   -- several range reads answered in ONE request at one revision.
+* ``commit(compares, ops)`` -- one atomic compare-and-swap transaction.
+
+Everything else here is sugar built on those two.  Keys are ``str`` (UTF-8 on
+the wire); values are ``bytes``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+#: etcd's default ``--max-txn-ops``; batches are cut to this size.
+MAX_TXN_OPS = 128
+
+
+class DatastoreError(Exception):
+    """etcd answered, but refused the request (bad request, auth, too many ops...)."""
+
+
+class DatastoreUnavailable(DatastoreError):
+    """No endpoint answered in time (connection refused, timeout, no leader).
+
+    The plugin maps this to CNI error code 11 ("try again later")."""
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: str
+    value: bytes
+    mod_revision: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A range read: one key (``end`` None), or keys in ``[start, end)``."""
+    start: str
+    end: str | None = None
+    keys_only: bool = False
+    count_only: bool = False
+    limit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RangeResult:
+    kvs: list[KV]
+    count: int  # total keys in the range (may exceed len(kvs) with a limit)
+    more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """``mod_revision == 0`` means: the key must not exist."""
+    key: str
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+
+
+def prefix_end(prefix: str) -> str:
+    """The exclusive end of a prefix range (etcd's rule: last byte + 1).
+
+    Keys are ASCII by construction (names are percent-encoded), so the last
+    character never overflows."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def read_key(key: str) -> Read:
+    return Read(key)
+
+
+def read_prefix(prefix: str, *, keys_only: bool = False, limit: int = 0) -> Read:
+    return Read(prefix, prefix_end(prefix), keys_only=keys_only, limit=limit)
+
+
+class Datastore:
+    """Base class: transports implement ``read``, ``commit`` and ``close``."""
+
+    #: how many requests this client sent (benchmarks and tests count them)
+    requests: int = 0
+
+    def read(self, reads: Sequence[Read]) -> list[RangeResult]:  # pragma: no cover
+        raise NotImplementedError
+
+    def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:  # pragma: no cover
+        """Apply ``ops`` atomically iff every compare holds.  True when applied."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover
+        pass
+
+    # -- sugar ------------------------------------------------------------
+    def get(self, key: str) -> KV | None:
+        kvs = self.read([Read(key)])[0].kvs
+        return kvs[0] if kvs else None
+
+    def get_many(self, keys: Sequence[str]) -> list[KV | None]:
+        out: list[KV | None] = []
+        for res in self.read([Read(k) for k in keys]):
+            out.append(res.kvs[0] if res.kvs else None)
+        return out
+
+    def get_prefix(self, prefix: str, *, keys_only: bool = False) -> list[KV]:
+        return self.range(prefix, prefix_end(prefix), keys_only=keys_only)
+
+    def range(self, start: str, end: str, *, keys_only: bool = False, limit: int = 0) -> list[KV]:
+        """All keys in [start, end), paging through large ranges."""
+        out: list[KV] = []
+        page = 1000 if limit == 0 else min(limit, 1000)
+        while True:
+            res = self.read([Read(start, end, keys_only=keys_only, limit=page)])[0]
+            out.extend(res.kvs)
+            if limit and len(out) >= limit:
+                return out[:limit]
+            if not res.more or not res.kvs:
+                return out
+            start = res.kvs[-1].key + "\0"
+
+    def count(self, start: str, end: str) -> int:
+        return self.read([Read(start, end, count_only=True)])[0].count
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
