@@ -1,0 +1,188 @@
+"""The ``ipam`` section of a network config, typed and validated.
+
+Wrong types raise ``ConfigError`` (the plugin reports CNI code 7); unknown keys
+are ignored with a debug log, as an operator upgrading configs would expect.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+log = logging.getLogger("cni_ipam")
+
+DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
+DEFAULT_PREFIX = "/cni-ipam"
+DEFAULT_LOCK_FILE = "/var/run/cni-ipam/ipam.lock"
+DEFAULT_LOG_FILE = "/var/log/cni-ipam/cni-ipam.log"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class IpamConfig:
+    type: str = "cni-ipam"
+    etcd_endpoints: list[str] = field(default_factory=lambda: [DEFAULT_ENDPOINTS])
+    etcd_prefix: str = DEFAULT_PREFIX
+    etcd_ca_cert_file: str | None = None
+    etcd_cert_file: str | None = None
+    etcd_key_file: str | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    etcd_password_file: str | None = None
+    nodename: str = ""
+    nodename_file: str | None = None
+    assign_ipv4: bool = True
+    assign_ipv6: bool = False
+    ipv4_pools: list[str] | None = None
+    ipv6_pools: list[str] | None = None
+    routes: list[dict] = field(default_factory=list)
+    dns: dict | None = None
+    mode: str = "bridge"
+    gateway: list = field(default_factory=list)   # routed mode gateways, one per family
+    lock_file: str = DEFAULT_LOCK_FILE
+    log_file: str | None = DEFAULT_LOG_FILE
+    log_level: str = "info"
+    timeout_seconds: float = 10.0
+    annotation_prefix: str = "cni.projectcalico.org"
+    kubernetes: dict | None = None
+
+    @property
+    def gateways(self) -> dict:
+        return {g.version: g for g in self.gateway}
+
+    def password(self) -> str | None:
+        if self.etcd_password is not None:
+            return self.etcd_password
+        if self.etcd_password_file:
+            try:
+                with open(self.etcd_password_file) as f:
+                    return f.read().strip()
+            except OSError as e:
+                raise ConfigError(f"etcd_password_file: cannot read {self.etcd_password_file}: {e.strerror}") from None
+        return None
+
+
+def _str(k, v):
+    if not isinstance(v, str):
+        raise ConfigError(f"ipam.{k} must be a string, not {type(v).__name__}")
+    return v
+
+
+def _bool(k, v):
+    # Calico's configs carry "true"/"false" strings; accept both forms.
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise ConfigError(f"ipam.{k} must be a boolean, not {v!r}")
+
+
+def _str_list(k, v):
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"ipam.{k} must be a list of strings")
+    return v
+
+
+def _routes(k, v):
+    if not isinstance(v, list):
+        raise ConfigError(f"ipam.{k} must be a list")
+    out = []
+    for r in v:
+        if not isinstance(r, dict) or not isinstance(r.get("dst"), str):
+            raise ConfigError(f"ipam.{k}: each route must be an object with a string 'dst'")
+        try:
+            ipaddress.ip_network(r["dst"], strict=False)
+            if r.get("gw") is not None:
+                ipaddress.ip_address(_str(k + ".gw", r["gw"]))
+        except ValueError as e:
+            raise ConfigError(f"ipam.{k}: {e}") from None
+        out.append(dict(r))
+    return out
+
+
+def parse_ipam_config(ipam: dict) -> IpamConfig:
+    if not isinstance(ipam, dict):
+        raise ConfigError("ipam must be an object")
+    c = IpamConfig()
+    for k, v in ipam.items():
+        if v is None:
+            continue
+        if k == "type":
+            c.type = _str(k, v)
+        elif k == "etcd_endpoints":
+            if isinstance(v, list):
+                eps = _str_list(k, v)
+            else:
+                eps = [e.strip() for e in _str(k, v).split(",") if e.strip()]
+            if not eps:
+                raise ConfigError("ipam.etcd_endpoints is empty")
+            for e in eps:
+                if not (e.startswith("http://") or e.startswith("https://")):
+                    raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not an http:// or https:// URL")
+            c.etcd_endpoints = eps
+        elif k in ("etcd_prefix", "etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file", "etcd_username",
+                   "etcd_password", "etcd_password_file", "nodename", "nodename_file", "lock_file",
+                   "log_file", "annotation_prefix"):
+            setattr(c, k, _str(k, v))
+        elif k in ("assign_ipv4", "assign_ipv6"):
+            setattr(c, k, _bool(k, v))
+        elif k in ("ipv4_pools", "ipv6_pools"):
+            setattr(c, k, _str_list(k, v) or None)
+        elif k == "routes":
+            c.routes = _routes(k, v)
+        elif k == "dns":
+            if not isinstance(v, dict):
+                raise ConfigError("ipam.dns must be an object")
+            c.dns = v
+        elif k == "mode":
+            if v not in ("bridge", "routed"):
+                raise ConfigError(f"ipam.mode must be 'bridge' or 'routed', not {v!r}")
+            c.mode = v
+        elif k == "gateway":
+            gws = [v] if isinstance(v, str) else _str_list(k, v)
+            try:
+                c.gateway = [ipaddress.ip_address(g) for g in gws]
+            except ValueError as e:
+                raise ConfigError(f"ipam.gateway: {e}") from None
+            if len({g.version for g in c.gateway}) != len(c.gateway):
+                raise ConfigError("ipam.gateway: at most one gateway per IP family")
+        elif k == "log_level":
+            if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
+                raise ConfigError(f"ipam.log_level must be one of {', '.join(LOG_LEVELS)}")
+            c.log_level = v.lower()
+        elif k == "timeout_seconds":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
+                raise ConfigError("ipam.timeout_seconds must be a number between 0 and 3600")
+            c.timeout_seconds = float(v)
+        elif k == "kubernetes":
+            if not isinstance(v, dict):
+                raise ConfigError("ipam.kubernetes must be an object")
+            c.kubernetes = v
+        else:
+            log.debug("ignoring unknown ipam key %r", k)
+    if (c.etcd_cert_file is None) != (c.etcd_key_file is None):
+        raise ConfigError("ipam.etcd_cert_file and ipam.etcd_key_file must be given together")
+    if not c.etcd_prefix.startswith("/"):
+        raise ConfigError("ipam.etcd_prefix must start with '/'")
+    return c
+
+
+def node_name(c: IpamConfig) -> str:
+    """``nodename`` > contents of ``nodename_file`` > the host name."""
+    if c.nodename:
+        return c.nodename
+    if c.nodename_file:
+        try:
+            with open(c.nodename_file) as f:
+                name = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"ipam.nodename_file: cannot read {c.nodename_file}: {e.strerror}") from None
+        if name:
+            return name
+    return os.environ.get("NODENAME") or socket.gethostname()

@@ -1,0 +1,165 @@
+"""A block: a small CIDR of a pool, claimed by one node, as a pure value.
+
+Allocation state is one slot per address ordinal:
+
+* ``allocations``: ordinal -> handle id for addresses in use;
+* ``free``: the free ordinals as a FIFO -- ``allocate`` takes the head, ``release``
+  appends to the tail -- so the address that has been free longest is reused
+  first, and a just-released address is handed out last;
+* reserved ordinals (in neither) are never handed out: in ``bridge`` mode the
+  network address, the block's first host address (the node's gateway on the
+  block) and, in IPv4, the broadcast address.
+
+Nothing in this module talks to etcd.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+
+BRIDGE = "bridge"
+ROUTED = "routed"
+MODES = (BRIDGE, ROUTED)
+
+
+class BlockError(ValueError):
+    pass
+
+
+def reserved_ordinals(net, mode: str) -> set[int]:
+    n = net.num_addresses
+    if mode == ROUTED:
+        return set()
+    # bridge: network (0), gateway (1), and broadcast (last) in IPv4
+    res = {0, 1}
+    if net.version == 4:
+        res.add(n - 1)
+    return res
+
+
+def usable_in_mode(block_prefixlen: int, version: int, mode: str) -> bool:
+    """Can a block of this size hand out at least one address in ``mode``?"""
+    if mode == ROUTED:
+        return True
+    bits = 32 if version == 4 else 128
+    n = 1 << (bits - block_prefixlen)
+    return n - (3 if version == 4 else 2) >= 1
+
+
+@dataclass
+class Block:
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    pool: str
+    node: str | None
+    mode: str = BRIDGE
+    allocations: dict[int, str] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)
+    seq: int = 0
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def new(cls, cidr, pool: str, node: str | None, mode: str = BRIDGE) -> "Block":
+        if mode not in MODES:
+            raise BlockError(f"unknown mode {mode!r}")
+        if not usable_in_mode(cidr.prefixlen, cidr.version, mode):
+            raise BlockError(f"block {cidr} is too small for {mode} mode")
+        reserved = reserved_ordinals(cidr, mode)
+        free = [i for i in range(cidr.num_addresses) if i not in reserved]
+        return cls(cidr=cidr, pool=pool, node=node, mode=mode, free=free)
+
+    # -- addresses ----------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return len(self.free) + len(self.allocations)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.allocations)
+
+    @property
+    def gateway(self):
+        """The node's gateway on this block (bridge mode), else None."""
+        if self.mode == BRIDGE:
+            return self.cidr.network_address + 1
+        return None
+
+    def ip(self, ordinal: int):
+        return self.cidr.network_address + ordinal
+
+    def ordinal(self, ip) -> int:
+        if ip not in self.cidr:
+            raise BlockError(f"{ip} is not in block {self.cidr}")
+        return int(ip) - int(self.cidr.network_address)
+
+    def allocate(self, handle_id: str, ip=None):
+        """Take the longest-free address (or ``ip``) for ``handle_id``; return it."""
+        if ip is None:
+            if not self.free:
+                raise BlockError(f"block {self.cidr} is full")
+            o = self.free.pop(0)
+        else:
+            o = self.ordinal(ip)
+            if o in self.allocations:
+                raise BlockError(f"{ip} is already allocated (handle {self.allocations[o]})")
+            try:
+                self.free.remove(o)
+            except ValueError:
+                raise BlockError(f"{ip} is reserved in block {self.cidr} ({self.mode} mode: "
+                                 f"network, gateway and broadcast addresses are never handed out)") from None
+        self.allocations[o] = handle_id
+        self.seq += 1
+        return self.ip(o)
+
+    def release(self, ip, handle_id: str | None = None) -> bool:
+        """Free ``ip``; with ``handle_id``, only if that handle holds it.  True if freed."""
+        o = self.ordinal(ip)
+        holder = self.allocations.get(o)
+        if holder is None or (handle_id is not None and holder != handle_id):
+            return False
+        del self.allocations[o]
+        self.free.append(o)
+        self.seq += 1
+        return True
+
+    def holder(self, ip) -> str | None:
+        return self.allocations.get(self.ordinal(ip))
+
+    # -- serialisation ----------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "cidr": str(self.cidr),
+            "pool": self.pool,
+            "node": self.node,
+            "mode": self.mode,
+            "allocations": {str(k): v for k, v in sorted(self.allocations.items())},
+            "free": self.free,
+            "seq": self.seq,
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Block":
+        """Decode and check a stored block; raises BlockError on anything inconsistent."""
+        try:
+            d = json.loads(data)
+            cidr = ipaddress.ip_network(d["cidr"])
+            allocations = {int(k): str(v) for k, v in d["allocations"].items()}
+            free = [int(x) for x in d["free"]]
+            b = cls(cidr=cidr, pool=str(d["pool"]), node=d.get("node"), mode=d.get("mode", BRIDGE),
+                    allocations=allocations, free=free, seq=int(d.get("seq", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BlockError(f"undecodable block: {e}") from None
+        n = cidr.num_addresses
+        if b.mode not in MODES:
+            raise BlockError(f"unknown mode {b.mode!r}")
+        seen = set(allocations)
+        for o in free:
+            if not 0 <= o < n or o in seen:
+                raise BlockError(f"ordinal {o} is out of range or listed twice")
+            seen.add(o)
+        if any(not 0 <= o < n for o in allocations):
+            raise BlockError("allocation ordinal out of range")
+        return b

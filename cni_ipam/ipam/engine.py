@@ -1,0 +1,442 @@
+"""The IPAM engine: allocate and release addresses over the datastore interface.
+
+Every change is ONE etcd transaction guarded by compares on the revisions of
+everything it read (CAS).  An ADD writes the blocks it allocated from, any block
+it claimed (+ the node's affinity record) and the handle record together, so a
+crash or a lost race can never leave half an allocation behind.  On a conflict
+the whole attempt is re-read and re-planned, up to ``max_retries`` times.
+
+Fast path (the node already has a block with a free address): 3 requests --
+one batched read (handle, pools, config, the node's affinities), one batched
+read of the node's blocks, one commit.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ..datastore import (Compare, Datastore, DatastoreUnavailable, Delete, Put, Read, read_prefix)
+from .block import BRIDGE, ROUTED, Block, BlockError
+from .errors import (AddressUnavailable, CorruptData, InvalidRequest, IPAMError, PoolExhausted,
+                     TryAgain)
+from .keys import Keys, block_from_id
+from .model import Assignment, Handle, IPAMConfig
+from .pool import Pool, PoolError, find_free_block, pool_of_ip, select_pools, start_index
+
+log = logging.getLogger("cni_ipam")
+
+
+@dataclass
+class AssignRequest:
+    handle_id: str
+    node: str
+    network: str = ""
+    container_id: str = ""
+    ifname: str = ""
+    pod: str = ""
+    namespace: str = ""
+    mode: str = BRIDGE
+    assign_v4: bool = True
+    assign_v6: bool = False
+    v4_pools: list[str] | None = None   # names or CIDRs; None: every matching enabled pool
+    v6_pools: list[str] | None = None
+    pools_source: str = "config"        # where v4_pools/v6_pools came from (for messages)
+    requested: list = field(default_factory=list)  # specific addresses, at most one per family
+    gateways: dict = field(default_factory=dict)   # routed mode: {4: ip, 6: ip}
+    node_matches: Callable[[Pool], bool] | None = None  # evaluates nodeSelector for this node
+
+
+@dataclass
+class AssignResult:
+    handle: Handle
+    existing: bool = False   # True when the handle already held addresses (idempotent ADD)
+    attempts: int = 1
+
+
+class _Txn:
+    """What one attempt will write, with the revisions it was planned from."""
+
+    def __init__(self):
+        self.compares: dict[str, int] = {}
+        self.puts: dict[str, bytes] = {}
+        self.blocks: dict[str, Block] = {}
+
+    def touch(self, key: str, rev: int, block: Block):
+        self.compares.setdefault(key, rev)
+        self.blocks[key] = block
+
+    def ops(self):
+        for key, b in self.blocks.items():
+            self.puts[key] = b.to_json()
+        return ([Compare(k, r) for k, r in self.compares.items()],
+                [Put(k, v) for k, v in self.puts.items()])
+
+
+def _decode(key: str, kv, decoder):
+    try:
+        return decoder(kv.value)
+    except (ValueError, BlockError, PoolError) as e:
+        raise CorruptData(f"corrupt value at etcd key {key}: {e}") from None
+
+
+class IPAM:
+    def __init__(self, ds: Datastore, prefix: str = "/cni-ipam", max_retries: int = 100):
+        self.ds = ds
+        self.keys = Keys(prefix)
+        self.max_retries = max_retries
+        self.conflicts = 0  # CAS conflicts seen by this instance (benchmarks report it)
+
+    # ------------------------------------------------------------------ helpers
+    def _retry(self, what: str, attempt_fn):
+        for attempt in range(1, self.max_retries + 1):
+            try:
+                out = attempt_fn()
+            except DatastoreUnavailable as e:
+                raise TryAgain(f"etcd unavailable during {what}: {e}") from None
+            if out is not None:
+                return out, attempt
+            self.conflicts += 1
+            log.debug("%s: CAS conflict on attempt %d, retrying", what, attempt)
+            time.sleep(random.uniform(0, min(0.002 * attempt, 0.05)))
+        raise TryAgain(f"{what}: gave up after {self.max_retries} conflicting attempts")
+
+    def _pools_from(self, kvs) -> list[Pool]:
+        return [_decode(kv.key, kv, Pool.from_json) for kv in kvs]
+
+    def _config_from(self, res) -> IPAMConfig:
+        return _decode(self.keys.config, res.kvs[0], IPAMConfig.from_json) if res.kvs else IPAMConfig()
+
+    # ------------------------------------------------------------------ reads
+    def pools(self) -> list[Pool]:
+        return self._pools_from(self.ds.get_prefix(self.keys.pools))
+
+    def get_config(self) -> IPAMConfig:
+        return self._config_from(self.ds.read([Read(self.keys.config)])[0])
+
+    def get_handle(self, handle_id: str) -> Handle | None:
+        kv = self.ds.get(self.keys.handle(handle_id))
+        return _decode(kv.key, kv, Handle.from_json) if kv else None
+
+    def handles(self, network: str | None = None, node: str | None = None) -> list[Handle]:
+        prefix = self.keys.handles + (self.keys.handle(network)[len(self.keys.handles):] + "."
+                                      if network else "")
+        out = []
+        for kv in self.ds.get_prefix(prefix):
+            h = _decode(kv.key, kv, Handle.from_json)
+            if (network is None or h.network == network) and (node is None or h.node == node):
+                out.append(h)
+        return out
+
+    # ------------------------------------------------------------------ writes: pools & config
+    def create_pool(self, pool: Pool) -> None:
+        """Create a pool (CAS on 'does not exist'); refuses overlaps."""
+        for p in self.pools():
+            if p.name == pool.name:
+                raise InvalidRequest(f"pool {pool.name!r} already exists")
+            if p.cidr.version == pool.cidr.version and p.cidr.overlaps(pool.cidr):
+                raise InvalidRequest(f"pool {pool.name!r}: cidr {pool.cidr} overlaps pool {p.name!r} ({p.cidr})")
+        if not self.ds.commit([Compare(self.keys.pool(pool.name), 0)], [Put(self.keys.pool(pool.name), pool.to_json())]):
+            raise InvalidRequest(f"pool {pool.name!r} was created concurrently")
+
+    def set_config(self, cfg: IPAMConfig) -> None:
+        self.ds.commit([], [Put(self.keys.config, cfg.to_json())])
+
+    # ------------------------------------------------------------------ assign
+    def assign(self, req: AssignRequest) -> AssignResult:
+        fams = {ip.version for ip in req.requested}
+        if len(fams) != len(req.requested):
+            raise InvalidRequest("at most one requested address per IP family")
+        if not (req.assign_v4 or req.assign_v6 or req.requested):
+            raise InvalidRequest("neither assign_ipv4 nor assign_ipv6 is set: nothing to assign")
+        (res, attempts) = self._retry(f"assign {req.handle_id}", lambda: self._assign_once(req))
+        res.attempts = attempts
+        return res
+
+    def _assign_once(self, req: AssignRequest) -> AssignResult | None:
+        k = self.keys
+        hkey = k.handle(req.handle_id)
+        snap = self.ds.read([Read(hkey), read_prefix(k.pools), Read(k.config),
+                             read_prefix(k.node_affinity(req.node))])
+        if snap[0].kvs:
+            return AssignResult(_decode(hkey, snap[0].kvs[0], Handle.from_json), existing=True)
+        pools = self._pools_from(snap[1].kvs)
+        cfg = self._config_from(snap[2])
+        aff_prefix = k.node_affinity(req.node)
+        affine = [block_from_id(kv.key[len(aff_prefix):]) for kv in snap[3].kvs]
+
+        requested = {ip.version: ip for ip in req.requested}
+        families = [f for f, on in ((4, req.assign_v4), (6, req.assign_v6)) if on or f in requested]
+        matches = req.node_matches or (lambda p: True)
+        eligible: dict[int, list[Pool]] = {}
+        for fam in families:
+            if fam not in requested:
+                wanted = req.v4_pools if fam == 4 else req.v6_pools
+                eligible[fam] = select_pools(fam, wanted, pools, req.mode, matches, req.pools_source)
+
+        # one batched read: the node's blocks in eligible pools + blocks of requested addresses
+        want: list[str] = []
+        for net in affine:
+            for p in eligible.get(net.version, ()):
+                if net.subnet_of(p.cidr) and net.prefixlen == p.block_size:
+                    want.append(k.block(net))
+                    break
+        req_pool: dict[int, Pool] = {}
+        for fam, ip in requested.items():
+            p = pool_of_ip(ip, pools)
+            if p is None:
+                raise InvalidRequest(f"requested address {ip} is not in any pool")
+            if p.disabled:
+                raise InvalidRequest(f"requested address {ip} is in pool {p.name!r}, which is disabled")
+            req_pool[fam] = p
+            bkey = k.block(p.block_of(ip))
+            if bkey not in want:
+                want.append(bkey)
+        loaded: dict[str, tuple[int, Block | None]] = {}
+        if want:
+            for key, kv in zip(want, self.ds.get_many(want)):
+                loaded[key] = (kv.mod_revision, _decode(key, kv, Block.from_json)) if kv else (0, None)
+
+        txn = _Txn()
+        handle = Handle(id=req.handle_id, node=req.node, network=req.network, container_id=req.container_id,
+                        ifname=req.ifname, pod=req.pod, namespace=req.namespace, mode=req.mode,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        n_affine = len(affine)
+        for fam in families:
+            if fam in requested:
+                a = self._assign_requested(req, requested[fam], req_pool[fam], loaded, txn)
+            else:
+                a, claimed = self._assign_auto(req, fam, eligible[fam], cfg, n_affine, loaded, txn)
+                n_affine += claimed
+            handle.addresses.append(a)
+
+        compares, puts = txn.ops()
+        compares.append(Compare(hkey, 0))
+        puts.append(Put(hkey, handle.to_json()))
+        if not self.ds.commit(compares, puts):
+            return None
+        return AssignResult(handle)
+
+    def _assignment(self, req: AssignRequest, block: Block, ip) -> Assignment:
+        if block.mode == BRIDGE:
+            return Assignment(ip, block.cidr, block.pool, block.cidr.prefixlen, block.gateway)
+        return Assignment(ip, block.cidr, block.pool, 32 if ip.version == 4 else 128,
+                          req.gateways.get(ip.version))
+
+    def _assign_requested(self, req, ip, pool: Pool, loaded, txn: _Txn) -> Assignment:
+        k = self.keys
+        net = pool.block_of(ip)
+        key = k.block(net)
+        rev, block = loaded[key]
+        if key in txn.blocks:
+            block = txn.blocks[key]
+        if block is None:
+            if not pool.usable_in(req.mode):
+                raise InvalidRequest(f"requested address {ip}: pool {pool.name!r} blocks (/{pool.block_size}) "
+                                     f"are too small for {req.mode} mode")
+            block = Block.new(net, pool.name, req.node, req.mode)
+            self._claim(req.node, block, txn)
+            rev = 0
+        elif block.mode != req.mode:
+            raise AddressUnavailable(f"requested address {ip} is in block {net}, claimed in {block.mode} mode; "
+                                     f"this network uses {req.mode} mode")
+        try:
+            block.allocate(req.handle_id, ip)
+        except BlockError as e:
+            raise AddressUnavailable(f"requested address {ip} is not available: {e}") from None
+        txn.touch(key, rev, block)
+        return self._assignment(req, block, ip)
+
+    def _claim(self, node: str, block: Block, txn: _Txn) -> None:
+        akey = self.keys.affinity_key(node, block.cidr)
+        txn.compares[akey] = 0
+        txn.puts[akey] = b'{"pool":"%s","mode":"%s"}' % (block.pool.encode(), block.mode.encode())
+
+    def _assign_auto(self, req, fam, pools: list[Pool], cfg: IPAMConfig, n_affine: int,
+                     loaded, txn: _Txn) -> tuple[Assignment, int]:
+        k = self.keys
+        # 1. the node's own blocks, pool by pool, lowest block first
+        for p in pools:
+            mine = sorted(((key, rev, b) for key, (rev, b) in loaded.items()
+                           if b is not None and b.pool == p.name and b.node == req.node
+                           and b.mode == req.mode and b.cidr.subnet_of(p.cidr)),
+                          key=lambda t: t[2].cidr)
+            for key, rev, b in mine:
+                b = txn.blocks.get(key, b)
+                if b.free:
+                    ip = b.allocate(req.handle_id)
+                    txn.touch(key, rev, b)
+                    return self._assignment(req, b, ip), 0
+        # 2. claim a new block
+        reason = ""
+        if not cfg.auto_allocate_blocks:
+            reason = "automatic block allocation is off"
+        elif cfg.max_blocks_per_host and n_affine >= cfg.max_blocks_per_host:
+            reason = f"node {req.node} has reached maxBlocksPerHost ({cfg.max_blocks_per_host})"
+        else:
+            for p in pools:
+                idx = self._find_free_block(p, req.node)
+                if idx is None:
+                    continue
+                b = Block.new(p.block_at(idx), p.name, req.node, req.mode)
+                self._claim(req.node, b, txn)
+                ip = b.allocate(req.handle_id)
+                txn.touch(k.block(b.cidr), 0, b)
+                log.info("claimed block %s of pool %s for node %s", b.cidr, p.name, req.node)
+                return self._assignment(req, b, ip), 1
+            reason = "no unclaimed block is left"
+        # 3. borrow from another node's block (routed mode, no strict affinity)
+        if cfg.strict_affinity:
+            reason += "; strict affinity forbids borrowing from other nodes' blocks"
+        elif req.mode != ROUTED:
+            reason += "; bridge mode never borrows from other nodes' blocks"
+        else:
+            for p in pools:
+                got = self._borrow(req, p, txn)
+                if got:
+                    return got, 0
+            reason += "; no other node's block has a free address"
+        names = ", ".join(p.name for p in pools)
+        raise PoolExhausted(f"no free IPv{fam} address for node {req.node} in pool(s) {names}: {reason}")
+
+    def _pool_key_range(self, p: Pool, lo: int, hi: int) -> tuple[str, str]:
+        start = self.keys.block(p.block_at(lo))
+        end = self.keys.block(p.block_at(hi)) if hi < p.n_blocks else self.keys.block(p.block_at(hi - 1)) + "\0"
+        return start, end
+
+    def _find_free_block(self, p: Pool, node: str) -> int | None:
+        # (an attempt claims at most one block per family, so nothing claimed
+        # earlier in the same attempt can be in this pool)
+        def list_from(lo, hi, limit):
+            s, e = self._pool_key_range(p, lo, hi)
+            res = self.ds.read([Read(s, e, keys_only=True, limit=limit)])[0]
+            return [p.block_index(self.keys.block_of_key(kv.key)) for kv in res.kvs]
+
+        def count_in(lo, hi):
+            return self.ds.count(*self._pool_key_range(p, lo, hi))
+
+        return find_free_block(p.n_blocks, start_index(node, p.n_blocks), list_from, count_in)
+
+    def _borrow(self, req, p: Pool, txn: _Txn) -> Assignment | None:
+        s, e = self._pool_key_range(p, 0, p.n_blocks)
+        for kv in self.ds.range(s, e):
+            b = txn.blocks.get(kv.key) or _decode(kv.key, kv, Block.from_json)
+            if b.mode == ROUTED and b.free and b.node != req.node:
+                ip = b.allocate(req.handle_id)
+                txn.touch(kv.key, kv.mod_revision, b)
+                log.info("borrowed %s from block %s of node %s", ip, b.cidr, b.node)
+                return self._assignment(req, b, ip)
+        return None
+
+    # ------------------------------------------------------------------ release
+    def release(self, handle_id: str) -> Handle | None:
+        """Release everything a handle holds.  None when the handle does not exist."""
+        out, _ = self._retry(f"release {handle_id}", lambda: self._release_once(handle_id))
+        return out or None
+
+    def _release_once(self, handle_id: str):
+        hkey = self.keys.handle(handle_id)
+        hkv = self.ds.get(hkey)
+        if hkv is None:
+            return False  # nothing to do (falsy but not None: not a conflict)
+        h = _decode(hkey, hkv, Handle.from_json)
+        bkeys = list(dict.fromkeys(self.keys.block(a.block) for a in h.addresses))
+        compares = [Compare(hkey, hkv.mod_revision)]
+        ops: list = [Delete(hkey)]
+        for key, kv in zip(bkeys, self.ds.get_many(bkeys) if bkeys else []):
+            if kv is None:
+                log.warning("release %s: block %s no longer exists", handle_id, key)
+                compares.append(Compare(key, 0))
+                continue
+            b = _decode(key, kv, Block.from_json)
+            for a in h.addresses:
+                if a.ip in b.cidr and not b.release(a.ip, handle_id):
+                    log.warning("release %s: %s in block %s is not held by this handle (holder: %s)",
+                                handle_id, a.ip, b.cidr, b.holder(a.ip))
+            compares.append(Compare(key, kv.mod_revision))
+            ops.append(Put(key, b.to_json()))
+        if not self.ds.commit(compares, ops):
+            return None
+        return h
+
+    def release_ips(self, ips: Iterable) -> list[tuple[str, str]]:
+        """Release single addresses (repair); returns [(ip, handle)] released."""
+        done = []
+        for ip in ips:
+            ip = ipaddress.ip_address(ip)
+            p = pool_of_ip(ip, self.pools())
+            if p is None:
+                continue
+            key = self.keys.block(p.block_of(ip))
+            kv = self.ds.get(key)
+            if kv is None:
+                continue
+            b = _decode(key, kv, Block.from_json)
+            hid = b.holder(ip)
+            if hid is None:
+                continue
+            h = self.get_handle(hid)
+            if h and all(a.ip == ip for a in h.addresses):
+                self.release(hid)
+            else:
+                self._retry(f"release {ip}", lambda: self._release_one(key, ip, hid))
+            done.append((str(ip), hid))
+        return done
+
+    def _release_one(self, key, ip, hid):
+        kv = self.ds.get(key)
+        b = _decode(key, kv, Block.from_json)
+        b.release(ip, hid)
+        compares, ops = [Compare(key, kv.mod_revision)], [Put(key, b.to_json())]
+        hkey = self.keys.handle(hid)
+        hkv = self.ds.get(hkey)
+        if hkv is not None:
+            h = _decode(hkey, hkv, Handle.from_json)
+            h.addresses = [a for a in h.addresses if a.ip != ip]
+            compares.append(Compare(hkey, hkv.mod_revision))
+            ops.append(Put(hkey, h.to_json()) if h.addresses else Delete(hkey))
+        return True if self.ds.commit(compares, ops) else None
+
+    # ------------------------------------------------------------------ gc
+    def gc(self, network: str, node: str, keep: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+        """Release every handle of ``network`` on ``node`` whose id is not in ``keep``.
+        Goes on past individual failures; returns (released ids, [(id, error)])."""
+        released, failed = [], []
+        for h in self.handles(network=network, node=node):
+            if h.id in keep:
+                continue
+            try:
+                self.release(h.id)
+                released.append(h.id)
+            except IPAMError as e:
+                failed.append((h.id, e.msg))
+                log.warning("gc: could not release %s: %s", h.id, e.msg)
+        return released, failed
+
+    # ------------------------------------------------------------------ status
+    def free_pools(self, req: AssignRequest) -> list[str]:
+        """Names of the pools this request could allocate from that still have a free
+        address for it; raises InvalidRequest when no pool is usable at all."""
+        snap = self.ds.read([read_prefix(self.keys.pools), Read(self.keys.config)])
+        pools = self._pools_from(snap[0].kvs)
+        cfg = self._config_from(snap[1])
+        out = []
+        matches = req.node_matches or (lambda p: True)
+        for fam, on in ((4, req.assign_v4), (6, req.assign_v6)):
+            if not on:
+                continue
+            for p in select_pools(fam, req.v4_pools if fam == 4 else req.v6_pools, pools, req.mode, matches):
+                s, e = self._pool_key_range(p, 0, p.n_blocks)
+                if cfg.auto_allocate_blocks and self.ds.count(s, e) < p.n_blocks:
+                    out.append(p.name)
+                    continue
+                for kv in self.ds.range(s, e):
+                    b = _decode(kv.key, kv, Block.from_json)
+                    if b.free and b.mode == req.mode and (b.node == req.node or (
+                            req.mode == ROUTED and not cfg.strict_affinity)):
+                        out.append(p.name)
+                        break
+        return out

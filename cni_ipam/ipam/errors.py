@@ -1,0 +1,37 @@
+"""Engine errors.  Each carries the CNI error code the plugin reports."""
+
+
+class IPAMError(Exception):
+    code = 100
+
+    def __init__(self, msg: str, *, code: int | None = None, details: str = ""):
+        super().__init__(msg)
+        self.msg = msg
+        self.details = details
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(IPAMError):
+    """Bad pool names, bad requested IPs, unusable pools: the config is at fault."""
+    code = 7
+
+
+class PoolExhausted(IPAMError):
+    """No free address in any eligible pool."""
+    code = 110
+
+
+class AddressUnavailable(IPAMError):
+    """A specifically requested address is taken or reserved."""
+    code = 111
+
+
+class CorruptData(IPAMError):
+    """A value in etcd could not be decoded; it is reported, never overwritten."""
+    code = 113
+
+
+class TryAgain(IPAMError):
+    """Out of CAS retries, or etcd unavailable: CNI code 11."""
+    code = 11

@@ -1,0 +1,91 @@
+"""Stored records other than blocks and pools: handles and the global IPAM config."""
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Assignment:
+    """One address held by a handle, with what the CNI result needs."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    block: ipaddress.IPv4Network | ipaddress.IPv6Network
+    pool: str
+    prefixlen: int
+    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+    @property
+    def interface(self):
+        return ipaddress.ip_interface(f"{self.ip}/{self.prefixlen}")
+
+    def to_dict(self) -> dict:
+        return {"ip": str(self.ip), "block": str(self.block), "pool": self.pool,
+                "prefixlen": self.prefixlen, "gateway": str(self.gateway) if self.gateway else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Assignment":
+        gw = d.get("gateway")
+        return cls(ip=ipaddress.ip_address(d["ip"]), block=ipaddress.ip_network(d["block"]),
+                   pool=str(d.get("pool", "")), prefixlen=int(d["prefixlen"]),
+                   gateway=ipaddress.ip_address(gw) if gw else None)
+
+
+@dataclass
+class Handle:
+    """What one attachment (network, container, ifname) holds: the release index."""
+    id: str
+    node: str
+    network: str = ""
+    container_id: str = ""
+    ifname: str = ""
+    pod: str = ""
+    namespace: str = ""
+    mode: str = "bridge"
+    created: str = ""
+    addresses: list[Assignment] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        d = {"id": self.id, "node": self.node, "network": self.network, "containerID": self.container_id,
+             "ifname": self.ifname, "pod": self.pod, "namespace": self.namespace, "mode": self.mode,
+             "created": self.created, "addresses": [a.to_dict() for a in self.addresses]}
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Handle":
+        try:
+            d = json.loads(data)
+            return cls(id=str(d["id"]), node=str(d["node"]), network=d.get("network", ""),
+                       container_id=d.get("containerID", ""), ifname=d.get("ifname", ""),
+                       pod=d.get("pod", ""), namespace=d.get("namespace", ""), mode=d.get("mode", "bridge"),
+                       created=d.get("created", ""),
+                       addresses=[Assignment.from_dict(a) for a in d.get("addresses", [])])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"undecodable handle: {e}") from None
+
+
+@dataclass
+class IPAMConfig:
+    """Cluster-wide settings (``kind: IPAMConfig``)."""
+    strict_affinity: bool = False
+    auto_allocate_blocks: bool = True
+    max_blocks_per_host: int = 0  # 0: no limit
+
+    def to_dict(self) -> dict:
+        return {"strictAffinity": self.strict_affinity, "autoAllocateBlocks": self.auto_allocate_blocks,
+                "maxBlocksPerHost": self.max_blocks_per_host}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | None) -> "IPAMConfig":
+        if not data:
+            return cls()
+        try:
+            d = json.loads(data)
+            return cls(strict_affinity=bool(d.get("strictAffinity", False)),
+                       auto_allocate_blocks=bool(d.get("autoAllocateBlocks", True)),
+                       max_blocks_per_host=int(d.get("maxBlocksPerHost", 0)))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"undecodable IPAM config: {e}") from None

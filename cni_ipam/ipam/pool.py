@@ -1,0 +1,225 @@
+"""IP pools as pure values, pool selection, and the free-block search.
+
+Nothing in this module talks to etcd: the free-block search takes two small
+callables (list block indexes from a point; count blocks in a range).
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .block import usable_in_mode
+from .errors import InvalidRequest
+
+DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
+BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
+
+
+class PoolError(ValueError):
+    pass
+
+
+def _net_class(version: int):
+    return ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+
+
+@dataclass
+class Pool:
+    name: str
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    block_size: int
+    disabled: bool = False
+    node_selector: str = "all()"
+    allowed_uses: list[str] = field(default_factory=lambda: ["Workload", "Tunnel"])
+    # Calico's fields: kept and shown, no effect on allocation
+    ipip_mode: str | None = None
+    vxlan_mode: str | None = None
+    nat_outgoing: bool | None = None
+    disable_bgp_export: bool | None = None
+
+    @property
+    def version(self) -> int:
+        return self.cidr.version
+
+    @property
+    def n_blocks(self) -> int:
+        return 1 << (self.block_size - self.cidr.prefixlen)
+
+    @property
+    def block_addresses(self) -> int:
+        return 1 << ((32 if self.version == 4 else 128) - self.block_size)
+
+    def block_at(self, index: int):
+        base = int(self.cidr.network_address) + index * self.block_addresses
+        return _net_class(self.version)((base, self.block_size))
+
+    def block_index(self, net) -> int:
+        return (int(net.network_address) - int(self.cidr.network_address)) // self.block_addresses
+
+    def block_of(self, ip):
+        """The block (network) of this pool that contains ``ip``."""
+        return _net_class(self.version)((int(ip), self.block_size), strict=False)
+
+    def usable_in(self, mode: str) -> bool:
+        return usable_in_mode(self.block_size, self.version, mode)
+
+    # -- serialisation: the stored form is the manifest's spec -------------
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "cidr": str(self.cidr), "blockSize": self.block_size,
+             "disabled": self.disabled, "nodeSelector": self.node_selector,
+             "allowedUses": list(self.allowed_uses)}
+        for k, v in (("ipipMode", self.ipip_mode), ("vxlanMode", self.vxlan_mode),
+                     ("natOutgoing", self.nat_outgoing), ("disableBGPExport", self.disable_bgp_export)):
+            if v is not None:
+                d[k] = v
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Pool":
+        try:
+            return cls(name=d["name"], cidr=ipaddress.ip_network(d["cidr"]), block_size=int(d["blockSize"]),
+                       disabled=bool(d.get("disabled", False)), node_selector=d.get("nodeSelector") or "all()",
+                       allowed_uses=list(d.get("allowedUses") or ["Workload", "Tunnel"]),
+                       ipip_mode=d.get("ipipMode"), vxlan_mode=d.get("vxlanMode"),
+                       nat_outgoing=d.get("natOutgoing"), disable_bgp_export=d.get("disableBGPExport"))
+        except (KeyError, ValueError, TypeError) as e:
+            raise PoolError(f"undecodable pool: {e}") from None
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Pool":
+        try:
+            d = json.loads(data)
+        except ValueError as e:
+            raise PoolError(f"undecodable pool: {e}") from None
+        if not isinstance(d, dict):
+            raise PoolError("undecodable pool: not an object")
+        return cls.from_dict(d)
+
+
+def make_pool(name: str, cidr: str, block_size: int | None = None, **kw) -> Pool:
+    """Build and validate a pool (the rules every pool must satisfy on its own)."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as e:
+        raise PoolError(f"pool {name!r}: invalid cidr {cidr!r}: {e}") from None
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE[net.version]
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise PoolError(f"pool {name!r}: blockSize must be an integer")
+    lo, hi = BLOCK_SIZE_RANGE[net.version]
+    if not lo <= block_size <= hi:
+        raise PoolError(f"pool {name!r}: blockSize {block_size} is out of range "
+                        f"{lo}-{hi} for IPv{net.version}")
+    if block_size < net.prefixlen:
+        raise PoolError(f"pool {name!r}: blockSize /{block_size} is larger than the pool {net}")
+    link_local = ipaddress.ip_network("169.254.0.0/16" if net.version == 4 else "fe80::/10")
+    if net.overlaps(link_local):
+        raise PoolError(f"pool {name!r}: cidr {net} overlaps the link-local range {link_local}")
+    return Pool(name=name, cidr=net, block_size=block_size, **kw)
+
+
+# -- pool selection ------------------------------------------------------------
+
+def select_pools(version: int, wanted: Sequence[str] | None, pools: Sequence[Pool], mode: str,
+                 node_matches: Callable[[Pool], bool] = lambda p: True,
+                 source: str = "config") -> list[Pool]:
+    """The pools to allocate from, in order.
+
+    ``wanted`` (names or CIDRs, from an annotation or the CNI config): each must
+    name an existing, enabled pool of this family; used even if its nodeSelector
+    does not match.  ``None``: every enabled pool whose nodeSelector matches.
+    Pools whose blocks are too small for ``mode`` are left out; if that leaves
+    nothing, the error says so."""
+    fam = [p for p in pools if p.version == version]
+    if wanted:
+        chosen: list[Pool] = []
+        for ref in wanted:
+            p = _find_pool(ref, fam)
+            if p is None:
+                raise InvalidRequest(f"IPv{version} pool {ref!r} (from {source}) does not exist")
+            if p.disabled:
+                raise InvalidRequest(f"IPv{version} pool {p.name!r} (from {source}) is disabled")
+            if p not in chosen:
+                chosen.append(p)
+    else:
+        chosen = [p for p in sorted(fam, key=lambda p: p.name) if not p.disabled and node_matches(p)]
+        if not chosen:
+            raise InvalidRequest(f"no enabled IPv{version} pool matches this node")
+    usable = [p for p in chosen if p.usable_in(mode)]
+    if not usable:
+        names = ", ".join(f"{p.name} (blockSize {p.block_size})" for p in chosen)
+        raise InvalidRequest(f"no IPv{version} pool is usable in {mode} mode: the blocks of {names} "
+                             f"are too small to hold a gateway and an address; use routed mode or a larger blockSize")
+    return usable
+
+
+def _find_pool(ref: str, pools: Sequence[Pool]) -> Pool | None:
+    for p in pools:
+        if p.name == ref:
+            return p
+    try:
+        net = ipaddress.ip_network(ref, strict=False)
+    except ValueError:
+        return None
+    for p in pools:
+        if p.cidr == net:
+            return p
+    return None
+
+
+def pool_of_ip(ip, pools: Sequence[Pool]) -> Pool | None:
+    for p in pools:
+        if p.version == ip.version and ip in p.cidr:
+            return p
+    return None
+
+
+# -- free-block search -----------------------------------------------------------
+
+def start_index(node: str, n_blocks: int) -> int:
+    """Where a node starts looking for a free block: hashed from its name, so that
+    nodes claiming at the same time rarely race for the same block."""
+    h = int.from_bytes(hashlib.blake2b(node.encode(), digest_size=8).digest(), "big")
+    return h % n_blocks
+
+
+def find_free_block(n_blocks: int, start: int,
+                    list_from: Callable[[int, int, int], list[int]],
+                    count_in: Callable[[int, int], int],
+                    scan: int = 64) -> int | None:
+    """The first unclaimed block index at or after ``start`` (wrapping), or None.
+
+    ``list_from(lo, hi, limit)`` returns the claimed indexes in [lo, hi) in order,
+    at most ``limit``; ``count_in(lo, hi)`` counts them.  First one short listing
+    from ``start`` (usually enough: one request); when that run is dense, a
+    binary search over counts finds a gap in O(log n) requests, never listing
+    every block of the pool."""
+    for lo, hi in ((start, n_blocks), (0, start)):
+        if lo >= hi:
+            continue
+        claimed = list_from(lo, hi, scan)
+        expect = lo
+        for i in claimed:
+            if i > expect:
+                return expect
+            expect = i + 1
+        if len(claimed) < scan:
+            return expect if expect < hi else None
+        # dense run: binary search the rest of [expect, hi) by counting
+        lo = expect
+        if lo >= hi or count_in(lo, hi) >= hi - lo:
+            continue
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if count_in(lo, mid) < mid - lo:
+                hi = mid
+            else:
+                lo = mid
+        return lo
+    return None
