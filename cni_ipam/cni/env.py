@@ -116,7 +116,12 @@ def validate_ifname(ifname: str) -> None:
     """Go's ``utils.ValidateInterfaceName`` (length is in UTF-8 bytes, as in Go)."""
     if not ifname:
         raise _env_error("interface name is empty")
-    if len(ifname.encode("utf-8", "surrogateescape")) > _MAX_IFNAME_BYTES:
+    try:
+        # os.environ holds undecodable bytes as surrogate escapes: count bytes.
+        nbytes = len(ifname.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise _env_error("interface name is not valid UTF-8") from None
+    if nbytes > _MAX_IFNAME_BYTES:
         raise _env_error("interface name is too long",
                          f"interface name should be less than {_MAX_IFNAME_BYTES + 1} characters")
     if ifname in (".", ".."):

@@ -107,7 +107,7 @@ def check_version(version: str, command: str) -> None:
                        f"[{', '.join(SUPPORTED_VERSIONS)}]")
 
 
-def version_response(stdin_bytes: bytes | None) -> dict:
+def version_response(stdin_bytes: bytes | str | None) -> dict:
     """The answer to ``CNI_COMMAND=VERSION``.
 
     stdin may carry ``{"cniVersion": "x"}``; if ``x`` is a supported version
@@ -119,8 +119,9 @@ def version_response(stdin_bytes: bytes | None) -> dict:
     asked = LATEST_VERSION
     if stdin_bytes:
         try:
-            doc = json.loads(stdin_bytes.decode("utf-8"))
-        except (ValueError, RecursionError):
+            text = stdin_bytes if isinstance(stdin_bytes, str) else bytes(stdin_bytes).decode("utf-8")
+            doc = json.loads(text)
+        except (ValueError, TypeError, RecursionError):
             doc = None
         if isinstance(doc, dict) and is_supported(doc.get("cniVersion")):
             asked = doc["cniVersion"]

@@ -131,6 +131,21 @@ class IPAM:
                 out.append(h)
         return out
 
+    def verify_handle(self, h: Handle) -> list[str]:
+        """Problems with a handle: addresses its blocks do not record as held by it."""
+        problems = []
+        bkeys = list(dict.fromkeys(self.keys.block(a.block) for a in h.addresses))
+        blocks = {}
+        for key, kv in zip(bkeys, self.ds.get_many(bkeys) if bkeys else []):
+            blocks[key] = _decode(key, kv, Block.from_json) if kv else None
+        for a in h.addresses:
+            b = blocks[self.keys.block(a.block)]
+            if b is None:
+                problems.append(f"{a.ip}: block {a.block} does not exist")
+            elif b.holder(a.ip) != h.id:
+                problems.append(f"{a.ip}: block {a.block} records holder {b.holder(a.ip)!r}")
+        return problems
+
     # ------------------------------------------------------------------ writes: pools & config
     def create_pool(self, pool: Pool) -> None:
         """Create a pool (CAS on 'does not exist'); refuses overlaps."""

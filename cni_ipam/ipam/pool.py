@@ -210,7 +210,9 @@ def find_free_block(n_blocks: int, start: int,
                 return expect
             expect = i + 1
         if len(claimed) < scan:
-            return expect if expect < hi else None
+            if expect < hi:
+                return expect
+            continue
         # dense run: binary search the rest of [expect, hi) by counting
         lo = expect
         if lo >= hi or count_in(lo, hi) >= hi - lo:

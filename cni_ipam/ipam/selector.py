@@ -426,7 +426,10 @@ class _Parser:
             self.advance()
             negated = not negated
         node = self.primary()
-        return _Not(node) if negated else node
+        if not negated:
+            return node
+        # "!(!x)" is x, exactly as "!!x" is: keeps the canonical form a fixed point.
+        return node.operand if type(node) is _Not else _Not(node)
 
     def primary(self) -> _Node:
         tok = self.peek()

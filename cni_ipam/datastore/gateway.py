@@ -1,0 +1,343 @@
+"""etcd v3 through its JSON gateway (``POST /v3/kv/range``, ``/v3/kv/txn``), stdlib only.
+
+This module is on the plugin's exec path: it imports nothing heavier than
+``http.client`` (which brings ``ssl`` along anyway), ``json`` and ``base64``.
+
+Wire notes (etcd 3.4 gateway = grpc-gateway v1 + jsonpb):
+* keys and values are base64 strings; int64 fields (``count``, revisions) are
+  JSON *strings*; fields at their default are omitted (``succeeded`` is absent
+  when false, ``kvs`` absent when empty, ``value`` absent with ``keys_only``);
+* most messages use the proto field names (``mod_revision``, ``response_range``),
+  a few come back in lowerCamelCase (``raftIndex``), so both spellings are read;
+* errors are ``{"error": msg, "message": msg, "code": grpc_code}`` with an HTTP
+  status derived from the gRPC code (Unavailable -> 503, InvalidArgument -> 400,
+  Unauthenticated -> 401, ...).
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import ssl
+import time
+from typing import Sequence
+
+from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
+                   Put, RangeResult, Read)
+
+#: the shortest socket timeout one attempt gets, however little time is left
+MIN_ATTEMPT_TIMEOUT = 0.2
+
+# gRPC codes meaning "try elsewhere / later": CANCELLED, DEADLINE_EXCEEDED,
+# RESOURCE_EXHAUSTED is *not* here (also "database space exceeded"), UNAVAILABLE
+_UNAVAILABLE_CODES = frozenset({1, 4, 14})
+_UNAVAILABLE_MARKERS = ("no leader", "leader changed", "request timed out", "too many requests",
+                        "not capable", "server stopped", "unhealthy cluster", "connection lost")
+_TOKEN_MARKERS = ("invalid auth token", "revision of auth store is old")
+_TLS_CONFIG_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                                 "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
+                                 "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "WRONG_VERSION_NUMBER"})
+
+
+def _enc(s: str) -> str:
+    return base64.b64encode(s.encode("utf-8", "surrogateescape")).decode("ascii")
+
+
+def _dec(s: str | None) -> bytes:
+    return base64.b64decode(s) if s else b""
+
+
+def _g(d: dict, snake: str, camel: str, default=None):
+    v = d.get(snake)
+    if v is None:
+        v = d.get(camel, default)
+    return v
+
+
+def _range_json(r: Read, revision: int = 0) -> dict:
+    d: dict = {"key": _enc(r.start)}
+    if r.end is not None:
+        d["range_end"] = _enc(r.end)
+    if r.limit:
+        d["limit"] = r.limit
+    if r.keys_only:
+        d["keys_only"] = True
+    if r.count_only:
+        d["count_only"] = True
+    if revision:
+        d["revision"] = revision
+    return d
+
+
+def _range_result(d: dict) -> RangeResult:
+    kvs = [KV(key=_dec(kv.get("key")).decode("utf-8", "surrogateescape"),
+              value=_dec(kv.get("value")),
+              mod_revision=int(_g(kv, "mod_revision", "modRevision", 0)),
+              version=int(kv.get("version", 0)))
+           for kv in d.get("kvs") or ()]
+    return RangeResult(kvs=kvs, count=int(d.get("count", 0)), more=bool(d.get("more", False)))
+
+
+def _compare_json(c: Compare) -> dict:
+    if c.mod_revision == 0:
+        return {"key": _enc(c.key), "target": "VERSION", "result": "EQUAL", "version": 0}
+    return {"key": _enc(c.key), "target": "MOD", "result": "EQUAL", "mod_revision": c.mod_revision}
+
+
+def _op_json(op: Put | Delete) -> dict:
+    if isinstance(op, Put):
+        return {"request_put": {"key": _enc(op.key),
+                                "value": base64.b64encode(op.value).decode("ascii")}}
+    if isinstance(op, Delete):
+        return {"request_delete_range": {"key": _enc(op.key)}}
+    raise TypeError(f"not a Put or Delete: {op!r}")
+
+
+def _err_text(obj: dict) -> str:
+    return str(obj.get("error") or obj.get("message") or obj.get("_raw") or "no error message")
+
+
+def _is_unavailable(status: int, obj: dict) -> bool:
+    if status >= 500 or status in (408, 429):
+        return True
+    code = obj.get("code")
+    if code in _UNAVAILABLE_CODES:
+        return True
+    text = _err_text(obj)
+    return any(m in text for m in _UNAVAILABLE_MARKERS)
+
+
+def _describe(exc: BaseException, attempt_timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {attempt_timeout:.2f}s"
+    text = str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}" if exc.__class__.__name__ not in text else text
+
+
+class _Endpoint:
+    __slots__ = ("url", "https", "host", "port", "prefix", "conn")
+
+    def __init__(self, url: str, default_https: bool):
+        raw = url.strip()
+        if "://" not in raw:
+            raw = ("https://" if default_https else "http://") + raw
+        scheme, _, rest = raw.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"etcd endpoint must be http:// or https://, got {url!r}")
+        hostport, slash, path = rest.partition("/")
+        if "@" in hostport:
+            raise ValueError("put etcd credentials in username/password, not in the endpoint URL")
+        if hostport.startswith("["):  # [v6]:port
+            host, _, port = hostport[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = hostport.partition(":")
+        if not host:
+            raise ValueError(f"etcd endpoint without a host: {url!r}")
+        self.https = scheme == "https"
+        self.host = host
+        self.port = int(port) if port else 2379
+        self.prefix = ("/" + path).rstrip("/") if slash else ""
+        self.url = f"{scheme}://{hostport}{self.prefix}"
+        self.conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
+
+
+class GatewayDatastore(Datastore):
+    """A ``Datastore`` over etcd's JSON gateway with one keep-alive connection per endpoint.
+
+    Not thread-safe: use one instance per thread (it is cheap)."""
+
+    def __init__(self, endpoints: Sequence[str] | str, *, timeout: float = 10.0,
+                 ca_cert: str | None = None, cert: str | None = None, key: str | None = None,
+                 username: str | None = None, password: str | None = None):
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e.strip()]
+        if not endpoints:
+            raise ValueError("no etcd endpoints given")
+        if (username is None) != (password is None):
+            raise ValueError("etcd username and password go together")
+        if key is not None and cert is None:
+            raise ValueError("a client key needs its client cert")
+        tls_hint = bool(ca_cert or cert)
+        self._eps = [_Endpoint(e, tls_hint) for e in endpoints]
+        self.timeout = float(timeout)
+        self.requests = 0
+        self._cur = 0
+        self._ca_cert, self._cert, self._key = ca_cert, cert, key
+        self._ssl_ctx: ssl.SSLContext | None = None
+        self._username, self._password = username, password
+        self._token: str | None = None
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [ep.url for ep in self._eps]
+
+    # -- transport -------------------------------------------------------------
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl_ctx is None:
+            ctx = ssl.create_default_context(cafile=self._ca_cert)
+            if self._cert:
+                ctx.load_cert_chain(self._cert, self._key)
+            self._ssl_ctx = ctx
+        return self._ssl_ctx
+
+    def _send(self, ep: _Endpoint, path: str, payload: bytes, timeout: float,
+              token: str | None) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = token
+        for second_try in (False, True):
+            conn = ep.conn
+            reused = conn is not None and conn.sock is not None
+            if conn is None:
+                if ep.https:
+                    conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout,
+                                                       context=self._ssl_context())
+                else:
+                    conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
+                ep.conn = conn
+            else:
+                conn.timeout = timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+            try:
+                self.requests += 1
+                conn.request("POST", ep.prefix + path, body=payload, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                ep.close()
+                if reused and not second_try:
+                    continue  # the server dropped our idle keep-alive connection: reconnect once
+                raise
+            except BaseException:
+                ep.close()
+                raise
+            if resp.will_close:
+                ep.close()
+            return resp.status, data
+        raise AssertionError("unreachable")
+
+    def _post(self, path: str, payload: bytes, deadline: float,
+              token: str | None) -> tuple[int, dict, str]:
+        """Send to the current endpoint, failing over round robin until ``deadline``.
+
+        Returns ``(status, json, url)`` of the first answer that is not about
+        availability (success or a refusal); raises ``DatastoreUnavailable``."""
+        n = len(self._eps)
+        idx = self._cur % n
+        tried_in_pass = 0
+        tried: list[str] = []
+        last = "no attempt made"
+        backoff = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and tried:
+                break
+            attempt_timeout = max(MIN_ATTEMPT_TIMEOUT, remaining / (n - tried_in_pass))
+            ep = self._eps[idx]
+            if ep.url not in tried:
+                tried.append(ep.url)
+            try:
+                status, data = self._send(ep, path, payload, attempt_timeout, token)
+            except ssl.SSLError as e:
+                if isinstance(e, ssl.SSLCertVerificationError) or e.reason in _TLS_CONFIG_REASONS:
+                    raise DatastoreError(f"TLS with etcd at {ep.url} failed: "
+                                         f"{getattr(e, 'verify_message', None) or e.reason or e}") from None
+                last = f"{ep.url}: {_describe(e, attempt_timeout)}"
+            except (OSError, http.client.HTTPException) as e:
+                last = f"{ep.url}: {_describe(e, attempt_timeout)}"
+            else:
+                try:
+                    obj = json.loads(data) if data else {}
+                    if not isinstance(obj, dict):
+                        raise ValueError
+                except ValueError:
+                    obj = {"_raw": data[:200].decode("utf-8", "replace")}
+                if status == 200 or not _is_unavailable(status, obj):
+                    self._cur = idx
+                    return status, obj, ep.url
+                last = f"{ep.url}: HTTP {status}: {_err_text(obj)}"
+            idx = (idx + 1) % n
+            self._cur = idx
+            tried_in_pass += 1
+            if tried_in_pass >= n:  # a full round failed: breathe before the next one
+                tried_in_pass = 0
+                pause = min(backoff, deadline - time.monotonic())
+                if pause > 0:
+                    time.sleep(pause)
+                backoff = min(backoff * 2, 0.5)
+        raise DatastoreUnavailable(f"etcd unavailable: no answer within {self.timeout:g}s from "
+                                   f"{', '.join(tried)}; last error: {last}")
+
+    def _authenticate(self, deadline: float) -> None:
+        payload = json.dumps({"name": self._username, "password": self._password}).encode()
+        status, obj, url = self._post("/v3/auth/authenticate", payload, deadline, None)
+        token = obj.get("token") if status == 200 else None
+        if not token:
+            raise DatastoreError(f"etcd authentication as user {self._username!r} at {url} failed: "
+                                 f"{_err_text(obj) if status != 200 else 'no token returned'}")
+        self._token = token
+
+    def _call(self, path: str, body: dict) -> dict:
+        deadline = time.monotonic() + self.timeout
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        if self._username is not None and self._token is None:
+            self._authenticate(deadline)
+        reauthenticated = False
+        while True:
+            status, obj, url = self._post(path, payload, deadline, self._token)
+            if status == 200:
+                return obj
+            text = _err_text(obj)
+            if (self._username is not None and not reauthenticated
+                    and any(m in text for m in _TOKEN_MARKERS)):
+                reauthenticated = True  # token expired / member restarted: once more with a new one
+                self._token = None
+                self._authenticate(deadline)
+                continue
+            raise DatastoreError(f"etcd at {url} refused {path}: {text} (HTTP {status})")
+
+    # -- Datastore -------------------------------------------------------------
+    def read(self, reads: Sequence[Read]) -> list[RangeResult]:
+        if not reads:
+            return []
+        if len(reads) == 1:
+            return [_range_result(self._call("/v3/kv/range", _range_json(reads[0])))]
+        out: list[RangeResult] = []
+        revision = 0  # later chunks read at the first chunk's revision: one consistent view
+        for i in range(0, len(reads), MAX_TXN_OPS):
+            chunk = reads[i:i + MAX_TXN_OPS]
+            resp = self._call("/v3/kv/txn", {"success": [{"request_range": _range_json(r, revision)}
+                                                         for r in chunk]})
+            if not revision:
+                revision = int((resp.get("header") or {}).get("revision", 0))
+            responses = resp.get("responses") or []
+            if len(responses) != len(chunk):
+                raise DatastoreError(f"etcd answered {len(responses)} of {len(chunk)} reads")
+            for r in responses:
+                out.append(_range_result(_g(r, "response_range", "responseRange", None) or {}))
+        return out
+
+    def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:
+        body: dict = {}
+        if compares:
+            body["compare"] = [_compare_json(c) for c in compares]
+        if ops:
+            body["success"] = [_op_json(op) for op in ops]
+        return bool(self._call("/v3/kv/txn", body).get("succeeded", False))
+
+    def close(self) -> None:
+        for ep in self._eps:
+            ep.close()
+
+    def __repr__(self) -> str:
+        return f"<GatewayDatastore {','.join(self.endpoints)}>"

@@ -1,0 +1,158 @@
+"""CNI mode: the verbs, joining the protocol layer (cni/) to the engine (ipam/).
+
+Imports are kept to what a verb needs: VERSION is answered by the skel before
+anything here is imported; no verb imports grpc or pyroute2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .cni.errors import CNIError
+from .cni.netconf import prev_result_ips, requested_ips
+from .cni.result import IPConfig, render_result
+from .config import ConfigError, IpamConfig, node_name, parse_ipam_config
+from .hostenv import LockTimeout, host_lock, setup_logging
+
+log = logging.getLogger("cni_ipam")
+
+# CNI error codes used here (spec: 3 unknown container, 7 invalid config, 11 try again, 50 unavailable)
+UNKNOWN_CONTAINER, INVALID_CONFIG, TRY_AGAIN, UNAVAILABLE = 3, 7, 11, 50
+CHECK_MISMATCH = 114
+
+
+def handle_id(network: str, container_id: str, ifname: str) -> str:
+    return f"{network}.{container_id}.{ifname}"
+
+
+class Plugin:
+    """The skel's handlers."""
+
+    def _setup(self, env, conf):
+        try:
+            ic = parse_ipam_config(conf.ipam)
+        except ConfigError as e:
+            raise CNIError(INVALID_CONFIG, str(e)) from None
+        setup_logging(ic.log_file, ic.log_level, tag=f"{env.command} {(env.container_id or '')[:12]}")
+        try:
+            node = node_name(ic)
+        except ConfigError as e:
+            raise CNIError(INVALID_CONFIG, str(e)) from None
+        return ic, node
+
+    def _ipam(self, ic: IpamConfig):
+        from .datastore import open_datastore
+        from .ipam.engine import IPAM
+        ds = open_datastore(ic.etcd_endpoints, transport="gateway", timeout=ic.timeout_seconds,
+                            ca_cert=ic.etcd_ca_cert_file, cert=ic.etcd_cert_file, key=ic.etcd_key_file,
+                            username=ic.etcd_username, password=ic.password())
+        return IPAM(ds, ic.etcd_prefix)
+
+    def _locked(self, ic: IpamConfig):
+        return host_lock(ic.lock_file, ic.timeout_seconds)
+
+    def _request(self, env, conf, ic: IpamConfig, node: str):
+        from .ipam.engine import AssignRequest
+        args = env.args or {}
+        return AssignRequest(
+            handle_id=handle_id(conf.name, env.container_id or "", env.ifname or ""), node=node,
+            network=conf.name, container_id=env.container_id or "", ifname=env.ifname or "",
+            pod=args.get("K8S_POD_NAME", ""), namespace=args.get("K8S_POD_NAMESPACE", ""),
+            mode=ic.mode, assign_v4=ic.assign_ipv4, assign_v6=ic.assign_ipv6,
+            v4_pools=ic.ipv4_pools, v6_pools=ic.ipv6_pools, gateways=ic.gateways)
+
+    def _run(self, ic: IpamConfig, fn, *, lock: bool = True):
+        """Run ``fn(ipam)`` under the host lock, mapping engine errors to CNI errors."""
+        from .datastore import DatastoreError, DatastoreUnavailable
+        from .ipam.errors import IPAMError
+        ipam = None
+        try:
+            ipam = self._ipam(ic)
+            if lock:
+                with self._locked(ic):
+                    return fn(ipam)
+            return fn(ipam)
+        except IPAMError as e:
+            raise CNIError(e.code, e.msg, e.details) from None
+        except DatastoreUnavailable as e:
+            raise CNIError(TRY_AGAIN, f"etcd unavailable: {e}") from None
+        except DatastoreError as e:
+            raise CNIError(TRY_AGAIN, f"etcd error: {e}") from None
+        except LockTimeout as e:
+            raise CNIError(TRY_AGAIN, str(e)) from None
+        finally:
+            if ipam is not None:
+                ipam.ds.close()
+
+    # -- verbs ---------------------------------------------------------------------
+    def add(self, env, conf) -> dict:
+        ic, node = self._setup(env, conf)
+        req = self._request(env, conf, ic, node)
+        req.requested = requested_ips(env, conf)
+        res = self._run(ic, lambda ipam: ipam.assign(req))
+        h = res.handle
+        log.info("ADD %s -> %s%s (attempts %d)", h.id, ", ".join(str(a.interface) for a in h.addresses),
+                 " (existing)" if res.existing else "", res.attempts)
+        ips = [IPConfig(a.interface, a.gateway) for a in h.addresses]
+        return render_result(conf.cni_version, ips, ic.routes, ic.dns)
+
+    def delete(self, env, conf) -> None:
+        ic, node = self._setup(env, conf)
+        hid = handle_id(conf.name, env.container_id or "", env.ifname or "")
+        h = self._run(ic, lambda ipam: ipam.release(hid))
+        log.info("DEL %s -> %s", hid, ", ".join(str(a.ip) for a in h.addresses) if h else "nothing held")
+
+    def check(self, env, conf) -> None:
+        ic, node = self._setup(env, conf)
+        hid = handle_id(conf.name, env.container_id or "", env.ifname or "")
+        want = prev_result_ips(conf)
+
+        def verify(ipam):
+            h = ipam.get_handle(hid)
+            if h is None:
+                raise CNIError(UNKNOWN_CONTAINER, f"no addresses are allocated to {hid}")
+            problems = ipam.verify_handle(h)
+            have = {str(a.ip) for a in h.addresses}
+            if have != want:
+                problems.append(f"allocated {sorted(have)} but prevResult has {sorted(want)}")
+            if problems:
+                raise CNIError(CHECK_MISMATCH, f"check failed for {hid}", "; ".join(problems))
+        self._run(ic, verify, lock=False)
+
+    def gc(self, env, conf) -> None:
+        ic, node = self._setup(env, conf)
+        if conf.valid_attachments is None:
+            # never read a missing list as "nothing is valid": that would free the whole network
+            raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments (or cni.dev/attachments)")
+        keep = {handle_id(conf.name, cid, ifn) for cid, ifn in conf.valid_attachments}
+        released, failed = self._run(ic, lambda ipam: ipam.gc(conf.name, node, keep))
+        log.info("GC %s on %s: released %d handle(s), %d failure(s)", conf.name, node, len(released), len(failed))
+        if failed:
+            raise CNIError(TRY_AGAIN, f"gc: {len(failed)} handle(s) could not be released",
+                           "; ".join(f"{h}: {m}" for h, m in failed[:20]))
+
+    def status(self, env, conf) -> None:
+        ic, node = self._setup(env, conf)
+        req = self._request(env, conf, ic, node)
+        from .datastore import DatastoreError
+        from .ipam.errors import IPAMError
+        try:
+            ipam = self._ipam(ic)
+            try:
+                free = ipam.free_pools(req)
+            finally:
+                ipam.ds.close()
+        except DatastoreError as e:
+            raise CNIError(UNAVAILABLE, f"etcd is not reachable: {e}") from None
+        except IPAMError as e:
+            raise CNIError(UNAVAILABLE, f"no usable pool: {e.msg}") from None
+        if not free:
+            raise CNIError(UNAVAILABLE, f"no free addresses: every usable pool for node {node} is full")
+
+
+def run_plugin(environ=None, stdin=None, stdout=None) -> int:
+    from .cni.skel import run
+    environ = os.environ if environ is None else environ
+    data = sys.stdin.buffer.read() if stdin is None else stdin
+    return run(environ, data, stdout or sys.stdout, Plugin())

@@ -1,0 +1,62 @@
+"""Exec the plugin the way a runtime does: env + stdin, as a subprocess."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+PLUGIN = [sys.executable, "-m", "cni_ipam"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Run:
+    rc: int
+    out: dict | None
+    stdout: str
+    stderr: str
+
+
+def exec_plugin(command, conf, *, container="c1", ifname="eth0", netns="/var/run/netns/x",
+                args=None, env=None, raw_stdin=None, argv=None, timeout=60) -> Run:
+    e = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT}
+    e.update({"CNI_COMMAND": command, "CNI_PATH": "/opt/cni/bin"})
+    if container is not None:
+        e["CNI_CONTAINERID"] = container
+    if ifname is not None:
+        e["CNI_IFNAME"] = ifname
+    if netns is not None:
+        e["CNI_NETNS"] = netns
+    if args is not None:
+        e["CNI_ARGS"] = args
+    if env:
+        e.update(env)
+    e = {k: v for k, v in e.items() if v is not None}
+    stdin = raw_stdin if raw_stdin is not None else json.dumps(conf).encode()
+    p = subprocess.run(argv or PLUGIN, input=stdin, env=e, capture_output=True, timeout=timeout)
+    out = p.stdout.decode(errors="replace")
+    try:
+        parsed = json.loads(out) if out.strip() else None
+    except ValueError:
+        parsed = None
+    return Run(p.returncode, parsed, out, p.stderr.decode(errors="replace"))
+
+
+def netconf(endpoint, prefix, tmp_path, *, version="1.0.0", name="testnet", node="node-a", **ipam):
+    conf = {
+        "cniVersion": version,
+        "name": name,
+        "type": "bridge",
+        "ipam": {
+            "type": "cni-ipam",
+            "etcd_endpoints": endpoint,
+            "etcd_prefix": prefix,
+            "nodename": node,
+            "lock_file": str(tmp_path / f"lock-{node}"),
+            "log_file": str(tmp_path / "cni-ipam.log"),
+            "log_level": "debug",
+            "timeout_seconds": 5,
+        },
+    }
+    conf["ipam"].update(ipam)
+    return conf
