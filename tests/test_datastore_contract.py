@@ -5,9 +5,13 @@ Each test runs once per transport (``gateway``: JSON gateway over http.client;
 """
 from __future__ import annotations
 
+import base64
 import secrets
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -313,7 +317,6 @@ def tls_auth_etcd(tmp_path_factory):
         server.api("/v3/auth/user/grant", {"user": "reader", "role": "ro"})
         server.api("/v3/auth/enable", {})
         token = server.api("/v3/auth/authenticate", {"name": "root", "password": ROOT_PASSWORD})["token"]
-        import base64
         b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
         server.api("/v3/auth/role/grant", {"name": "ro", "perm": {"permType": "READ", "key": b64("/"),
                                                                   "range_end": b64("0")}}, token=token)
@@ -436,10 +439,8 @@ def test_gateway_keeps_one_connection_per_endpoint(etcd_server, etcd_prefix):
 
 
 def test_gateway_imports_no_grpc():
-    import subprocess
-    import sys
+    """The plugin's exec path must not pay for grpc/protobuf imports."""
     code = ("import sys, cni_ipam.datastore as d; d.open_datastore('http://127.0.0.1:1', transport='gateway');"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('grpc', 'etcd3', 'google')];"
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__)
-                                                                     .resolve().parent.parent))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

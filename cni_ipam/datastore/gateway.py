@@ -213,7 +213,7 @@ class GatewayDatastore(Datastore):
                 conn.request("POST", ep.prefix + path, body=payload, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
                 ep.close()
                 if reused and not second_try:
                     continue  # the server dropped our idle keep-alive connection: reconnect once

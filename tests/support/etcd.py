@@ -198,6 +198,11 @@ class EtcdServer:
     ``--trusted-ca-file`` and (unless ``client_cert_auth=False``) ``--client-cert-auth``.
     ``client_cert_file``/``client_key_file`` are what the helper itself presents when
     polling (default: the server cert/key, which ``make_test_certs`` makes usable as a client cert).
+    With ``--client-cert-auth`` and RBAC enabled, the gateway refuses client certs that carry a
+    CommonName (see ``make_test_certs``).
+
+    Files: ``base_dir`` (from ``tempfile.mkdtemp``) holds ``data/`` (etcd's ``--data-dir``),
+    ``etcd.log`` (zap log, ``--log-level warn``) and ``etcd.stdout``.
     """
 
     def __init__(self, *, name: str = "etcd0", cert_file: str | None = None, key_file: str | None = None,
@@ -232,6 +237,8 @@ class EtcdServer:
         self._ssl_context: ssl.SSLContext | None = None
         self._out = None
         self._removed = False
+        with _live_lock:  # from now on the atexit hook removes base_dir even if never started
+            _live[id(self)] = self
 
     # -- addresses -------------------------------------------------------------
     @property
@@ -305,8 +312,6 @@ class EtcdServer:
                                      # PDEATHSIG fires when the spawning *thread* ends: main thread only
                                      preexec_fn=_pdeathsig if in_main and _prctl else None)
         self.paused = False
-        with _live_lock:
-            _live[id(self)] = self
 
     def start(self, timeout: float = 20.0) -> "EtcdServer":
         """Start and wait until ``/health`` says true.  A port clash is retried with new ports."""
