@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# Installs what the tests and the demo need, only when missing (idempotent).
+# Installs what the tests, the e2e runtimes, the benchmarks and the demo need --
+# only what is missing (idempotent, quiet).  Debian 12, root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-need_apt=()
-command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
-command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "install-deps: apt-get install ${need_apt[*]}" >&2
+# command-or-file -> Debian package
+declare -A APT=(
+  [etcd]=etcd-server [etcdctl]=etcd-client [ip]=iproute2 [ping]=iputils-ping [openssl]=openssl
+  [/usr/lib/cni/bridge]=containernetworking-plugins [go]=golang-go
+  [/usr/share/gocode/src/github.com/containernetworking/cni/libcni/api.go]=golang-github-appc-cni-dev
+  [containerd]=containerd [runc]=runc [podman]=podman [/bin/busybox]=busybox-static
+  [iptables]=iptables [hyperfine]=hyperfine
+)
+need=()
+for what in "${!APT[@]}"; do
+  if [[ $what == /* ]]; then [ -e "$what" ] || need+=("${APT[$what]}")
+  else command -v "$what" >/dev/null 2>&1 || need+=("${APT[$what]}"); fi
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-deps: apt-get install ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-if ! $PY -c 'import etcd3, yaml, pytest, hypothesis, pyroute2, cni_ipam' >/dev/null 2>&1 \
-   || ! $PY -c 'import cni_ipam, os, sys; sys.exit(0 if os.path.dirname(cni_ipam.__file__).startswith(os.getcwd()) else 1)' >/dev/null 2>&1; then
-  echo "install-deps: pip install -e .[test]" >&2
-  $PY -m pip install -q --disable-pip-version-check -e '.[test]'
+here=$(pwd)
+if ! $PY -c 'import etcd3, yaml, pytest, hypothesis, pyroute2, PyInstaller, cri_api' >/dev/null 2>&1 \
+   || ! $PY -c "import cni_ipam, os, sys; sys.exit(0 if os.path.realpath(cni_ipam.__file__).startswith(os.path.realpath('$here') + '/') else 1)" >/dev/null 2>&1; then
+  echo "install-deps: pip install -e .[test,dev]" >&2
+  $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,dev]'
 fi
