@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -106,6 +107,55 @@ def _routes(k, v):
     return out
 
 
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _annotation_prefix(k, v):
+    # an annotation key's prefix is a DNS subdomain (Kubernetes' rule), e.g. cni.projectcalico.org
+    v = _str(k, v)
+    if not (len(v) <= 253 and _DNS_SUBDOMAIN.fullmatch(v)):
+        raise ConfigError(f"ipam.{k} must be a DNS subdomain like 'cni.projectcalico.org', not {v!r}")
+    return v
+
+
+def _kubernetes(k, v):
+    """``{kubeconfig?: PATH, context?: NAME}``; without kubeconfig: in-cluster credentials."""
+    if not isinstance(v, dict):
+        raise ConfigError(f"ipam.{k} must be an object")
+    out = {}
+    for kk, vv in v.items():
+        if vv is None:
+            continue
+        if kk in ("kubeconfig", "context"):
+            if not isinstance(vv, str) or not vv:
+                raise ConfigError(f"ipam.{k}.{kk} must be a non-empty string")
+            out[kk] = vv
+        else:
+            log.debug("ignoring unknown ipam.%s key %r", k, kk)
+    return out
+
+
+def _check_endpoint(e: str) -> None:
+    """``http(s)://host[:port][/path]`` with a host and a valid port; no credentials in it."""
+    if not (e.startswith("http://") or e.startswith("https://")):
+        raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not an http:// or https:// URL")
+    hostport = e.partition("://")[2].split("/", 1)[0]
+    if "@" in hostport:  # never echo this one: it holds credentials
+        raise ConfigError("ipam.etcd_endpoints: credentials in an endpoint URL are not allowed; "
+                          "use etcd_username and etcd_password (or etcd_password_file)")
+    if hostport.startswith("["):
+        host, close, port = hostport[1:].partition("]")
+        if not close or (port and not port.startswith(":")):
+            raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not a valid URL")
+        port = port[1:]
+    else:
+        host, _, port = hostport.partition(":")
+    if not host:
+        raise ConfigError(f"ipam.etcd_endpoints: {e!r} has no host")
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"ipam.etcd_endpoints: {e!r} has an invalid port")
+
+
 def parse_ipam_config(ipam: dict) -> IpamConfig:
     if not isinstance(ipam, dict):
         raise ConfigError("ipam must be an object")
@@ -123,12 +173,11 @@ def parse_ipam_config(ipam: dict) -> IpamConfig:
             if not eps:
                 raise ConfigError("ipam.etcd_endpoints is empty")
             for e in eps:
-                if not (e.startswith("http://") or e.startswith("https://")):
-                    raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not an http:// or https:// URL")
+                _check_endpoint(e)
             c.etcd_endpoints = eps
         elif k in ("etcd_prefix", "etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file", "etcd_username",
                    "etcd_password", "etcd_password_file", "nodename", "nodename_file", "lock_file",
-                   "log_file", "annotation_prefix"):
+                   "log_file"):
             setattr(c, k, _str(k, v))
         elif k in ("assign_ipv4", "assign_ipv6"):
             setattr(c, k, _bool(k, v))
@@ -160,14 +209,17 @@ def parse_ipam_config(ipam: dict) -> IpamConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
                 raise ConfigError("ipam.timeout_seconds must be a number between 0 and 3600")
             c.timeout_seconds = float(v)
+        elif k == "annotation_prefix":
+            c.annotation_prefix = _annotation_prefix(k, v)
         elif k == "kubernetes":
-            if not isinstance(v, dict):
-                raise ConfigError("ipam.kubernetes must be an object")
-            c.kubernetes = v
+            c.kubernetes = _kubernetes(k, v)
         else:
             log.debug("ignoring unknown ipam key %r", k)
     if (c.etcd_cert_file is None) != (c.etcd_key_file is None):
         raise ConfigError("ipam.etcd_cert_file and ipam.etcd_key_file must be given together")
+    if (c.etcd_username is None) != (c.etcd_password is None and c.etcd_password_file is None):
+        raise ConfigError("ipam.etcd_username and ipam.etcd_password (or etcd_password_file) "
+                          "must be given together")
     if not c.etcd_prefix.startswith("/"):
         raise ConfigError("ipam.etcd_prefix must start with '/'")
     return c

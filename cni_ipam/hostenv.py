@@ -22,6 +22,9 @@ def setup_logging(log_file: str | None, level: str = "info", tag: str = "") -> N
     root.propagate = False
     for h in list(root.handlers):
         root.removeHandler(h)
+        if getattr(h, "_cni_ipam_log_file", False):  # ours: close the file (in-process callers repeat this)
+            h.close()
+            h.stream.close()
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s [%(process)d]{(' ' + tag) if tag else ''} %(message)s")
     err = logging.StreamHandler()  # stderr
     err.setLevel(logging.WARNING)
@@ -32,6 +35,7 @@ def setup_logging(log_file: str | None, level: str = "info", tag: str = "") -> N
             os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
             fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             fh = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+            fh._cni_ipam_log_file = True
             fh.setFormatter(fmt)
             root.addHandler(fh)
         except OSError as e:

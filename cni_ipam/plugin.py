@@ -60,7 +60,32 @@ class Plugin:
             network=conf.name, container_id=env.container_id or "", ifname=env.ifname or "",
             pod=args.get("K8S_POD_NAME", ""), namespace=args.get("K8S_POD_NAMESPACE", ""),
             mode=ic.mode, assign_v4=ic.assign_ipv4, assign_v6=ic.assign_ipv6,
-            v4_pools=ic.ipv4_pools, v6_pools=ic.ipv6_pools, gateways=ic.gateways)
+            v4_pools=ic.ipv4_pools, v6_pools=ic.ipv6_pools, gateways=ic.gateways,
+            annotation_prefix=ic.annotation_prefix, labels_from_etcd=ic.kubernetes is None)
+
+    def _kube(self, ic: IpamConfig):
+        """The Kubernetes client (only with a ``kubernetes`` section; imported only then)."""
+        from .k8s import K8sError, client_from_config
+        try:
+            return client_from_config(ic.kubernetes, timeout=ic.timeout_seconds)
+        except K8sError as e:
+            raise CNIError(INVALID_CONFIG, f"ipam.kubernetes: {e.msg}") from None
+
+    def _with_kubernetes(self, ic: IpamConfig, req, fn):
+        """Run ``fn()`` with ``req`` filled from the Pod/Namespace (before) and the
+        Node (lazily, from inside the engine), closing the API connection after."""
+        from .ipam.annotations import from_kubernetes
+        from .ipam.errors import IPAMError
+        kube = self._kube(ic)
+        try:
+            try:
+                from_kubernetes(req, kube, ic.annotation_prefix)
+            except IPAMError as e:
+                raise CNIError(e.code, e.msg, e.details) from None
+            return fn()
+        finally:
+            log.debug("Kubernetes API requests: %s", ", ".join(kube.log) or "none")
+            kube.close()
 
     def _run(self, ic: IpamConfig, fn, *, lock: bool = True):
         """Run ``fn(ipam)`` under the host lock, mapping engine errors to CNI errors."""
@@ -90,7 +115,10 @@ class Plugin:
         ic, node = self._setup(env, conf)
         req = self._request(env, conf, ic, node)
         req.requested = requested_ips(env, conf)
-        res = self._run(ic, lambda ipam: ipam.assign(req))
+        if ic.kubernetes is not None:
+            res = self._with_kubernetes(ic, req, lambda: self._run(ic, lambda ipam: ipam.assign(req)))
+        else:
+            res = self._run(ic, lambda ipam: ipam.assign(req))
         h = res.handle
         log.info("ADD %s -> %s%s (attempts %d)", h.id, ", ".join(str(a.interface) for a in h.addresses),
                  " (existing)" if res.existing else "", res.attempts)
@@ -140,7 +168,10 @@ class Plugin:
         try:
             ipam = self._ipam(ic)
             try:
-                free = ipam.free_pools(req)
+                if ic.kubernetes is not None:
+                    free = self._with_kubernetes(ic, req, lambda: ipam.free_pools(req))
+                else:
+                    free = ipam.free_pools(req)
             finally:
                 ipam.ds.close()
         except DatastoreError as e:

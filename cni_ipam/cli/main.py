@@ -1,16 +1,39 @@
-"""The admin CLI (CNI_COMMAND unset)."""
+"""The admin CLI (CNI_COMMAND unset).
+
+Subcommands live in modules that each provide ``register(subparsers)``; every leaf
+parser sets ``func`` (``args -> exit code``).  ``labels`` (namespace/node commands)
+and ``install`` are optional modules.  Errors: ONE line ``cni-ipam: error: <msg>`` on
+stderr and exit 1 (argparse usage errors exit 2) -- never a traceback
+(``CNI_IPAM_DEBUG=1`` adds one for unexpected internal errors).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
 from .. import __version__
 
 SUPPORTED = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 
+MODULES = ["pools", "inspect", "repair"]
+OPTIONAL_MODULES = ["labels", "install"]
+
 
 def version_text() -> str:
-    return f"cni-ipam {__version__}\nCNI spec versions: {', '.join(SUPPORTED)}"
+    from .._version import build_info  # version, git commit (baked in at build time when frozen)
+    b = build_info()
+    built = f", built {b['built']}" if b["built"] else ""
+    return (f"cni-ipam {b['version']}\ngit commit: {b['commit']} ({b['mode']}{built})\n"
+            f"CNI spec versions: {', '.join(SUPPORTED)}")
+
+
+def _help(parser):
+    def show(args) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+    return show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,18 +42,71 @@ def build_parser() -> argparse.ArgumentParser:
         "CNI_COMMAND set it is the plugin; without it, this admin CLI."))
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    sub.add_parser("version", help="print the version and the supported CNI versions")
+    v = sub.add_parser("version", help="print the version and the supported CNI versions")
+    v.set_defaults(func=lambda args: print(version_text()) or 0)
+    for name in MODULES + OPTIONAL_MODULES:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError:
+            if name in OPTIONAL_MODULES:
+                continue
+            raise
+        mod.register(sub)
+    # a group command without its subcommand (e.g. `cni-ipam pool`) prints its help
+    for name, sp in sub.choices.items():
+        if sp.get_default("func") is None:
+            sp.set_defaults(func=_help(sp))
     return p
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split()) or "unknown error"
 
 
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.version or args.cmd == "version":
+    if args.version:
         print(version_text())
         return 0
-    p.print_help()
-    return 0
+    func = getattr(args, "func", None)
+    if func is None:
+        p.print_help()
+        return 0
+    from ..config import ConfigError
+    from ..datastore import DatastoreError, DatastoreUnavailable
+    from ..ipam.errors import IPAMError
+    from .common import CLIError, close_all
+    try:
+        return int(func(args) or 0)
+    except CLIError as e:
+        msg = str(e)
+    except IPAMError as e:
+        msg = e.msg
+    except DatastoreUnavailable as e:
+        msg = str(e)
+    except DatastoreError as e:
+        msg = f"etcd: {e}"
+    except ConfigError as e:
+        msg = str(e)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`cni-ipam show | head`): not an error worth a message
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except Exception as e:  # never a traceback in front of an operator
+        if os.environ.get("CNI_IPAM_DEBUG"):
+            import traceback
+            traceback.print_exc()
+        msg = f"internal error: {type(e).__name__}: {e} (set CNI_IPAM_DEBUG=1 for a traceback)"
+    finally:
+        close_all()
+    print(f"cni-ipam: error: {_one_line(msg)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

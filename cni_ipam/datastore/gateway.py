@@ -1,7 +1,10 @@
 """etcd v3 through its JSON gateway (``POST /v3/kv/range``, ``/v3/kv/txn``), stdlib only.
 
-This module is on the plugin's exec path: it imports nothing heavier than
-``http.client`` (which brings ``ssl`` along anyway), ``json`` and ``base64``.
+This module is on the plugin's exec path: it imports only ``socket``, ``json`` and
+``binascii``.  HTTP is a minimal HTTP/1.1 keep-alive client (``_Conn``): ``http.client``
+would pull in ``email``, ``urllib`` and ``ssl`` (about a third of an ADD's import
+time) and parses each response's headers through ``email.parser``.  ``ssl`` is
+imported only for https endpoints.
 
 Wire notes (etcd 3.4 gateway = grpc-gateway v1 + jsonpb):
 * keys and values are base64 strings; int64 fields (``count``, revisions) are
@@ -15,15 +18,18 @@ Wire notes (etcd 3.4 gateway = grpc-gateway v1 + jsonpb):
 """
 from __future__ import annotations
 
-import base64
-import http.client
+import binascii
 import json
-import ssl
+import socket
+import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
                    Put, RangeResult, Read)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ssl
 
 #: the shortest socket timeout one attempt gets, however little time is left
 MIN_ATTEMPT_TIMEOUT = 0.2
@@ -39,12 +45,16 @@ _TLS_CONFIG_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "TLSV13_ALERT_CERT
                                  "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "WRONG_VERSION_NUMBER"})
 
 
+def _b64(b: bytes) -> str:
+    return binascii.b2a_base64(b, newline=False).decode("ascii")
+
+
 def _enc(s: str) -> str:
-    return base64.b64encode(s.encode("utf-8", "surrogateescape")).decode("ascii")
+    return _b64(s.encode("utf-8", "surrogateescape"))
 
 
 def _dec(s: str | None) -> bytes:
-    return base64.b64decode(s) if s else b""
+    return binascii.a2b_base64(s) if s else b""
 
 
 def _g(d: dict, snake: str, camel: str, default=None):
@@ -87,7 +97,7 @@ def _compare_json(c: Compare) -> dict:
 def _op_json(op: Put | Delete) -> dict:
     if isinstance(op, Put):
         return {"request_put": {"key": _enc(op.key),
-                                "value": base64.b64encode(op.value).decode("ascii")}}
+                                "value": _b64(op.value)}}
     if isinstance(op, Delete):
         return {"request_delete_range": {"key": _enc(op.key)}}
     raise TypeError(f"not a Put or Delete: {op!r}")
@@ -112,6 +122,131 @@ def _describe(exc: BaseException, attempt_timeout: float) -> str:
         return f"timed out after {attempt_timeout:.2f}s"
     text = str(exc) or exc.__class__.__name__
     return f"{exc.__class__.__name__}: {text}" if exc.__class__.__name__ not in text else text
+
+
+def _ssl_eof() -> tuple:
+    """``(ssl.SSLEOFError,)`` once ssl is loaded (https endpoints), else ``()``."""
+    ssl = sys.modules.get("ssl")
+    return (ssl.SSLEOFError,) if ssl is not None else ()
+
+
+def _is_tls_config_error(e: OSError) -> bool:
+    """A TLS failure that retrying cannot fix (bad CA, rejected client cert, plain http)."""
+    ssl = sys.modules.get("ssl")
+    if ssl is None or not isinstance(e, ssl.SSLError):
+        return False
+    return isinstance(e, ssl.SSLCertVerificationError) or e.reason in _TLS_CONFIG_REASONS
+
+
+class _BadResponse(OSError):
+    """The server's answer is not HTTP/1.x as we know it."""
+
+
+class _Disconnected(ConnectionResetError):
+    """The server closed the connection before answering (e.g. an idle keep-alive timeout)."""
+
+
+class _Conn:
+    """One HTTP/1.1 keep-alive connection: POST with a body, read status + body.
+
+    Only what etcd's gateway (Go net/http) needs: ``Content-Length`` or chunked
+    response bodies, ``Connection: close``, interim 1xx answers skipped."""
+
+    __slots__ = ("sock", "_rfile", "_host")
+
+    def __init__(self, host: str, port: int, timeout: float, ssl_context: "ssl.SSLContext | None"):
+        try:  # an ASCII host as bytes: getaddrinfo would otherwise import the idna codec
+            addr_host: str | bytes = host.encode("ascii")
+        except UnicodeEncodeError:
+            addr_host = host
+        sock = socket.create_connection((addr_host, port), timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ssl_context is not None:
+                sock = ssl_context.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._rfile = sock.makefile("rb")
+        self._host = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("ascii")
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                self._rfile.close()
+            finally:
+                sock.close()
+
+    def post(self, path: str, payload: bytes, token: str | None) -> tuple[int, bytes, bool]:
+        """Returns ``(status, body, will_close)``."""
+        head = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n" % (path.encode("ascii"), self._host, len(payload)))
+        if token:
+            head += b"Authorization: " + token.encode("latin-1") + b"\r\n"
+        self.sock.sendall(head + b"\r\n" + payload)  # one write: no Nagle/delayed-ACK stall
+        rfile = self._rfile
+        while True:
+            line = rfile.readline(65537)
+            if not line:
+                raise _Disconnected("etcd closed the connection without answering")
+            version, _, rest = line.partition(b" ")
+            try:
+                status = int(rest[:3])
+            except ValueError:
+                raise _BadResponse(f"bad HTTP status line {line[:80]!r}") from None
+            if not version.startswith(b"HTTP/1."):
+                raise _BadResponse(f"bad HTTP status line {line[:80]!r}")
+            length, chunked, will_close = -1, False, version == b"HTTP/1.0"
+            while True:
+                h = rfile.readline(65537)
+                if h in (b"\r\n", b"\n"):
+                    break
+                if not h:
+                    raise _BadResponse("connection closed inside the HTTP headers")
+                name, _, value = h.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    try:
+                        length = int(value)
+                    except ValueError:
+                        raise _BadResponse(f"bad Content-Length {value.strip()[:40]!r}") from None
+                elif name == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
+                elif name == b"connection":
+                    v = value.strip().lower()
+                    will_close = v == b"close" or (will_close and v != b"keep-alive")
+            if 100 <= status < 200:
+                continue  # interim answer (100 Continue): the real one follows
+            break
+        if chunked:
+            parts = []
+            while True:
+                size_line = rfile.readline(1026)
+                try:
+                    size = int(size_line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise _BadResponse(f"bad chunk size line {size_line[:40]!r}") from None
+                if size == 0:
+                    while rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                data = rfile.read(size + 2)
+                if len(data) != size + 2:
+                    raise _BadResponse("connection closed inside a chunked body")
+                parts.append(data[:size])
+            body = b"".join(parts)
+        elif length >= 0:
+            body = rfile.read(length)
+            if len(body) != length:
+                raise _BadResponse(f"connection closed after {len(body)} of {length} body bytes")
+        else:
+            body, will_close = rfile.read(), True
+        return status, body, will_close
 
 
 class _Endpoint:
@@ -140,7 +275,7 @@ class _Endpoint:
         self.port = int(port) if port else 2379
         self.prefix = ("/" + path).rstrip("/") if slash else ""
         self.url = f"{scheme}://{hostport}{self.prefix}"
-        self.conn: http.client.HTTPConnection | None = None
+        self.conn: _Conn | None = None
 
     def close(self) -> None:
         if self.conn is not None:
@@ -181,8 +316,9 @@ class GatewayDatastore(Datastore):
         return [ep.url for ep in self._eps]
 
     # -- transport -------------------------------------------------------------
-    def _ssl_context(self) -> ssl.SSLContext:
+    def _ssl_context(self) -> "ssl.SSLContext":
         if self._ssl_ctx is None:
+            import ssl  # only for https endpoints
             ctx = ssl.create_default_context(cafile=self._ca_cert)
             if self._cert:
                 ctx.load_cert_chain(self._cert, self._key)
@@ -191,39 +327,28 @@ class GatewayDatastore(Datastore):
 
     def _send(self, ep: _Endpoint, path: str, payload: bytes, timeout: float,
               token: str | None) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = token
         for second_try in (False, True):
             conn = ep.conn
-            reused = conn is not None and conn.sock is not None
-            if conn is None:
-                if ep.https:
-                    conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout,
-                                                       context=self._ssl_context())
-                else:
-                    conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
-                ep.conn = conn
-            else:
-                conn.timeout = timeout
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
+            reused = conn is not None
+            self.requests += 1  # every attempt counts, connecting included
             try:
-                self.requests += 1
-                conn.request("POST", ep.prefix + path, body=payload, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
+                if conn is None:
+                    conn = _Conn(ep.host, ep.port, timeout, self._ssl_context() if ep.https else None)
+                    ep.conn = conn
+                else:
+                    conn.settimeout(timeout)
+                status, data, will_close = conn.post(ep.prefix + path, payload, token)
+            except (BrokenPipeError, ConnectionResetError) + _ssl_eof() as e:
                 ep.close()
                 if reused and not second_try:
                     continue  # the server dropped our idle keep-alive connection: reconnect once
-                raise
+                raise e from None
             except BaseException:
                 ep.close()
                 raise
-            if resp.will_close:
+            if will_close:
                 ep.close()
-            return resp.status, data
+            return status, data
         raise AssertionError("unreachable")
 
     def _post(self, path: str, payload: bytes, deadline: float,
@@ -248,12 +373,10 @@ class GatewayDatastore(Datastore):
                 tried.append(ep.url)
             try:
                 status, data = self._send(ep, path, payload, attempt_timeout, token)
-            except ssl.SSLError as e:
-                if isinstance(e, ssl.SSLCertVerificationError) or e.reason in _TLS_CONFIG_REASONS:
+            except OSError as e:  # socket errors, timeouts, TLS errors (ssl.SSLError), _BadResponse
+                if _is_tls_config_error(e):
                     raise DatastoreError(f"TLS with etcd at {ep.url} failed: "
                                          f"{getattr(e, 'verify_message', None) or e.reason or e}") from None
-                last = f"{ep.url}: {_describe(e, attempt_timeout)}"
-            except (OSError, http.client.HTTPException) as e:
                 last = f"{ep.url}: {_describe(e, attempt_timeout)}"
             else:
                 try:

@@ -48,6 +48,11 @@ class AssignRequest:
     requested: list = field(default_factory=list)  # specific addresses, at most one per family
     gateways: dict = field(default_factory=dict)   # routed mode: {4: ip, 6: ip}
     node_matches: Callable[[Pool], bool] | None = None  # evaluates nodeSelector for this node
+    pool_sources: dict = field(default_factory=dict)    # per family {4: "...", 6: "..."}; else pools_source
+    # no Kubernetes: read the namespace's annotations and the node's labels from etcd
+    # (<prefix>/v1/namespaces/<ns>, <prefix>/v1/nodes/<node>) in the first batched read
+    labels_from_etcd: bool = False
+    annotation_prefix: str = "cni.projectcalico.org"
 
 
 @dataclass
@@ -174,8 +179,10 @@ class IPAM:
     def _assign_once(self, req: AssignRequest) -> AssignResult | None:
         k = self.keys
         hkey = k.handle(req.handle_id)
-        snap = self.ds.read([Read(hkey), read_prefix(k.pools), Read(k.config),
-                             read_prefix(k.node_affinity(req.node))])
+        reads = [Read(hkey), read_prefix(k.pools), Read(k.config), read_prefix(k.node_affinity(req.node))]
+        if req.labels_from_etcd:
+            reads += [Read(k.node(req.node))] + ([Read(k.namespace(req.namespace))] if req.namespace else [])
+        snap = self.ds.read(reads)
         if snap[0].kvs:
             return AssignResult(_decode(hkey, snap[0].kvs[0], Handle.from_json), existing=True)
         pools = self._pools_from(snap[1].kvs)
@@ -185,12 +192,11 @@ class IPAM:
 
         requested = {ip.version: ip for ip in req.requested}
         families = [f for f, on in ((4, req.assign_v4), (6, req.assign_v6)) if on or f in requested]
-        matches = req.node_matches or (lambda p: True)
+        wanted, sources, matches = self._pool_choice(req, snap[4:])
         eligible: dict[int, list[Pool]] = {}
         for fam in families:
             if fam not in requested:
-                wanted = req.v4_pools if fam == 4 else req.v6_pools
-                eligible[fam] = select_pools(fam, wanted, pools, req.mode, matches, req.pools_source)
+                eligible[fam] = select_pools(fam, wanted[fam], pools, req.mode, matches, sources[fam])
 
         # one batched read: the node's blocks in eligible pools + blocks of requested addresses
         want: list[str] = []
@@ -231,9 +237,37 @@ class IPAM:
         compares, puts = txn.ops()
         compares.append(Compare(hkey, 0))
         puts.append(Put(hkey, handle.to_json()))
+        # the pools allocated from must be as read: a pool disabled or being deleted
+        # meanwhile (admin.delete_pool disables it first) gets nothing new
+        pool_revs = {kv.key: kv.mod_revision for kv in snap[1].kvs}
+        for pkey in dict.fromkeys(k.pool(a.pool) for a in handle.addresses):
+            if pkey in pool_revs:
+                compares.append(Compare(pkey, pool_revs[pkey]))
         if not self.ds.commit(compares, puts):
             return None
         return AssignResult(handle)
+
+    def _pool_choice(self, req: AssignRequest, extra) -> tuple[dict, dict, Callable[[Pool], bool]]:
+        """Pools wanted per family, where that came from, and the nodeSelector test.
+        ``extra``: the node and namespace records read with the first batch
+        (``labels_from_etcd``); see ipam/annotations.py for the precedence."""
+        wanted = {4: req.v4_pools, 6: req.v6_pools}
+        sources = {f: req.pool_sources.get(f, req.pools_source) for f in (4, 6)}
+        matches = req.node_matches or (lambda p: True)
+        if req.labels_from_etcd:
+            from . import annotations as ann
+            k = self.keys
+            labels = ann.decode_record(k.node(req.node), extra[0].kvs[0].value if extra[0].kvs else None, "labels")
+            ns_ann = None
+            if req.namespace and extra[1].kvs:
+                ns_ann = ann.decode_record(k.namespace(req.namespace), extra[1].kvs[0].value, "annotations")
+            if ns_ann:
+                choice = ann.choose(req.annotation_prefix, config_pools=wanted, namespace=req.namespace,
+                                    pod=req.pod, ns_annotations=ns_ann)
+                wanted, sources = choice.pools, choice.sources
+            if req.node_matches is None:
+                matches = ann.node_matcher(req.node, lambda: labels)
+        return wanted, sources, matches
 
     def _assignment(self, req: AssignRequest, block: Block, ip) -> Assignment:
         if block.mode == BRIDGE:
@@ -435,15 +469,19 @@ class IPAM:
     def free_pools(self, req: AssignRequest) -> list[str]:
         """Names of the pools this request could allocate from that still have a free
         address for it; raises InvalidRequest when no pool is usable at all."""
-        snap = self.ds.read([read_prefix(self.keys.pools), Read(self.keys.config)])
+        reads = [read_prefix(self.keys.pools), Read(self.keys.config)]
+        if req.labels_from_etcd:
+            reads += [Read(self.keys.node(req.node))] + ([Read(self.keys.namespace(req.namespace))]
+                                                         if req.namespace else [])
+        snap = self.ds.read(reads)
         pools = self._pools_from(snap[0].kvs)
         cfg = self._config_from(snap[1])
         out = []
-        matches = req.node_matches or (lambda p: True)
+        wanted, sources, matches = self._pool_choice(req, snap[2:])
         for fam, on in ((4, req.assign_v4), (6, req.assign_v6)):
             if not on:
                 continue
-            for p in select_pools(fam, req.v4_pools if fam == 4 else req.v6_pools, pools, req.mode, matches):
+            for p in select_pools(fam, wanted[fam], pools, req.mode, matches, sources[fam]):
                 s, e = self._pool_key_range(p, 0, p.n_blocks)
                 if cfg.auto_allocate_blocks and self.ds.count(s, e) < p.n_blocks:
                     out.append(p.name)

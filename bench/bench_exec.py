@@ -1,0 +1,178 @@
+"""2. The binary vs a Go plugin: sequential ADD then DEL, exec'd as a runtime does.
+
+Implementations, interleaved in the same loop on the same machine:
+the shipped binary (dist/cni-ipam/cni-ipam, if built), ``python -m cni_ipam``,
+``python -S -m cni_ipam`` (the same without this machine's site-packages .pth
+hooks), and Debian's Go ``/usr/lib/cni/host-local`` (temp ``dataDir``).
+Reference execs in the same loop: ``python -S -c pass`` (the interpreter's
+floor) and ``python -S -c 'import <what ADD imports>'`` (floor + imports).
+
+Then ``python -X importtime`` per verb: what each verb imports, the import
+rules (VERSION: no etcd client; DEL: no pyroute2), and where the time goes.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+from bench.common import (ExecEnv, PYTHON, binary_note, cdf_plot, cni_env, cni_ipam_conf, exec_once,
+                          host_local_conf, log, pyplot, ratio, save_plot, stats_ms, table)
+from cni_ipam.datastore import open_datastore
+from cni_ipam.ipam.engine import IPAM
+from cni_ipam.ipam.pool import make_pool
+
+NAME = "exec"
+TITLE = "2. Plugin exec: ADD/DEL through the binary and python vs Go host-local"
+
+# what a verb must never import
+FORBIDDEN = {
+    "VERSION": ("etcd3", "grpc", "cni_ipam.datastore", "http.client", "pyroute2", "yaml"),
+    "ADD": ("etcd3", "grpc", "pyroute2"),
+    "DEL": ("etcd3", "grpc", "pyroute2"),
+}
+_IMPORT_RE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
+
+
+def importtime(verb: str, conf: bytes, env: dict) -> dict:
+    """``python -X importtime -S -m cni_ipam`` for one verb (bytecode already cached)."""
+    e = dict(env, **cni_env(verb, f"imp-{verb.lower()}"), PYTHONPROFILEIMPORTTIME="1")
+    r = exec_once([PYTHON, "-S", "-m", "cni_ipam"], e, conf)
+    mods = []
+    for line in r.stderr.decode(errors="replace").splitlines():
+        m = _IMPORT_RE.match(line)
+        if m:
+            mods.append({"module": m.group(4), "self_us": int(m.group(1)), "cum_us": int(m.group(2)),
+                         "depth": (len(m.group(3)) - 1) // 2})
+    names = {m["module"] for m in mods}
+    top = [m for m in mods if m["depth"] == 0]
+    bad = sorted(n for n in names for f in FORBIDDEN.get(verb, ()) if n == f or n.startswith(f + "."))
+    own = sum(m["self_us"] for m in mods if m["module"].startswith("cni_ipam"))
+    total = sum(m["cum_us"] for m in top)
+    return {"verb": verb, "rc": r.rc, "modules": len(mods), "total_import_ms": round(total / 1000, 2),
+            "cni_ipam_self_ms": round(own / 1000, 2),
+            "stdlib_ms": round((total - own) / 1000, 2),
+            "forbidden_imported": bad,
+            "cni_ipam_modules": sorted(n for n in names if n.startswith("cni_ipam")),
+            "top_cumulative": sorted(top, key=lambda m: -m["cum_us"])[:12],
+            "top_self": sorted(mods, key=lambda m: -m["self_us"])[:15],
+            "all": sorted(names)}
+
+
+def run(ctx) -> dict:
+    reps = 30 if ctx.quick else 150
+    endpoint = ctx.etcd.endpoint
+    prefix = "/bench/exec"
+    with open_datastore(endpoint, timeout=10) as ds:
+        IPAM(ds, prefix).create_pool(make_pool("p", "10.200.0.0/16", 26))
+    with ExecEnv("exec") as xe:
+        impls = xe.impls()
+        conf = {i.name: (host_local_conf(xe.tmp) if i.kind == "host-local"
+                         else cni_ipam_conf(endpoint, prefix, xe.tmp, node="exec-node", name=f"net-{n}"))
+                for n, i in enumerate(impls)}
+        probe = cni_ipam_conf(endpoint, prefix, xe.tmp, node="exec-node", name="probe")
+        # what ADD imports, for the "floor + imports" reference exec
+        imp = {v: importtime(v, probe, xe.base_env()) for v in ("VERSION", "ADD", "DEL")}
+        add_mods = [m for m in imp["ADD"]["cni_ipam_modules"] if m != "cni_ipam.__main__"]
+        refs = [("python -S -c pass", [PYTHON, "-S", "-c", "pass"]),
+                ("python -S -c 'import <ADD imports>'", [PYTHON, "-S", "-c", "import " + ", ".join(add_mods)]),
+                ("python -c pass", [PYTHON, "-c", "pass"])]
+        times: dict[tuple[str, str], list[float]] = {}
+        failures: list[str] = []
+
+        def one(i, verb, cid):
+            env = dict(i.env, **cni_env(verb, cid))
+            r = exec_once(i.argv, env, conf[i.name])
+            if r.rc != 0 or (verb == "ADD" and b'"ips"' not in r.stdout):
+                failures.append(f"{i.name} {verb}: rc={r.rc} {r.stdout[:200]!r} {r.stderr[-300:]!r}")
+            return r
+
+        def sample(n, record: bool):
+            order = list(impls)
+            random.shuffle(order)
+            for i in order:
+                cid = f"{i.name.split()[0].replace('-', '')}{n:05d}{'w' if not record else ''}"
+                for verb in ("ADD", "DEL", "VERSION"):
+                    r = one(i, verb, cid)
+                    if record:
+                        times.setdefault((i.name, verb), []).append(r.seconds)
+            for label, argv in refs:
+                r = exec_once(argv, xe.base_env(), b"")
+                if record:
+                    times.setdefault((label, ""), []).append(r.seconds)
+
+        log(f"exec: {reps} reps x {len(impls)} implementations ({', '.join(i.name for i in impls)})")
+        for n in range(5):
+            sample(n, record=False)   # warm-up: page cache, bytecode cache, etcd
+        failures.clear()
+        for n in range(reps):
+            sample(n, record=True)
+
+    hl = "host-local (Go)"
+    st = {f"{k[0]} {k[1]}".strip(): stats_ms(v) for k, v in times.items()}
+    rows = []
+    for i in impls:
+        for verb in ("ADD", "DEL", "VERSION"):
+            s = st[f"{i.name} {verb}"]
+            base = st.get(f"{hl} {verb}")
+            rows.append([i.name, verb, s["p50"], s["p99"], ratio(s["p50"], base["p50"]) if base else None,
+                         ratio(s["p99"], base["p99"]) if base else None])
+    for label, _ in refs:
+        s = st[label]
+        rows.append([label, "", s["p50"], s["p99"], None, None])
+    text = table(["implementation", "verb", "p50 ms", "p99 ms", "p50 / host-local", "p99 / host-local"], rows)
+
+    main = "binary" if any(i.name == "binary" for i in impls) else "python -m"
+    add_ratio = ratio(st[f"{main} ADD"]["p50"], st[f"{hl} ADD"]["p50"]) if f"{hl} ADD" in st else None
+    floor = st["python -S -c pass"]["p50"]
+    floor_imp = st["python -S -c 'import <ADD imports>'"]["p50"]
+    add_s = st["python -S -m ADD"]["p50"]
+    breakdown = [
+        ["interpreter start (python -S -c pass)", floor],
+        ["+ imports of the ADD path", round(floor_imp - floor, 2)],
+        ["+ the ADD itself (config, lock, 3 etcd requests, result)", round(add_s - floor_imp, 2)],
+        ["= python -S -m cni_ipam ADD", add_s],
+        ["python -m (site-packages .pth hooks of this machine) adds", round(st["python -m ADD"]["p50"] - add_s, 2)],
+    ]
+    text += "\n\nWhere an ADD's time goes (p50 ms, same run):\n\n" + table(["part", "ms"], breakdown)
+    irows = []
+    for v, d in imp.items():
+        irows.append([v, d["modules"], d["total_import_ms"], d["cni_ipam_self_ms"],
+                      ", ".join(d["forbidden_imported"]) or "none",
+                      ", ".join(f"{m['module']} {m['cum_us'] / 1000:.1f}" for m in d["top_cumulative"][:4])])
+    text += ("\n\n`python -X importtime -S -m cni_ipam` per verb:\n\n"
+             + table(["verb", "modules", "import ms", "cni_ipam self ms", "forbidden imports",
+                      "largest (cumulative ms)"], irows))
+    if failures:
+        text += f"\n\nFAILED execs ({len(failures)}):\n" + "\n".join(failures[:10])
+    text += f"\n\n{reps} interleaved repetitions, order shuffled each round; {binary_note()}"
+
+    plot = None
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, verb in zip(axes, ("ADD", "DEL")):
+            for i in impls:
+                ms = sorted(t * 1000 for t in times[(i.name, verb)])
+                ax.step(ms, [(k + 1) / len(ms) for k in range(len(ms))], where="post",
+                        label=f"{i.name} (p50 {st[f'{i.name} {verb}']['p50']:.1f} ms)")
+            ax.set_xscale("log")
+            ax.set_title(f"{verb}: one exec, sequential")
+            ax.set_xlabel("wall time per exec (ms, log)")
+            ax.set_ylabel("fraction of execs")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+        plot = save_plot(fig, "exec")
+    data = {"reps": reps, "implementations": [i.name for i in impls], "stats_ms": st,
+            "add_p50_ratio_vs_host_local": add_ratio, "measured_impl": main,
+            "breakdown_ms": dict((r[0], r[1]) for r in breakdown), "importtime": imp,
+            "failures": failures, "plot": plot}
+    ok_imports = not imp["VERSION"]["forbidden_imported"] and not imp["DEL"]["forbidden_imported"]
+    summary = [
+        (f"ADD p50 {main} / host-local (p50 {st[f'{main} ADD']['p50']:.1f} ms vs {st[f'{hl} ADD']['p50']:.1f} ms)",
+         add_ratio, "≤ 15", add_ratio is not None and add_ratio <= 15),
+        ("ADD p99 " + main + " / host-local", ratio(st[f"{main} ADD"]["p99"], st[f"{hl} ADD"]["p99"]), "", None),
+        ("ADD p50 python -m / host-local", ratio(st["python -m ADD"]["p50"], st[f"{hl} ADD"]["p50"]), "", None),
+        ("VERSION imports no etcd client, DEL no pyroute2", ok_imports, "yes", ok_imports),
+        ("all sequential execs succeeded", not failures, "yes", not failures),
+    ]
+    return {"name": NAME, "title": TITLE, "text": text, "data": data, "summary": summary}

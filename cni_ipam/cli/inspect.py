@@ -1,0 +1,156 @@
+"""`show`, `config show`, `configure`."""
+from __future__ import annotations
+
+import ipaddress
+
+from .common import (CLIError, add_connection_args, add_output_arg, bar, emit, kv_table, open_ipam, parse_bool,
+                     table, warn)
+
+
+def register(sub) -> None:
+    s = sub.add_parser("show", help="address usage per pool (and per block), one address, borrowed addresses",
+                       description="One row per pool: addresses total / in use / free, blocks claimed, "
+                                   "utilization. Streams the blocks page by page.")
+    s.add_argument("--blocks", action="store_true", help="also one row per claimed block")
+    s.add_argument("--node", metavar="NODE", help="only this node's blocks (pool rows count only them)")
+    s.add_argument("--ip", metavar="ADDR", help="who holds this address")
+    s.add_argument("--borrowed", action="store_true",
+                   help="addresses allocated from a block owned by another node")
+    add_output_arg(s)
+    add_connection_args(s)
+    s.set_defaults(func=cmd_show)
+
+    c = sub.add_parser("config", help="the global IPAM settings")
+    cs = c.add_subparsers(dest="config_cmd", metavar="SUBCOMMAND")
+    show = cs.add_parser("show", help="print the global IPAM settings")
+    add_output_arg(show)
+    add_connection_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    conf = sub.add_parser("configure", help="change the global IPAM settings",
+                          description="Change some of the global IPAM settings (the others keep their "
+                                      "values). Combinations that make no sense are refused.")
+    conf.add_argument("--strict-affinity", type=parse_bool, metavar="true|false",
+                      help="never borrow addresses from other nodes' blocks")
+    conf.add_argument("--auto-allocate-blocks", type=parse_bool, metavar="true|false",
+                      help="let nodes claim new blocks when theirs are full")
+    conf.add_argument("--max-blocks-per-host", type=_nonneg_int, metavar="N",
+                      help="blocks one node may claim (0: no limit)")
+    add_output_arg(conf)
+    add_connection_args(conf)
+    conf.set_defaults(func=cmd_configure)
+
+
+def _nonneg_int(s: str) -> int:
+    import argparse
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if not 0 <= v <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be between 0 and 1000000")
+    return v
+
+
+# ----------------------------------------------------------------------------- show
+
+def cmd_show(args) -> int:
+    from ..ipam import admin
+    modes = [m for m, on in (("--ip", args.ip is not None), ("--borrowed", args.borrowed)) if on]
+    if len(modes) > 1:
+        raise CLIError(f"{' and '.join(modes)} cannot be combined")
+    if args.ip is not None:
+        if args.blocks:
+            raise CLIError("--ip and --blocks cannot be combined")
+        try:
+            ip = ipaddress.ip_address(args.ip.strip())
+        except ValueError:
+            raise CLIError(f"--ip: {args.ip!r} is not an IP address") from None
+        return _show_ip(args, admin.ip_info(open_ipam(args), ip))
+    ipam = open_ipam(args)
+    if args.borrowed:
+        rows = admin.borrowed(ipam, node=args.node)
+
+        def fmt(d):
+            if not d["borrowed"]:
+                return "no borrowed addresses"
+            return table(["IP", "BLOCK", "POOL", "BLOCK NODE", "USED BY NODE", "HANDLE", "NAMESPACE", "POD"],
+                         [[r["ip"], r["block"], r["pool"], r["blockNode"], r["node"], r["handle"],
+                           r["namespace"] or None, r["pod"] or None] for r in d["borrowed"]])
+        emit(args, {"borrowed": rows}, fmt)
+        return 0
+    usages, blocks, bad = admin.usage(ipam, node=args.node, blocks=args.blocks)
+    for key in bad:
+        warn(f"{key} is undecodable and was not counted (run `cni-ipam check`)")
+    data = {"pools": [u.to_dict(args.node) for u in usages]}
+    if args.blocks:
+        data["blocks"] = blocks
+
+    def fmt(d):
+        if not d["pools"]:
+            return "no pools"
+        rows = []
+        for u in d["pools"]:
+            frac = u["inUse"] / u["addresses"] if u["addresses"] else 0.0
+            rows.append([u["name"] + (" (disabled)" if u["disabled"] else ""), u["cidr"], f'/{u["blockSize"]}',
+                         u["addresses"], u["inUse"], u["free"], f'{u["blocksClaimed"]}/{u["blocksTotal"]}',
+                         f"{bar(frac)} {100 * frac:.1f}%"])
+        title = f"node {args.node}: " if args.node else ""
+        out = (title + "\n" if title else "") + table(
+            ["POOL", "CIDR", "BLOCK", "ADDRESSES", "IN USE", "FREE", "BLOCKS CLAIMED", "UTILIZATION"], rows)
+        if "blocks" in d:
+            out += "\n\n" + (table(["BLOCK", "POOL", "NODE", "MODE", "IN USE/CAPACITY", "FREE"],
+                                   [[b["cidr"], b["pool"], b["node"], b["mode"],
+                                     f'{b["inUse"]}/{b["capacity"]}', b["free"]] for b in d["blocks"]])
+                             if d["blocks"] else "no blocks claimed")
+        return out
+    emit(args, data, fmt)
+    return 0
+
+
+def _show_ip(args, d: dict) -> int:
+    def fmt(d):
+        if not d["allocated"]:
+            where = f' (pool {d["pool"]}, block {d["block"]})' if d["pool"] else ""
+            return f'{d["ip"]} is not allocated: {d["reason"]}{where}'
+        pod = f'{d["namespace"]}/{d["pod"]}' if d["pod"] else None
+        pairs = [("handle", d["handle"]), ("pod", pod), ("node", d["node"]), ("network", d["network"]),
+                 ("container", d["containerID"]), ("interface", d["interface"]), ("allocated at", d["created"]),
+                 ("pool", d["pool"]), ("block", f'{d["block"]} (node {d["blockNode"]})')]
+        if d["reason"]:
+            pairs.append(("note", d["reason"]))
+        return f'{d["ip"]} is allocated\n' + "\n".join("  " + line for line in kv_table(pairs).splitlines())
+    emit(args, d, fmt)
+    return 0
+
+
+# ----------------------------------------------------------------------------- config
+
+def _config_table(cfg) -> str:
+    return kv_table([("strictAffinity", "true" if cfg["strictAffinity"] else "false"),
+                     ("autoAllocateBlocks", "true" if cfg["autoAllocateBlocks"] else "false"),
+                     ("maxBlocksPerHost", f'{cfg["maxBlocksPerHost"]}' + (" (no limit)" if not
+                                                                         cfg["maxBlocksPerHost"] else ""))])
+
+
+def cmd_config_show(args) -> int:
+    from ..ipam import admin
+    kv, cfg = admin.get_config(open_ipam(args))
+    emit(args, cfg.to_dict(), lambda d: _config_table(d) + ("" if kv else "\n(defaults: nothing stored yet)"))
+    return 0
+
+
+def cmd_configure(args) -> int:
+    from ..ipam import admin
+    if args.strict_affinity is None and args.auto_allocate_blocks is None and args.max_blocks_per_host is None:
+        raise CLIError("nothing to change: give --strict-affinity, --auto-allocate-blocks and/or "
+                       "--max-blocks-per-host")
+    before, after = admin.configure(open_ipam(args), strict_affinity=args.strict_affinity,
+                                    auto_allocate_blocks=args.auto_allocate_blocks,
+                                    max_blocks_per_host=args.max_blocks_per_host)
+    changed = before != after
+
+    def fmt(d):
+        return ("IPAM config updated:" if changed else "IPAM config unchanged:") + "\n" + _config_table(d)
+    emit(args, after.to_dict(), fmt)
+    return 0

@@ -1,0 +1,175 @@
+"""`apply` and `pool list|get|enable|disable|delete`."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .common import CLIError, add_connection_args, add_output_arg, emit, open_ipam, table, warn
+
+
+def register(sub) -> None:
+    a = sub.add_parser("apply", help="create or update pools / the IPAM config from manifests",
+                       description="Apply IPPool and IPAMConfig manifests (YAML, multi-document, or JSON; "
+                                   "calicoctl's projectcalico.org/v3 or cni-ipam/v1). Everything is "
+                                   "validated first; then all changes are written in ONE etcd transaction, "
+                                   "or nothing is.")
+    a.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
+                   help="manifest file, or - for stdin (repeatable)")
+    a.add_argument("--dry-run", action="store_true", help="validate and show what would change; write nothing")
+    add_output_arg(a)
+    add_connection_args(a)
+    a.set_defaults(func=cmd_apply)
+
+    pool = sub.add_parser("pool", help="list, show, enable, disable, delete pools")
+    ps = pool.add_subparsers(dest="pool_cmd", metavar="SUBCOMMAND")
+    ls = ps.add_parser("list", aliases=["ls"], help="list pools")
+    add_output_arg(ls)
+    add_connection_args(ls)
+    ls.set_defaults(func=cmd_list)
+    g = ps.add_parser("get", help="show one pool (-o yaml gives a manifest `apply` accepts)")
+    g.add_argument("name")
+    add_output_arg(g)
+    add_connection_args(g)
+    g.set_defaults(func=cmd_get)
+    for verb, disabled in (("enable", False), ("disable", True)):
+        e = ps.add_parser(verb, help=f"{verb} a pool" + (" (it hands out nothing new; existing "
+                                                         "addresses stay)" if disabled else ""))
+        e.add_argument("name")
+        add_connection_args(e)
+        e.set_defaults(func=cmd_enable_disable, disabled=disabled)
+    d = ps.add_parser("delete", aliases=["rm"], help="delete a pool with its blocks and affinities",
+                      description="Delete a pool. Refuses while addresses are allocated in it unless "
+                                  "--force, which releases the handles holding them (all their addresses). "
+                                  "Then deletes the pool's blocks and affinities and the pool; never leaves "
+                                  "orphan blocks.")
+    d.add_argument("name")
+    d.add_argument("--force", action="store_true", help="release allocated addresses first")
+    add_output_arg(d)
+    add_connection_args(d)
+    d.set_defaults(func=cmd_delete)
+
+
+# ----------------------------------------------------------------------------- apply
+
+def _read_manifest(path: str) -> tuple[bytes, str]:
+    from ..ipam.admin import MAX_MANIFEST_BYTES
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1), "<stdin>"
+        if os.path.isdir(path):
+            raise CLIError(f"{path} is a directory; give a manifest file")
+        with open(path, "rb") as f:
+            return f.read(MAX_MANIFEST_BYTES + 1), path
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror}") from None
+
+
+def cmd_apply(args) -> int:
+    from ..ipam import admin
+    if args.filename.count("-") > 1:
+        raise CLIError("stdin (-f -) can be given only once")
+    resources = []
+    docs = []
+    for path in args.filename:
+        data, source = _read_manifest(path)
+        docs.extend(admin.load_documents(data, source))
+    if len(docs) > admin.MAX_RESOURCES:
+        raise CLIError(f"{len(docs)} resources; at most {admin.MAX_RESOURCES} can be applied at once")
+    resources = admin.parse_resources(docs)
+    ipam = open_ipam(args)
+    pause = os.environ.get("CNI_IPAM_TEST_APPLY_DELAY")   # test hook: widen the read->commit window
+
+    def before_commit():
+        if pause:
+            time.sleep(float(pause))
+    changes = admin.apply(ipam, resources, dry_run=args.dry_run, before_commit=before_commit)
+    suffix = " (dry run)" if args.dry_run else ""
+
+    def fmt(data):
+        lines = []
+        for c in changes:
+            detail = ""
+            if c.fields:
+                detail = " (" + ", ".join(f"{k}: {_v(o)} -> {_v(n)}" for k, (o, n) in c.fields.items()) + ")"
+            lines.append(f'{c.kind} "{c.name}" {c.action}{detail}{suffix}')
+        return "\n".join(lines)
+    emit(args, {"dryRun": bool(args.dry_run), "resources": [c.to_dict() for c in changes]}, fmt)
+    return 0
+
+
+def _v(x) -> str:
+    if x is None:
+        return "unset"
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, list):
+        return ",".join(map(str, x))
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- pool commands
+
+def cmd_list(args) -> int:
+    from ..ipam import admin
+    ipam = open_ipam(args)
+    pools, bad = admin.read_pools(ipam)
+    for key in bad:
+        warn(f"pool record {key} is undecodable (run `cni-ipam check`)")
+    data = {"apiVersion": admin.OUR_API_VERSION, "kind": "IPPoolList",
+            "items": [admin.pool_manifest(p) for p in pools]}
+
+    def fmt(_):
+        rows = [[p.name, p.cidr, p.block_size, "yes" if p.disabled else "no", p.node_selector,
+                 ",".join(p.allowed_uses), p.ipip_mode, p.vxlan_mode, _v(p.nat_outgoing) if p.nat_outgoing
+                 is not None else None] for p in pools]
+        return table(["NAME", "CIDR", "BLOCK SIZE", "DISABLED", "NODE SELECTOR", "ALLOWED USES", "IPIP",
+                      "VXLAN", "NAT OUTGOING"], rows) if pools else "no pools"
+    emit(args, data, fmt)
+    return 0
+
+
+def cmd_get(args) -> int:
+    from ..ipam import admin
+    ipam = open_ipam(args)
+    _, p = admin.get_pool(ipam, args.name)
+    data = admin.pool_manifest(p)
+
+    def fmt(_):
+        from .common import kv_table
+        s = data["spec"]
+        pairs = [("name", p.name), ("cidr", s["cidr"]), ("blockSize", s["blockSize"]),
+                 ("blocks", f"{p.n_blocks} of {p.block_addresses} addresses"),
+                 ("disabled", _v(p.disabled)), ("nodeSelector", p.node_selector),
+                 ("allowedUses", ",".join(p.allowed_uses))]
+        for k in ("ipipMode", "vxlanMode", "natOutgoing", "disableBGPExport"):
+            if k in s:
+                pairs.append((k, _v(s[k]) + "  (kept for Calico; no effect on allocation)"))
+        return kv_table(pairs)
+    emit(args, data, fmt)
+    return 0
+
+
+def cmd_enable_disable(args) -> int:
+    from ..ipam import admin
+    ipam = open_ipam(args)
+    changed = admin.set_pool_disabled(ipam, args.name, args.disabled)
+    state = "disabled" if args.disabled else "enabled"
+    print(f'pool "{args.name}" {state}' if changed else f'pool "{args.name}" was already {state}')
+    return 0
+
+
+def cmd_delete(args) -> int:
+    from ..ipam import admin
+    ipam = open_ipam(args)
+    rep = admin.delete_pool(ipam, args.name, force=args.force)
+
+    def fmt(r):
+        parts = [f'pool "{r["pool"]}" deleted']
+        if r["releasedHandles"]:
+            parts.append(f'released {len(r["releasedHandles"])} handle(s)')
+        parts.append(f'{r["blocksDeleted"]} block(s) and {r["affinitiesDeleted"]} stray affinity record(s) '
+                     f'removed')
+        return "; ".join(parts)
+    emit(args, rep, fmt)
+    return 0

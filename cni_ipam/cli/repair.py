@@ -1,0 +1,114 @@
+"""`release` and `check`."""
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from .common import CLIError, add_connection_args, add_output_arg, emit, open_ipam
+
+
+def register(sub) -> None:
+    r = sub.add_parser("release", help="release addresses by IP or by handle (repair)",
+                       description="Release single addresses (--ip; a handle holding other addresses keeps "
+                                   "them) or everything a handle holds (--handle). A handle whose record is "
+                                   "missing is found in the blocks.")
+    r.add_argument("--ip", action="append", default=[], metavar="ADDR", help="an address (repeatable)")
+    r.add_argument("--handle", action="append", default=[], metavar="ID",
+                   help="a handle id, <network>.<container id>.<ifname> (repeatable)")
+    r.add_argument("--leaked", action="store_true",
+                   help="release every address whose Kubernetes pod no longer exists (needs --kubeconfig; "
+                        "shows them and asks first)")
+    r.add_argument("--kubeconfig", metavar="PATH", help="the cluster's kubeconfig (for --leaked)")
+    r.add_argument("-y", "--yes", action="store_true", help="--leaked: release without asking")
+    add_output_arg(r)
+    add_connection_args(r)
+    r.set_defaults(func=cmd_release)
+
+    c = sub.add_parser("check", help="consistency report over the whole store (exit 1 when anything is found)",
+                       description="Cross-checks blocks, handles, affinities and pools: addresses whose handle "
+                                   "record is missing or disagrees, handles pointing at addresses they do not "
+                                   "hold, blocks outside every pool or of the wrong size, missing / foreign / "
+                                   "duplicate / orphan affinities, undecodable values. One line per finding; "
+                                   "exit 0 when clean, 1 otherwise. With --kubeconfig, also addresses whose "
+                                   "Kubernetes pod no longer exists (kind 'leaked').")
+    c.add_argument("--kubeconfig", metavar="PATH",
+                   help="also list addresses whose pod no longer exists in this Kubernetes cluster")
+    add_output_arg(c)
+    add_connection_args(c)
+    c.set_defaults(func=cmd_check)
+
+
+def cmd_release(args) -> int:
+    from ..ipam import admin
+    if args.leaked or args.kubeconfig:
+        return cmd_release_leaked(args)
+    if not args.ip and not args.handle:
+        raise CLIError("give --ip ADDR and/or --handle ID")
+    ips = []
+    for s in args.ip:
+        try:
+            ips.append(ipaddress.ip_address(s.strip()))
+        except ValueError:
+            raise CLIError(f"--ip: {s!r} is not an IP address") from None
+    ipam = open_ipam(args)
+    released: list[dict] = []
+    missing: list[str] = []
+    if ips:
+        done, not_allocated = admin.release_ips(ipam, ips)
+        released += [{"ip": ip, "handle": hid} for ip, hid in done]
+        missing += [f"{ip} is not allocated" for ip in not_allocated]
+    for hid in args.handle:
+        try:
+            got = admin.release_handle(ipam, hid)
+        except admin.NotFound as e:
+            missing.append(e.msg)
+            continue
+        released += [{"ip": ip, "handle": hid} for ip in got]
+    emit(args, {"released": released, "notFound": missing},
+         lambda d: "\n".join(f'released {r["ip"]} (handle {r["handle"]})' for r in d["released"]))
+    if missing:
+        raise CLIError("; ".join(missing))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from ..ipam import admin
+    ipam = open_ipam(args)
+    rep = admin.check(ipam)
+    if getattr(args, "kubeconfig", None):     # pods that no longer exist (ipam/leaks.py)
+        from ..ipam import leaks
+        found = leaks.findings(ipam, args.kubeconfig, getattr(args, "timeout", None) or 10.0)
+        rep["findings"] += found
+        if found:
+            rep["summary"]["leaked"] = len(found)
+        rep["clean"] = rep["clean"] and not found
+
+    def fmt(d):
+        if d["clean"]:
+            s = d["scanned"]
+            return (f'clean: {s["pools"]} pool(s), {s["blocks"]} block(s), {s["affinities"]} affinity record(s), '
+                    f'{s["handles"]} handle(s), {s["allocations"]} allocated address(es) checked')
+        return "\n".join(f'{f["kind"]}: {f["message"]}' for f in d["findings"])
+    emit(args, rep, fmt)
+    if not rep["clean"]:
+        if (getattr(args, "output", None) or "table") == "table":
+            n = len(rep["findings"])
+            print(f"cni-ipam: check: {n} problem(s) found", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_release_leaked(args) -> int:
+    """`release --leaked --kubeconfig PATH [--yes]` (logic in ipam/leaks.py)."""
+    from ..ipam import leaks
+    if not (args.leaked and args.kubeconfig):
+        raise CLIError("--leaked and --kubeconfig go together")
+    if args.ip or args.handle:
+        raise CLIError("--leaked does not combine with --ip/--handle")
+    res = leaks.release_command(open_ipam(args), args.kubeconfig, yes=args.yes,
+                                timeout=getattr(args, "timeout", None) or 10.0)
+    emit(args, res, lambda d: "\n".join(
+        [f'released {", ".join(r["addresses"]) or "-"} (handle {r["handle"]}, pod {r["namespace"]}/{r["pod"]})'
+         for r in d["released"]] +
+        [f'skipped handle {r["handle"]}: {r["why"]}' for r in d["skipped"]]))
+    return 0
