@@ -16,9 +16,11 @@ test: deps
 unit: deps
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-demo: deps
-	@echo "make demo: not yet -- the seed's walkthrough lands with the packaging issue (#6)."
-	@echo "Meanwhile: make test"
+# The seed's walkthrough for real (scripts/demo.py): throwaway etcd, apply conf/pools.yaml, annotate
+# external-ns/internal-ns, three pods per namespace through containerd's CRI, table, show --blocks,
+# teardown.  `binary` installs what is missing (deps) and builds or reuses dist/cni-ipam/cni-ipam.
+demo: binary
+	$(PYTHON) scripts/demo.py --binary dist/cni-ipam/cni-ipam $(DEMO_ARGS)
 
 # Chaos (issue 8): 20 simulated nodes, >= 1,000 ADD/DEL through the plugin binary (built if stale)
 # on a 3-member etcd cluster while the leader is killed, members are SIGSTOPped and plugin processes
@@ -46,3 +48,13 @@ binary-onefile: deps
 
 install: binary
 	dist/cni-ipam/cni-ipam install --bin-dir $(CNI_BIN_DIR) --conf-dir $(CNI_CONF_DIR) --lib-dir $(CNI_LIB_DIR) $(INSTALL_ARGS)
+
+# Benchmarks (issue 7): all six (engine vs bare CAS, exec vs Go host-local, burst, claim vs pool size,
+# 20 nodes on a 3-member etcd, peak RSS), each starting its own etcd; tables + bench/results/*.json/png
+# and the README's "## Performance" table.  Builds the binary first if stale (falls back to
+# `python -m cni_ipam` if that fails).  BENCH_ARGS="exec burst" runs some; "--quick" fewer repetitions.
+.PHONY: bench
+bench: deps
+	@$(MAKE) --no-print-directory binary || echo "bench: 'make binary' failed; benchmarking python -m cni_ipam instead" >&2
+	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore 'matplotlib>=3.6'
+	$(PYTHON) -m bench $(BENCH_ARGS)

@@ -74,7 +74,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def stale_reason(mode: str = "onedir", dist: str | None = None, no_grpc: bool = False,
+def stale_reason(mode: str = "onedir", dist: str | None = None, with_grpc: bool = False,
                  spec_args=()) -> str | None:
     """Why the build in ``dist`` must be redone (None: it is up to date)."""
     _, exe, stamp = outputs(mode, dist or os.path.join(ROOT, "dist"))
@@ -87,7 +87,7 @@ def stale_reason(mode: str = "onedir", dist: str | None = None, no_grpc: bool = 
         return f"{stamp} is missing or unreadable"
     if info.get("source_digest") != source_digest():
         return "the sources changed since the last build"
-    if bool(info.get("no_grpc")) != no_grpc or list(info.get("spec_args") or []) != list(spec_args):
+    if bool(info.get("with_grpc")) != with_grpc or list(info.get("spec_args") or []) != list(spec_args):
         return "it was built with other options"
     if info.get("commit") != git_commit():
         return f"the git commit changed (built from {info.get('commit')})"
@@ -121,7 +121,7 @@ def smoke_test(exe: str) -> str:
     return p.stdout.strip()
 
 
-def build(mode: str, dist: str, work: str, no_grpc: bool, quiet: bool, spec_args=()) -> str:
+def build(mode: str, dist: str, work: str, with_grpc: bool, quiet: bool, spec_args=()) -> str:
     commit = git_commit()
     digest = source_digest()
     gen_dir = os.path.join(work, "gen")
@@ -131,8 +131,8 @@ def build(mode: str, dist: str, work: str, no_grpc: bool, quiet: bool, spec_args
     cmd = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--distpath", stage,
            "--workpath", os.path.join(work, f"pyinstaller-{mode}"),
            "--log-level", "WARN" if quiet else "INFO", SPEC, "--", "--mode", mode, "--gen-dir", gen_dir]
-    if no_grpc:
-        cmd.append("--no-grpc")
+    if with_grpc:
+        cmd.append("--with-grpc")
     cmd += list(spec_args)
     t0 = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -148,7 +148,7 @@ def build(mode: str, dist: str, work: str, no_grpc: bool, quiet: bool, spec_args
     if old:
         shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
     shutil.rmtree(stage, ignore_errors=True)
-    info.update(source_digest=digest, no_grpc=no_grpc, spec_args=list(spec_args),
+    info.update(source_digest=digest, with_grpc=with_grpc, spec_args=list(spec_args),
                 build_seconds=round(time.monotonic() - t0, 1))
     with open(stamp, "w") as f:
         json.dump(info, f, indent=2)
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
                     help="same as --mode onefile")
     ap.add_argument("--dist", default=os.path.join(ROOT, "dist"), help="output dir (default dist/)")
     ap.add_argument("--work", default=os.path.join(ROOT, "build"), help="work dir (default build/)")
-    ap.add_argument("--no-grpc", action="store_true",
-                    help="leave out python3-etcd3/grpc/protobuf (size measurements only)")
+    ap.add_argument("--with-grpc", action="store_true",
+                    help="also bundle python3-etcd3/grpc/protobuf (measurements only)")
     ap.add_argument("--spec-arg", action="append", default=[], metavar="ARG",
                     help="pass ARG to the spec (e.g. --spec-arg=--archive, --spec-arg=--importtime)")
     ap.add_argument("--if-stale", action="store_true", help="do nothing if the build is up to date")
@@ -174,19 +174,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dist, work = os.path.abspath(args.dist), os.path.abspath(args.work)
     if args.check:
-        why = stale_reason(args.mode, dist, args.no_grpc, args.spec_arg)
+        why = stale_reason(args.mode, dist, args.with_grpc, args.spec_arg)
         print(f"build: {why}" if why else f"build: {outputs(args.mode, dist)[1]} is up to date")
         return 1 if why else 0
     os.makedirs(work, exist_ok=True)
     with open(os.path.join(work, ".build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (two test sessions may ask at once)
         if args.if_stale:
-            why = stale_reason(args.mode, dist, args.no_grpc, args.spec_arg)
+            why = stale_reason(args.mode, dist, args.with_grpc, args.spec_arg)
             if why is None:
                 print(f"build: {outputs(args.mode, dist)[1]} is up to date")
                 return 0
             print(f"build: rebuilding: {why}")
-        exe = build(args.mode, dist, work, args.no_grpc, args.quiet, args.spec_arg)
+        exe = build(args.mode, dist, work, args.with_grpc, args.quiet, args.spec_arg)
     size = sum(os.path.getsize(os.path.join(b, n)) for b, _, ns in os.walk(outputs(args.mode, dist)[0])
                for n in ns) if args.mode == "onedir" else os.path.getsize(exe)
     print(f"build: {exe} ({size / 1e6:.1f} MB on disk)")

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import yaml
 
-from cni_ipam.datastore import Put
-from tests.test_cli_common import (SEED_POOLS, cli, cli_env, dump, ipam, run_cli,  # noqa: F401 (fixtures)
+from cni_ipam.ipam.pool import make_pool
+from tests.test_cli_common import (ROOT, SEED_POOLS, cli, cli_env, dump, ipam,  # noqa: F401 (fixtures)
                                    write_file)
-
-ROOT = __import__("tests.test_cli_common", fromlist=["ROOT"]).ROOT
 
 
 def pool_doc(name="p1", api="projectcalico.org/v3", **spec):
@@ -210,7 +207,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_validation_errors_are_one_line_and_apply_nothing(cli, ipam, case):
     _, text, needles = case
-    assert cli("apply", "-f", "-", stdin=to_yaml(EXISTING)).rc == 0
+    ipam.create_pool(make_pool("existing", "10.50.0.0/16", 26))    # == EXISTING, set up in-process
     # a valid pool first in the same file: it must not be applied either
     good = to_yaml(pool_doc("good-one", cidr="10.200.0.0/24"))
     before = dump(ipam)

@@ -3,6 +3,7 @@ and the real plugin exec'd with a kubeconfig pointing at it, against the real et
 import ipaddress
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -376,3 +377,44 @@ def test_status_with_selector_pools_reads_the_node(api, etcd_server, etcd_prefix
         assert s.rc == (0 if rc == 0 else 1) and (rc == 0 or s.out["code"] == 50), s.stdout
     assert api.paths() == ["/api/v1/nodes/node-a", "/api/v1/nodes/node-b"]
     ipam.ds.close()
+
+
+def test_kubernetes_api_timeout_comes_from_timeout_seconds(api, ipam, kconf):
+    seed(api)
+    api.delay = 3
+    t = time.monotonic()
+    r = add(kconf(timeout_seconds=1), "external-ns", "web-0")
+    assert time.monotonic() - t < 3
+    assert r.out["code"] == 11 and "no answer within 1s" in r.out["msg"], r.stdout
+    assert ipam.handles() == []
+
+
+def test_in_cluster_section_without_cluster_is_a_clear_error(ipam, etcd_server, etcd_prefix, tmp_path):
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, kubernetes={})
+    r = exec_plugin("ADD", conf, args=k8s_args("ns", "p"), env={"KUBERNETES_SERVICE_HOST": None})
+    assert r.out["code"] == 7 and "not running in a Kubernetes cluster" in r.out["msg"], r.stdout
+
+
+IMPORTTIME = [sys.executable, "-X", "importtime", "-m", "cni_ipam"]
+
+
+def _imported(stderr):
+    return {ln.rsplit("|", 1)[-1].strip() for ln in stderr.splitlines() if ln.startswith("import time:")}
+
+
+def test_exec_path_imports_only_what_it_needs(api, ipam, kconf, tmp_path, etcd_server, etcd_prefix):
+    """No kubernetes section: neither the client nor ssl-heavy extras nor PyYAML are imported;
+    with a JSON kubeconfig the client is, PyYAML still is not."""
+    seed(api)
+    plain = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    r = exec_plugin("ADD", plain, container="imp1", args=k8s_args("external-ns", "web-0"), argv=IMPORTTIME)
+    assert r.rc == 0, r.stdout
+    mods = _imported(r.stderr)
+    assert "cni_ipam.ipam.annotations" in mods
+    assert not {"cni_ipam.k8s", "yaml", "kubernetes", "etcd3", "grpc"} & mods
+    kc = api.write_kubeconfig(tmp_path / "kc.json", fmt="json")
+    r = exec_plugin("ADD", kconf(kubeconfig=kc), container="imp2", args=k8s_args("external-ns", "web-1"),
+                    argv=IMPORTTIME)
+    assert r.rc == 0, r.stdout
+    mods = _imported(r.stderr)
+    assert "cni_ipam.k8s" in mods and not {"yaml", "kubernetes", "etcd3", "grpc"} & mods

@@ -94,7 +94,7 @@ def cmd_show(args) -> int:
             frac = u["inUse"] / u["addresses"] if u["addresses"] else 0.0
             rows.append([u["name"] + (" (disabled)" if u["disabled"] else ""), u["cidr"], f'/{u["blockSize"]}',
                          u["addresses"], u["inUse"], u["free"], f'{u["blocksClaimed"]}/{u["blocksTotal"]}',
-                         f"{bar(frac)} {100 * frac:.1f}%"])
+                         f"{bar(frac)} {_pct(frac)}"])
         title = f"node {args.node}: " if args.node else ""
         out = (title + "\n" if title else "") + table(
             ["POOL", "CIDR", "BLOCK", "ADDRESSES", "IN USE", "FREE", "BLOCKS CLAIMED", "UTILIZATION"], rows)
@@ -106,6 +106,10 @@ def cmd_show(args) -> int:
         return out
     emit(args, data, fmt)
     return 0
+
+
+def _pct(frac: float) -> str:
+    return "<0.1%" if 0 < frac < 0.0005 else f"{100 * frac:.1f}%"
 
 
 def _show_ip(args, d: dict) -> int:

@@ -3,6 +3,14 @@
 ``open_datastore`` picks a transport: ``gateway`` (etcd's v3 JSON gateway over
 http.client; no grpc import, used on the plugin's exec path) or ``grpc``
 (python3-etcd3; for the CLI and long-running code)."""
+import os
+
+# gRPC's C core logs failed TLS handshakes and the like straight to stderr ("E1125 ...
+# ssl_transport_security.cc] Handshake failed ..."); the CLI reports every failure as ONE line,
+# from the exception.  This must be set before grpc is first imported (the CLI may import it to
+# pick a transport), hence here; an explicit GRPC_VERBOSITY still wins (debugging).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from .base import (Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete, KV, Put,
                    RangeResult, Read, prefix_end, read_key, read_prefix)
 

@@ -138,6 +138,11 @@ def _is_tls_config_error(e: OSError) -> bool:
     return isinstance(e, ssl.SSLCertVerificationError) or e.reason in _TLS_CONFIG_REASONS
 
 
+def _file_error(e: OSError) -> str:
+    """What went wrong loading a certificate/key file, without any of the file's content."""
+    return e.strerror or getattr(e, "reason", None) or e.__class__.__name__
+
+
 class _BadResponse(OSError):
     """The server's answer is not HTTP/1.x as we know it."""
 
@@ -319,9 +324,19 @@ class GatewayDatastore(Datastore):
     def _ssl_context(self) -> "ssl.SSLContext":
         if self._ssl_ctx is None:
             import ssl  # only for https endpoints
-            ctx = ssl.create_default_context(cafile=self._ca_cert)
+            # a missing / unreadable / not-PEM / mismatched file is configuration, not availability:
+            # say so at once, naming the file (never its contents), instead of retrying until the deadline
+            try:
+                ctx = ssl.create_default_context(cafile=self._ca_cert)
+            except OSError as e:  # ssl.SSLError is an OSError
+                raise DatastoreError(f"cannot load the etcd CA certificate {self._ca_cert}: "
+                                     f"{_file_error(e)}") from None
             if self._cert:
-                ctx.load_cert_chain(self._cert, self._key)
+                try:
+                    ctx.load_cert_chain(self._cert, self._key)
+                except OSError as e:
+                    raise DatastoreError(f"cannot load the etcd client certificate {self._cert} with key "
+                                         f"{self._key or self._cert}: {_file_error(e)}") from None
             self._ssl_ctx = ctx
         return self._ssl_ctx
 

@@ -30,8 +30,11 @@ _UNAVAILABLE_MARKERS = ("no leader", "leader changed", "request timed out", "too
                         "not capable", "server stopped", "unhealthy cluster", "connection lost")
 _TOKEN_MARKERS = ("invalid auth token", "revision of auth store is old")
 # a TLS mismatch is configuration, not availability: say so at once
+# (TSI_DATA_CORRUPTED: with TLS 1.3 the server rejects our client certificate after the handshake;
+# grpc reports the server's alert -- bad certificate, unknown CA, certificate required -- only as this)
 _TLS_CONFIG_MARKERS = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed",
-                       "CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER")
+                       "CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER",
+                       "TSI_DATA_CORRUPTED")
 
 _CHANNEL_OPTIONS = {
     "grpc.max_receive_message_length": 64 * 1024 * 1024,

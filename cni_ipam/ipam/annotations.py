@@ -128,12 +128,10 @@ def choose(prefix: str, *, config_pools: dict[int, list[str] | None], namespace:
         conf_name = "ipv4_pools" if fam == 4 else "ipv6_pools"
         out.pools[fam], out.sources[fam] = None, "nodeSelector"
         # an empty list names nothing: like an absent key, it falls through to the next level
-        if pod_annotations and k in pod_annotations and parse_pools(pod_annotations[k], k, pod_where, fam):
-            out.pools[fam] = parse_pools(pod_annotations[k], k, pod_where, fam)
-            out.sources[fam] = f"annotation {k} of {pod_where}"
-        elif ns_annotations and k in ns_annotations and parse_pools(ns_annotations[k], k, ns_where, fam):
-            out.pools[fam] = parse_pools(ns_annotations[k], k, ns_where, fam)
-            out.sources[fam] = f"annotation {k} of {ns_where}"
+        if pod_annotations and k in pod_annotations and (refs := parse_pools(pod_annotations[k], k, pod_where, fam)):
+            out.pools[fam], out.sources[fam] = refs, f"annotation {k} of {pod_where}"
+        elif ns_annotations and k in ns_annotations and (refs := parse_pools(ns_annotations[k], k, ns_where, fam)):
+            out.pools[fam], out.sources[fam] = refs, f"annotation {k} of {ns_where}"
         elif config_pools.get(fam):
             out.pools[fam] = list(config_pools[fam])
             out.sources[fam] = f"{config_source} {conf_name}"

@@ -23,7 +23,7 @@ from ..datastore import (Compare, Datastore, DatastoreUnavailable, Delete, Put, 
 from .block import BRIDGE, ROUTED, Block, BlockError
 from .errors import (AddressUnavailable, CorruptData, InvalidRequest, IPAMError, PoolExhausted,
                      TryAgain)
-from .keys import Keys, block_from_id
+from .keys import Keys, block_from_id, block_id
 from .model import Assignment, Handle, IPAMConfig
 from .pool import Pool, PoolError, find_free_block, pool_of_ip, select_pools, start_index
 
@@ -83,9 +83,20 @@ class _Txn:
 
 def _decode(key: str, kv, decoder):
     try:
-        return decoder(kv.value)
-    except (ValueError, BlockError, PoolError) as e:
+        out = decoder(kv.value)
+    except (ValueError, BlockError, PoolError, RecursionError) as e:
         raise CorruptData(f"corrupt value at etcd key {key}: {e}") from None
+    if isinstance(out, Block) and not key.endswith("/blocks/" + block_id(out.cidr)):
+        # a value describing another CIDR would hand out that CIDR's addresses: never use it
+        raise CorruptData(f"corrupt value at etcd key {key}: it describes block {out.cidr}")
+    return out
+
+
+def _affinity_block(key: str, prefix: str):
+    try:
+        return block_from_id(key[len(prefix):])
+    except ValueError as e:
+        raise CorruptData(f"corrupt affinity record at etcd key {key}: not a block id ({e})") from None
 
 
 class IPAM:
@@ -126,12 +137,21 @@ class IPAM:
         kv = self.ds.get(self.keys.handle(handle_id))
         return _decode(kv.key, kv, Handle.from_json) if kv else None
 
-    def handles(self, network: str | None = None, node: str | None = None) -> list[Handle]:
+    def handles(self, network: str | None = None, node: str | None = None,
+                errors: list | None = None) -> list[Handle]:
+        """Handle records (of ``network`` / ``node``).  An undecodable one raises CorruptData,
+        or, with ``errors``, is appended there as ``(key, message)`` and skipped."""
         prefix = self.keys.handles + (self.keys.handle(network)[len(self.keys.handles):] + "."
                                       if network else "")
         out = []
         for kv in self.ds.get_prefix(prefix):
-            h = _decode(kv.key, kv, Handle.from_json)
+            try:
+                h = _decode(kv.key, kv, Handle.from_json)
+            except CorruptData as e:
+                if errors is None:
+                    raise
+                errors.append((kv.key, e.msg))
+                continue
             if (network is None or h.network == network) and (node is None or h.node == node):
                 out.append(h)
         return out
@@ -174,6 +194,13 @@ class IPAM:
             raise InvalidRequest("neither assign_ipv4 nor assign_ipv6 is set: nothing to assign")
         (res, attempts) = self._retry(f"assign {req.handle_id}", lambda: self._assign_once(req))
         res.attempts = attempts
+        if res.existing:
+            # a repeated ADD returns what the handle lists: those addresses must really be its own
+            # (one that its block does not record could be handed to someone else: a duplicate)
+            problems = self.verify_handle(res.handle)
+            if problems:
+                raise CorruptData(f"handle record at etcd key {self.keys.handle(req.handle_id)} disagrees "
+                                  f"with its blocks: {'; '.join(problems)}")
         return res
 
     def _assign_once(self, req: AssignRequest) -> AssignResult | None:
@@ -188,7 +215,7 @@ class IPAM:
         pools = self._pools_from(snap[1].kvs)
         cfg = self._config_from(snap[2])
         aff_prefix = k.node_affinity(req.node)
-        affine = [block_from_id(kv.key[len(aff_prefix):]) for kv in snap[3].kvs]
+        affine = [_affinity_block(kv.key, aff_prefix) for kv in snap[3].kvs]
 
         requested = {ip.version: ip for ip in req.requested}
         families = [f for f, on in ((4, req.assign_v4), (6, req.assign_v6)) if on or f in requested]
@@ -454,7 +481,8 @@ class IPAM:
         """Release every handle of ``network`` on ``node`` whose id is not in ``keep``.
         Goes on past individual failures; returns (released ids, [(id, error)])."""
         released, failed = [], []
-        for h in self.handles(network=network, node=node):
+        corrupt: list[tuple[str, str]] = []   # never decoded, never touched: reported
+        for h in self.handles(network=network, node=node, errors=corrupt):
             if h.id in keep:
                 continue
             try:
@@ -463,6 +491,9 @@ class IPAM:
             except IPAMError as e:
                 failed.append((h.id, e.msg))
                 log.warning("gc: could not release %s: %s", h.id, e.msg)
+        for key, msg in corrupt:
+            failed.append((key, msg))
+            log.warning("gc: %s", msg)
         return released, failed
 
     # ------------------------------------------------------------------ status

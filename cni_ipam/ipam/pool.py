@@ -192,26 +192,32 @@ def start_index(node: str, n_blocks: int) -> int:
 def find_free_block(n_blocks: int, start: int,
                     list_from: Callable[[int, int, int], list[int]],
                     count_in: Callable[[int, int], int],
-                    scan: int = 64) -> int | None:
+                    scan: int = 32) -> int | None:
     """The first unclaimed block index at or after ``start`` (wrapping), or None.
 
     ``list_from(lo, hi, limit)`` returns the claimed indexes in [lo, hi) in order,
     at most ``limit``; ``count_in(lo, hi)`` counts them.  First one short listing
     from ``start`` (usually enough: one request); when that run is dense, a
     binary search over counts finds a gap in O(log n) requests, never listing
-    every block of the pool."""
+    every block of the pool.
+
+    The listing's range is bounded too (``4 * scan`` indexes, at most ``scan``
+    keys returned): etcd 3.4 walks every key of a range before it applies the
+    limit, so a range running to the end of the pool would cost time in
+    proportion to the blocks other nodes claimed after ``start``."""
     for lo, hi in ((start, n_blocks), (0, start)):
         if lo >= hi:
             continue
-        claimed = list_from(lo, hi, scan)
+        wend = min(hi, lo + 4 * scan)
+        claimed = list_from(lo, wend, scan)
         expect = lo
         for i in claimed:
             if i > expect:
                 return expect
             expect = i + 1
-        if len(claimed) < scan:
-            if expect < hi:
-                return expect
+        if len(claimed) < scan and expect < wend:
+            return expect
+        if expect >= hi:
             continue
         # dense run: binary search the rest of [expect, hi) by counting
         lo = expect

@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Iterable
 
 BUSYBOX = "/bin/busybox"
@@ -830,7 +829,7 @@ def run_cli(binary: str, args: list[str], *, endpoint: str, prefix: str, timeout
     """The admin CLI (CNI_COMMAND unset) against one etcd + prefix."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
     env.update(ETCD_ENDPOINTS=endpoint, CNI_IPAM_ETCD_PREFIX=prefix)
-    if not os.access(binary, os.X_OK) or binary.endswith(".py"):
+    if not os.access(binary, os.X_OK):
         raise RuntimeError_(f"not an executable: {binary}")
     p = subprocess.run([binary, *args], env=env, capture_output=True, text=True, timeout=timeout,
                        stdin=subprocess.DEVNULL)

@@ -25,6 +25,7 @@ import pytest
 from cni_ipam.datastore import open_datastore
 from cni_ipam.ipam.engine import IPAM
 from cni_ipam.ipam.pool import make_pool
+from tests.e2e.helpers import sysctl_restored
 from tests.e2e.runtimes import (Containerd, build_busybox_image, bridge_conflist, delete_link,
                                 etcd_allocations, free_test_subnet, link_exists, make_cni_bin_dir,
                                 missing_tools, read_calls, recording_plugin, run_cli,
@@ -60,26 +61,28 @@ def cri_node(tmp_path, etcd_server, etcd_prefix, plugin_binary):
                                work_dir=str(tmp_path))
     (conf_dir / "10-cni-ipam.conflist").write_text(json.dumps(conflist, indent=2))
     image_tar, _ = build_busybox_image(str(tmp_path / "image"))
-    ctrd = Containerd(cni_bin_dir=bin_dir, cni_conf_dir=str(conf_dir), base_dir=str(tmp_path / "containerd"),
-                      keep_logs_in=str(tmp_path / "logs"))
-    try:
-        ctrd.start()
-        ctrd.import_image(image_tar)
-        ns = {"external-ns": "e2e-external", "internal-ns": "e2e-internal"}
-        for name, pool in ns.items():
-            run_cli(plugin_binary, ["namespace", "annotate", name, f"{POOLS_ANNOTATION}={json.dumps([pool])}"],
-                    endpoint=etcd_server.endpoint, prefix=etcd_prefix)
-        yield types.SimpleNamespace(
-            ctrd=ctrd, cri=ctrd.cri(), ipam=ipam, node=node, bridge=bridge, calls=calls, tmp=tmp_path,
-            binary=plugin_binary, endpoint=etcd_server.endpoint, prefix=etcd_prefix,
-            pools={p.name: p.cidr for p in ipam.pools()}, ns_pool=ns)
-    finally:
-        problems = ctrd.stop()
-        delete_link(bridge)
-        ipam.ds.close()
-        if problems:
-            print("containerd teardown:", *problems, sep="\n  ")
-        assert not link_exists(bridge)
+    # the bridge plugin may switch on ip_forward: put it back afterwards
+    with sysctl_restored("net.ipv4.ip_forward"):
+        ctrd = Containerd(cni_bin_dir=bin_dir, cni_conf_dir=str(conf_dir), base_dir=str(tmp_path / "containerd"),
+                          keep_logs_in=str(tmp_path / "logs"))
+        try:
+            ctrd.start()
+            ctrd.import_image(image_tar)
+            ns = {"external-ns": "e2e-external", "internal-ns": "e2e-internal"}
+            for name, pool in ns.items():
+                run_cli(plugin_binary, ["namespace", "annotate", name, f"{POOLS_ANNOTATION}={json.dumps([pool])}"],
+                        endpoint=etcd_server.endpoint, prefix=etcd_prefix)
+            yield types.SimpleNamespace(
+                ctrd=ctrd, cri=ctrd.cri(), ipam=ipam, node=node, bridge=bridge, calls=calls, tmp=tmp_path,
+                binary=plugin_binary, endpoint=etcd_server.endpoint, prefix=etcd_prefix,
+                pools={p.name: p.cidr for p in ipam.pools()}, ns_pool=ns)
+        finally:
+            problems = ctrd.stop()
+            delete_link(bridge)
+            ipam.ds.close()
+            if problems:
+                print("containerd teardown:", *problems, sep="\n  ")
+            assert not link_exists(bridge)
 
 
 def _run_pod(n, name: str, namespace: str):

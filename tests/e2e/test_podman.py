@@ -17,6 +17,7 @@ import pytest
 from cni_ipam.datastore import open_datastore
 from cni_ipam.ipam.engine import IPAM
 from cni_ipam.ipam.pool import make_pool
+from tests.e2e.helpers import sysctl_restored
 from tests.e2e.runtimes import (IMAGE_REF, Podman, bridge_conflist, build_busybox_image, delete_link,
                                 etcd_allocations, free_test_subnet, link_exists, missing_tools,
                                 unique_name, wait_released)
@@ -42,19 +43,22 @@ def podman_node(tmp_path, etcd_server, etcd_prefix, cni_bin_dir):
                                node=node, work_dir=str(tmp_path))
     (conf_dir / f"{net}.conflist").write_text(json.dumps(conflist, indent=2))
     _, rootfs = build_busybox_image(str(tmp_path / "image"))
-    # podman's own dir stays short (conmon's socket paths must fit in 108 bytes)
-    pm = Podman(cni_plugin_dirs=[cni_bin_dir], network_config_dir=str(conf_dir))
-    try:
-        pm.import_rootfs(rootfs)
-        yield types.SimpleNamespace(pm=pm, ipam=ipam, net=net, node=node, bridge=bridge,
-                                    pool=ipaddress.ip_network(cidr), tmp=tmp_path)
-    finally:
-        problems = pm.stop()
-        delete_link(bridge)
-        ipam.ds.close()
-        if problems:
-            print("podman teardown:", *problems, sep="\n  ")
-        assert not link_exists(bridge)
+    # the bridge plugin may switch on ip_forward: put it back afterwards
+    with sysctl_restored("net.ipv4.ip_forward"):
+        # podman's own dir stays short: under pytest's long tmp_path conmon never reported the
+        # container's exit and every `podman run --rm` waited out podman's 20 s conmon timeout
+        pm = Podman(cni_plugin_dirs=[cni_bin_dir], network_config_dir=str(conf_dir))
+        try:
+            pm.import_rootfs(rootfs)
+            yield types.SimpleNamespace(pm=pm, ipam=ipam, net=net, node=node, bridge=bridge,
+                                        pool=ipaddress.ip_network(cidr), tmp=tmp_path)
+        finally:
+            problems = pm.stop()
+            delete_link(bridge)
+            ipam.ds.close()
+            if problems:
+                print("podman teardown:", *problems, sep="\n  ")
+            assert not link_exists(bridge)
 
 
 def test_podman_run_rm_gets_an_address_and_releases_it(podman_node):

@@ -1,0 +1,148 @@
+"""The shipped binary itself: runs without the project's Python, its plugin path needs no grpc,
+`cni-ipam install` / `make install` put it in place and never overwrite a conflist silently."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import ROOT
+from tests.plugin_helpers import exec_plugin, netconf
+
+MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+EXAMPLE = ROOT / "conf" / "10-cni-ipam-bridge.conflist"
+
+
+def run(argv, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env or MINIMAL_ENV, cwd="/", capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def test_version_without_the_virtualenv(plugin_binary):
+    info = json.loads((Path(plugin_binary).parent / "build-info.json").read_text())
+    for argv in ([plugin_binary, "version"], [plugin_binary, "--version"]):
+        r = run(argv)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert re.fullmatch(r"cni-ipam \d+\.\d+\.\d+\S*", lines[0]), lines
+        assert lines[1].startswith(f"git commit: {info['commit']} (pyinstaller-onedir, built "), lines
+        assert lines[2] == "CNI spec versions: 0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"
+        assert r.stderr == ""
+    r = run([plugin_binary], env={**MINIMAL_ENV, "CNI_COMMAND": "VERSION"})
+    assert r.returncode == 0 and json.loads(r.stdout)["supportedVersions"][-1] == "1.1.0"
+
+
+def test_test_only_packages_are_not_bundled(plugin_binary):
+    internal = Path(plugin_binary).parent / "_internal"
+    names = {p.name.split(".")[0] for p in internal.iterdir()}
+    for pkg in ("pytest", "_pytest", "hypothesis", "pyroute2", "cri_api", "PyInstaller", "setuptools",
+                "grpc", "etcd3", "google"):   # no gRPC client: the binary talks to etcd's JSON gateway
+        assert pkg not in names, f"{pkg} is bundled"
+    assert (internal / "conf" / EXAMPLE.name).read_bytes() == EXAMPLE.read_bytes()
+
+
+def test_binary_plugin_and_cli_against_etcd(plugin_binary, etcd_server, etcd_prefix, tmp_path):
+    """Every CNI verb and the CLI through the binary, with a minimal environment (no virtualenv,
+    no PYTHONPATH).  Neither needs grpc: the bundle has none."""
+    cli_env = {**MINIMAL_ENV, "ETCD_ENDPOINTS": etcd_server.endpoint, "CNI_IPAM_ETCD_PREFIX": etcd_prefix}
+    r = run([plugin_binary, "apply", "-f", str(ROOT / "conf" / "pools.yaml")], env=cli_env)
+    assert r.returncode == 0, r.stderr
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, version="1.1.0", ipv4_pools=["external-pool"])
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": None}
+    add = exec_plugin("ADD", conf, argv=[plugin_binary], env=env)
+    assert add.rc == 0, add.stdout + add.stderr
+    assert add.out["ips"][0]["address"].startswith("172.16.0.") and add.out["ips"][0]["address"].endswith("/29")
+    check = exec_plugin("CHECK", {**conf, "prevResult": add.out}, argv=[plugin_binary], env=env)
+    assert check.rc == 0, check.stdout + check.stderr
+    status = exec_plugin("STATUS", conf, argv=[plugin_binary], env=env, container=None, ifname=None, netns=None)
+    assert status.rc == 0, status.stdout + status.stderr
+    r = run([plugin_binary, "show", "-o", "json"], env=cli_env)
+    assert r.returncode == 0, r.stderr
+    rows = {p["name"]: p for p in json.loads(r.stdout)["pools"]}
+    assert rows["external-pool"]["addresses"] == 64 and rows["external-pool"]["inUse"] == 1
+    dele = exec_plugin("DEL", conf, argv=[plugin_binary], env=env)
+    assert dele.rc == 0, dele.stdout + dele.stderr
+    r = run([plugin_binary, "check"], env=cli_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # a CLI error is one line on stderr, not a traceback
+    r = run([plugin_binary, "pool", "get", "no-such-pool"], env=cli_env)
+    assert r.returncode == 1 and r.stderr.startswith("cni-ipam: error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def _install(exe, tmp_path, *extra) -> subprocess.CompletedProcess:
+    return run([exe, "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(tmp_path / "net.d"),
+                "--lib-dir", str(tmp_path / "lib"), *extra])
+
+
+def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_path):
+    r = _install(plugin_binary, tmp_path)
+    assert r.returncode == 0, r.stderr
+    link = tmp_path / "bin" / "cni-ipam"
+    assert link.is_symlink() and os.readlink(link) == str(tmp_path / "lib" / "cni-ipam" / "cni-ipam")
+    conflist = tmp_path / "net.d" / EXAMPLE.name
+    assert conflist.read_bytes() == EXAMPLE.read_bytes() and (conflist.stat().st_mode & 0o777) == 0o644
+    v = run([str(link), "version"])                     # runs through the symlink, outside the tree
+    assert v.returncode == 0 and v.stdout.startswith("cni-ipam "), v.stderr
+
+    again = _install(str(link), tmp_path)               # from the installed copy: nothing to change
+    assert again.returncode == 0 and "unchanged" in again.stdout, again.stdout + again.stderr
+
+    # an edited conflist is never overwritten silently -- and then nothing is installed at all
+    conflist.write_text('{"edited": true}\n')
+    lib_inode = (tmp_path / "lib" / "cni-ipam").stat().st_ino
+    refused = _install(plugin_binary, tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cni-ipam: error: "), refused.stderr
+    assert "exists and differs" in refused.stderr and "--force" in refused.stderr
+    assert conflist.read_text() == '{"edited": true}\n'
+    assert (tmp_path / "lib" / "cni-ipam").stat().st_ino == lib_inode, "the bundle was touched"
+
+    only_bin = _install(plugin_binary, tmp_path, "--no-conflist")
+    assert only_bin.returncode == 0 and conflist.read_text() == '{"edited": true}\n', only_bin.stderr
+    assert (tmp_path / "lib" / "cni-ipam").stat().st_ino != lib_inode, "the bundle was replaced"
+
+    forced = _install(plugin_binary, tmp_path, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert conflist.read_bytes() == EXAMPLE.read_bytes()
+    assert (tmp_path / "net.d" / (EXAMPLE.name + ".bak")).read_text() == '{"edited": true}\n'
+
+    ptp = ROOT / "conf" / "20-cni-ipam-ptp.conflist"
+    other = _install(plugin_binary, tmp_path, "--conflist", str(ptp))
+    assert other.returncode == 0 and (tmp_path / "net.d" / ptp.name).read_bytes() == ptp.read_bytes()
+
+    bad = tmp_path / "bad.conflist"
+    bad.write_text(json.dumps({"cniVersion": "1.0.0", "name": "x", "plugins": [{"type": "bridge", "ipam": {
+        "type": "cni-ipam", "mode": "sideways"}}]}))
+    r = _install(plugin_binary, tmp_path, "--conflist", str(bad))
+    assert r.returncode == 1 and "mode" in r.stderr and not (tmp_path / "net.d" / "bad.conflist").exists()
+
+
+def test_install_from_source_explains_itself(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cni_ipam", "install", "--bin-dir", str(tmp_path / "bin"),
+                        "--conf-dir", str(tmp_path / "net.d")], env={**MINIMAL_ENV, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("cni-ipam: error: ") and "make binary" in r.stderr
+    assert not (tmp_path / "bin").exists()
+
+
+def test_make_install(plugin_binary, tmp_path):
+    def make_install(*extra):
+        return subprocess.run(["make", "-s", "install", f"PYTHON={sys.executable}", f"CNI_BIN_DIR={tmp_path}/bin",
+                               f"CNI_CONF_DIR={tmp_path}/net.d", f"CNI_LIB_DIR={tmp_path}/lib", *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    r = make_install()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.path.realpath(tmp_path / "bin" / "cni-ipam") == str(tmp_path / "lib" / "cni-ipam" / "cni-ipam")
+    assert (tmp_path / "net.d" / EXAMPLE.name).read_bytes() == EXAMPLE.read_bytes()
+    (tmp_path / "net.d" / EXAMPLE.name).write_text("{}\n")
+    r = make_install()
+    assert r.returncode != 0 and "exists and differs" in r.stderr
+    assert (tmp_path / "net.d" / EXAMPLE.name).read_text() == "{}\n"
+    r = make_install("INSTALL_ARGS=--no-conflist")
+    assert r.returncode == 0, r.stdout + r.stderr
