@@ -32,7 +32,7 @@ chaos: deps
 
 # Packaging (issue 6): the PyInstaller binary (packaging/).  `make binary` -> dist/cni-ipam/cni-ipam
 # (onedir: what ships; rebuilt only when the sources changed), `make binary-onefile` ->
-# dist/cni-ipam-onefile (for comparison), `make install` -> bundle in $(CNI_LIB_DIR)/cni-ipam/,
+# dist/cni-ipam-onefile (for comparison), `make install` -> bundle in $(CNI_LIB_DIR)/cni-ipam/<build>/,
 # symlink $(CNI_BIN_DIR)/cni-ipam, example conflist in $(CNI_CONF_DIR) -- an existing conflist that
 # differs is never overwritten (INSTALL_ARGS=--force keeps a .bak; INSTALL_ARGS=--no-conflist).
 CNI_BIN_DIR ?= /opt/cni/bin

@@ -45,6 +45,7 @@ class IpamConfig:
     routes: list[dict] = field(default_factory=list)
     dns: dict | None = None
     mode: str = "bridge"
+    routed_prefix: str = "host"   # routed mode: "host" (/32, /128) or "block" (Debian's ptp <= 1.1 needs it)
     gateway: list = field(default_factory=list)   # routed mode gateways, one per family
     lock_file: str = DEFAULT_LOCK_FILE
     log_file: str | None = DEFAULT_LOG_FILE
@@ -193,6 +194,10 @@ def parse_ipam_config(ipam: dict) -> IpamConfig:
             if v not in ("bridge", "routed"):
                 raise ConfigError(f"ipam.mode must be 'bridge' or 'routed', not {v!r}")
             c.mode = v
+        elif k == "routed_prefix":
+            if v not in ("host", "block"):
+                raise ConfigError(f"ipam.routed_prefix must be 'host' or 'block', not {v!r}")
+            c.routed_prefix = v
         elif k == "gateway":
             gws = [v] if isinstance(v, str) else _str_list(k, v)
             try:

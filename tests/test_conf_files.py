@@ -233,7 +233,8 @@ def test_kubeconfig_template_drives_pool_choice(etcd_server, etcd_prefix, seed_p
 
         conf = plugin_conf("10-cni-ipam-bridge.conflist", etcd_server, etcd_prefix, tmp_path,
                            kubernetes={"kubeconfig": str(kc)})
-        for ns_name, pod, pool in (("external-ns", "web-1", "172.16.0.0/26"), ("internal-ns", "db-1", "192.168.0.0/16")):
+        for ns_name, pod, pool in (("external-ns", "web-1", "172.16.0.0/26"),
+                                   ("internal-ns", "db-1", "192.168.0.0/16")):
             add = exec_plugin("ADD", conf, container=f"k-{pod}",
                               args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns_name};K8S_POD_NAME={pod}")
             assert add.rc == 0, add.stdout + add.stderr

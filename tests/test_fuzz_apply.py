@@ -61,9 +61,9 @@ class Store:
         self.ds = open_datastore(endpoint, timeout=10)
 
     def fresh(self) -> str:
-        """A new sub-prefix holding one pool, ``existing`` (10.99.0.0/16)."""
+        """A new sub-prefix holding one pool, ``existing`` (172.31.0.0/16)."""
         prefix = f"{self.base}/c{next(_seq)}"
-        IPAM(self.ds, prefix).create_pool(make_pool("existing", "10.99.0.0/16", 26))
+        IPAM(self.ds, prefix).create_pool(make_pool("existing", "172.31.0.0/16", 26))
         return prefix
 
     def dump(self, prefix) -> dict:
@@ -137,7 +137,7 @@ def check_apply(store: Store, manifest: bytes, *, subprocess_: bool = False) -> 
 # --------------------------------------------------------------------------- strategies
 leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.sampled_from([2**63, -1, 0, 10**40]),
                  st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30),
-                 st.sampled_from(["", "10.1.0.0/24", "10.1.0.0/16", "10.99.0.0/24", "fd00:1::/64", "10.3.0.0/33",
+                 st.sampled_from(["", "10.1.0.0/24", "10.1.0.0/16", "172.31.0.0/24", "fd00:1::/64", "10.3.0.0/33",
                                   "300.0.0.0/8", "10.4.0.1/24", "0.0.0.0/0", "169.254.0.0/16", "all()", "has(",
                                   "zone == 'a'", "!!", "Always", "Never", "CrossSubnet", "Sometimes",
                                   "Workload", "Tunnel", "true", "x" * 300, "../x", "UPPER", "a_b", "ü"]))
@@ -180,7 +180,7 @@ def manifests(draw) -> list:
             docs.append(json.loads(json.dumps(d)))
         elif kind == "overlap":
             o = pool_doc(50 + i)
-            o["spec"]["cidr"] = draw(st.sampled_from(["10.1.0.0/16", "10.99.5.0/24", "10.0.0.0/8", "10.1.0.128/25"]))
+            o["spec"]["cidr"] = draw(st.sampled_from(["10.1.0.0/16", "172.31.5.0/24", "10.0.0.0/8", "10.1.0.128/25"]))
             docs.append(o)
         elif kind == "config":
             docs.append({"apiVersion": "cni-ipam/v1", "kind": "IPAMConfig", "metadata": {"name": "default"},
@@ -223,7 +223,7 @@ def manifest_bytes(draw) -> bytes:
 
 
 # --------------------------------------------------------------------------- tests
-@fuzz_settings(250)
+@fuzz_settings(600)
 @given(manifest=manifest_bytes())
 def test_fuzz_apply(store, manifest):
     check_apply(store, manifest)
@@ -239,7 +239,7 @@ def test_duplicate_names_and_overlaps_apply_nothing(store):
     cases = {
         "duplicate name": [pool_doc(1), dict(pool_doc(2), metadata={"name": "p1"})],
         "overlap inside the manifest": [pool_doc(1), dict(pool_doc(2), spec={"cidr": "10.1.0.0/16", "blockSize": 26})],
-        "overlap with a stored pool": [pool_doc(1), dict(pool_doc(2), spec={"cidr": "10.99.128.0/20"})],
+        "overlap with a stored pool": [pool_doc(1), dict(pool_doc(2), spec={"cidr": "172.31.128.0/20"})],
         "duplicate key": None,
         "one bad document of many": [pool_doc(i) for i in range(1, 20)] + [dict(pool_doc(30), spec={"cidr": "x"})],
     }

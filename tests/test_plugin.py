@@ -191,6 +191,10 @@ def test_routed_mode_result(store, conf):
     assert r.rc == 0
     (ip,) = r.out["ips"]
     assert ip["address"].endswith("/32") and ip["gateway"] == "169.254.1.1"
+    # routed_prefix "block": the block's prefix length (what Debian's ptp <= 1.1 needs)
+    r = exec_plugin("ADD", conf(mode="routed", gateway="169.254.1.1", routed_prefix="block"), container="c2")
+    assert r.rc == 0 and r.out["ips"][0]["address"].endswith("/29")
+    assert r.out["ips"][0]["gateway"] == "169.254.1.1"
 
 
 def test_bridge_mode_refuses_tiny_blocks(store, conf):

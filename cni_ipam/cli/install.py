@@ -5,10 +5,12 @@
 
 Run from the built binary (``dist/cni-ipam/cni-ipam install ...``; ``make install`` does that).
 
-* A onedir bundle (what ``make binary`` builds and ships) goes to ``<lib-dir>/cni-ipam/`` and
-  ``<bin-dir>/cni-ipam`` becomes a symlink to its executable; a onefile binary is copied to
-  ``<bin-dir>/cni-ipam``.  Both are replaced atomically (new copy beside the old, then a rename),
-  so a runtime exec'ing the plugin meanwhile gets the old or the new one, never half of one.
+* A onedir bundle (what ``make binary`` builds and ships) goes to ``<lib-dir>/cni-ipam/<build>/``
+  (``<build>`` = version + digest of the sources, from the bundle's ``build-info.json``) and
+  ``<bin-dir>/cni-ipam`` becomes a symlink to its executable, switched with one atomic rename.
+  The previous build's directory is kept (older ones are pruned): a plugin process started
+  just before the switch still finds every module and library of ITS build, which it loads
+  lazily by path.  A onefile binary is copied to ``<bin-dir>/cni-ipam`` (temp file + rename).
 * The conflist (default: the bundled ``conf/10-cni-ipam-bridge.conflist``) is validated with the
   plugin's own parsers, then written to ``<conf-dir>/<its file name>``.  An existing file with
   other content is NEVER overwritten silently: without ``--force`` the command stops before
@@ -107,24 +109,46 @@ def validate_conflist(data: bytes, source: str = "conflist") -> dict:
 
 
 # ----------------------------------------------------------------------------- file operations
-def _replace_tree(src: str, dest: str) -> None:
-    """Copy the directory ``src`` to ``dest``, replacing ``dest`` with two renames."""
+def build_id(bundle: str) -> str:
+    """``<version>-<source digest[:12]>`` from the bundle's build-info.json (written by
+    packaging/build.py); without one, a digest of the executable."""
+    try:
+        with open(os.path.join(bundle, "build-info.json")) as f:
+            info = json.load(f)
+        return f"{info['version']}-{info['source_digest'][:12]}"
+    except (OSError, ValueError, KeyError, TypeError):
+        import hashlib
+        h = hashlib.sha256()
+        with open(os.path.join(bundle, "cni-ipam"), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return f"unknown-{h.hexdigest()[:12]}"
+
+
+def _copy_tree(src: str, dest: str) -> None:
+    """Copy the directory ``src`` to a new ``dest`` (via a temp name + rename)."""
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
     new = os.path.join(parent, f".{os.path.basename(dest)}.new-{os.getpid()}")
-    old = os.path.join(parent, f".{os.path.basename(dest)}.old-{os.getpid()}")
     shutil.rmtree(new, ignore_errors=True)
     try:
         shutil.copytree(src, new, symlinks=True)
-        if os.path.lexists(dest):
-            os.rename(dest, old)
         os.rename(new, dest)
     finally:
         shutil.rmtree(new, ignore_errors=True)
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        elif os.path.lexists(old):
-            os.unlink(old)
+
+
+def _prune(root: str, keep: set[str]) -> list[str]:
+    """Remove build dirs under ``root`` other than ``keep`` (names); temp dirs are left alone."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name in keep or name.startswith(".") or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if os.path.exists(os.path.join(path, "cni-ipam")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _replace_symlink(target: str, link: str) -> None:
@@ -208,14 +232,29 @@ def install(args, out=sys.stdout) -> int:
     os.makedirs(bin_dir, exist_ok=True)
     link = os.path.join(bin_dir, "cni-ipam")
     if kind == "onedir":
-        dest = os.path.join(lib_dir, "cni-ipam")
+        root = os.path.join(lib_dir, "cni-ipam")
+        bid = build_id(src)
+        dest = os.path.join(root, bid)
+        previous = None
+        if os.path.islink(link):
+            target = os.path.realpath(link)
+            if os.path.dirname(os.path.dirname(target)) == os.path.realpath(root):
+                previous = os.path.basename(os.path.dirname(target))
         if _same_path(src, dest):
             print(f"bundle:   {dest} (running from it; left as is)", file=out)
+        elif os.path.isdir(dest):
+            print(f"bundle:   {dest} (this build is already installed)", file=out)
         else:
-            _replace_tree(src, dest)
+            _copy_tree(src, dest)
             print(f"bundle:   {src} -> {dest}", file=out)
         _replace_symlink(os.path.join(dest, "cni-ipam"), link)
         print(f"binary:   {link} -> {os.path.join(dest, 'cni-ipam')}", file=out)
+        keep = {bid} | ({previous} if previous else set())
+        if previous and previous != bid:
+            print(f"kept:     {os.path.join(root, previous)} (the previous build, for plugin runs in flight)",
+                  file=out)
+        for path in _prune(root, keep):
+            print(f"removed:  {path} (an older build)", file=out)
     else:
         if _same_path(src, link):
             print(f"binary:   {link} (running from it; left as is)", file=out)
@@ -256,13 +295,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "install", help="put the binary and an example conflist in place (run from the built binary)",
         description="Install the running cni-ipam binary into the CNI bin dir and an example conflist into "
-                    "the CNI conf dir. A onedir bundle goes to LIB_DIR/cni-ipam/ with BIN_DIR/cni-ipam a "
-                    "symlink to it. An existing conflist with other content is never overwritten "
-                    "without --force.")
+                    "the CNI conf dir. A onedir bundle goes to LIB_DIR/cni-ipam/<build>/ with BIN_DIR/cni-ipam "
+                    "a symlink to its executable (the previous build is kept). An existing conflist with other "
+                    "content is never overwritten without --force.")
     p.add_argument("--bin-dir", default="/opt/cni/bin", help="CNI plugin dir (default /opt/cni/bin)")
     p.add_argument("--conf-dir", default="/etc/cni/net.d", help="CNI config dir (default /etc/cni/net.d)")
     p.add_argument("--lib-dir", default=None,
-                   help="where a onedir bundle goes (default: BIN_DIR/../lib, i.e. /opt/cni/lib)")
+                   help="a onedir bundle goes to LIB_DIR/cni-ipam/<build>/ (default: BIN_DIR/../lib, "
+                        "i.e. /opt/cni/lib)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--conflist", metavar="FILE", help=f"the conflist to install (default: the bundled "
                                                       f"{DEFAULT_CONFLIST})")

@@ -93,9 +93,10 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         # the reader went away (`cni-ipam show | head`): not an error worth a message
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
+        try:   # (the Python docs' recipe: no "Exception ignored" noise when stdout is flushed at exit)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
             pass
         return 1
     except Exception as e:  # never a traceback in front of an operator

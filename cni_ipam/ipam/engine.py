@@ -47,6 +47,7 @@ class AssignRequest:
     pools_source: str = "config"        # where v4_pools/v6_pools came from (for messages)
     requested: list = field(default_factory=list)  # specific addresses, at most one per family
     gateways: dict = field(default_factory=dict)   # routed mode: {4: ip, 6: ip}
+    routed_prefix: str = "host"   # routed mode: "host" -> /32 or /128; "block" -> the block's prefix
     node_matches: Callable[[Pool], bool] | None = None  # evaluates nodeSelector for this node
     pool_sources: dict = field(default_factory=dict)    # per family {4: "...", 6: "..."}; else pools_source
     # no Kubernetes: read the namespace's annotations and the node's labels from etcd
@@ -299,8 +300,8 @@ class IPAM:
     def _assignment(self, req: AssignRequest, block: Block, ip) -> Assignment:
         if block.mode == BRIDGE:
             return Assignment(ip, block.cidr, block.pool, block.cidr.prefixlen, block.gateway)
-        return Assignment(ip, block.cidr, block.pool, 32 if ip.version == 4 else 128,
-                          req.gateways.get(ip.version))
+        plen = block.cidr.prefixlen if req.routed_prefix == "block" else (32 if ip.version == 4 else 128)
+        return Assignment(ip, block.cidr, block.pool, plen, req.gateways.get(ip.version))
 
     def _assign_requested(self, req, ip, pool: Pool, loaded, txn: _Txn) -> Assignment:
         k = self.keys

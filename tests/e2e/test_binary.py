@@ -80,11 +80,17 @@ def _install(exe, tmp_path, *extra) -> subprocess.CompletedProcess:
                 "--lib-dir", str(tmp_path / "lib"), *extra])
 
 
+def build_dir_of(plugin_binary) -> str:
+    info = json.loads((Path(plugin_binary).parent / "build-info.json").read_text())
+    return f"{info['version']}-{info['source_digest'][:12]}"
+
+
 def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_path):
     r = _install(plugin_binary, tmp_path)
     assert r.returncode == 0, r.stderr
     link = tmp_path / "bin" / "cni-ipam"
-    assert link.is_symlink() and os.readlink(link) == str(tmp_path / "lib" / "cni-ipam" / "cni-ipam")
+    build = tmp_path / "lib" / "cni-ipam" / build_dir_of(plugin_binary)
+    assert link.is_symlink() and os.readlink(link) == str(build / "cni-ipam")
     conflist = tmp_path / "net.d" / EXAMPLE.name
     assert conflist.read_bytes() == EXAMPLE.read_bytes() and (conflist.stat().st_mode & 0o777) == 0o644
     v = run([str(link), "version"])                     # runs through the symlink, outside the tree
@@ -95,17 +101,17 @@ def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_pa
 
     # an edited conflist is never overwritten silently -- and then nothing is installed at all
     conflist.write_text('{"edited": true}\n')
-    lib_inode = (tmp_path / "lib" / "cni-ipam").stat().st_ino
+    os.unlink(link)
     refused = _install(plugin_binary, tmp_path)
     assert refused.returncode == 1
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cni-ipam: error: "), refused.stderr
     assert "exists and differs" in refused.stderr and "--force" in refused.stderr
     assert conflist.read_text() == '{"edited": true}\n'
-    assert (tmp_path / "lib" / "cni-ipam").stat().st_ino == lib_inode, "the bundle was touched"
+    assert not os.path.lexists(link), "the binary was installed although the command refused"
 
     only_bin = _install(plugin_binary, tmp_path, "--no-conflist")
     assert only_bin.returncode == 0 and conflist.read_text() == '{"edited": true}\n', only_bin.stderr
-    assert (tmp_path / "lib" / "cni-ipam").stat().st_ino != lib_inode, "the bundle was replaced"
+    assert os.readlink(link) == str(build / "cni-ipam")
 
     forced = _install(plugin_binary, tmp_path, "--force")
     assert forced.returncode == 0, forced.stderr
@@ -115,12 +121,36 @@ def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_pa
     ptp = ROOT / "conf" / "20-cni-ipam-ptp.conflist"
     other = _install(plugin_binary, tmp_path, "--conflist", str(ptp))
     assert other.returncode == 0 and (tmp_path / "net.d" / ptp.name).read_bytes() == ptp.read_bytes()
+    assert "also holds" in other.stdout    # says that a runtime taking one network takes the first by name
 
     bad = tmp_path / "bad.conflist"
     bad.write_text(json.dumps({"cniVersion": "1.0.0", "name": "x", "plugins": [{"type": "bridge", "ipam": {
         "type": "cni-ipam", "mode": "sideways"}}]}))
     r = _install(plugin_binary, tmp_path, "--conflist", str(bad))
     assert r.returncode == 1 and "mode" in r.stderr and not (tmp_path / "net.d" / "bad.conflist").exists()
+
+
+def test_install_upgrade_keeps_the_previous_build(plugin_binary, tmp_path):
+    """Each build gets its own dir; the symlink switches atomically; the previous build stays for
+    plugin runs in flight (they load modules lazily by path); older ones are pruned."""
+    builds = []
+    for n in range(3):
+        b = tmp_path / f"dist{n}" / "cni-ipam"
+        shutil.copytree(Path(plugin_binary).parent, b, symlinks=True)
+        info = json.loads((b / "build-info.json").read_text())
+        info["source_digest"] = f"{n:02d}" + info["source_digest"][2:]   # pretend: three different builds
+        (b / "build-info.json").write_text(json.dumps(info))
+        builds.append((b, f"{info['version']}-{info['source_digest'][:12]}"))
+    root = tmp_path / "lib" / "cni-ipam"
+    link = tmp_path / "bin" / "cni-ipam"
+    for n, (b, bid) in enumerate(builds):
+        r = _install(str(b / "cni-ipam"), tmp_path, "--no-conflist")
+        assert r.returncode == 0, r.stderr
+        assert os.readlink(link) == str(root / bid / "cni-ipam")
+        present = sorted(p.name for p in root.iterdir())
+        assert present == sorted({bid, builds[max(n - 1, 0)][1]}), present
+        v = run([str(link), "version"])
+        assert v.returncode == 0, v.stderr
 
 
 def test_install_from_source_explains_itself(tmp_path):
@@ -138,7 +168,8 @@ def test_make_install(plugin_binary, tmp_path):
                               capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     r = make_install()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert os.path.realpath(tmp_path / "bin" / "cni-ipam") == str(tmp_path / "lib" / "cni-ipam" / "cni-ipam")
+    assert os.path.realpath(tmp_path / "bin" / "cni-ipam") == str(
+        tmp_path / "lib" / "cni-ipam" / build_dir_of(plugin_binary) / "cni-ipam")
     assert (tmp_path / "net.d" / EXAMPLE.name).read_bytes() == EXAMPLE.read_bytes()
     (tmp_path / "net.d" / EXAMPLE.name).write_text("{}\n")
     r = make_install()
