@@ -30,25 +30,75 @@ FORBIDDEN = {
     "ADD": ("etcd3", "grpc", "pyroute2"),
     "DEL": ("etcd3", "grpc", "pyroute2"),
 }
+# who pays for what, by the self time of the modules each group brings in (first importer pays)
+GROUPS = [
+    ("cni_ipam's own modules (bodies: @dataclass classes, regexes, tables)", ("cni_ipam",)),
+    ("dataclasses + inspect (ast, dis, tokenize, linecache, ...)",
+     ("dataclasses", "inspect", "ast", "_ast", "dis", "opcode", "_opcode", "tokenize", "token", "linecache",
+      "copy", "org")),
+    ("logging (traceback, string, threading, weakref, textwrap, ...)",
+     ("logging", "traceback", "string", "_string", "threading", "weakref", "_weakrefset", "textwrap", "atexit",
+      "warnings")),
+    ("typing", ("typing", "_typing")),
+    ("re + enum + json", ("re", "_sre", "enum", "json", "_json", "copyreg")),
+    ("socket + selectors", ("socket", "_socket", "selectors", "select", "array", "errno", "math")),
+    ("ipaddress", ("ipaddress",)),
+    ("hashlib (OpenSSL) + random", ("hashlib", "_hashlib", "_blake2", "random", "_random", "_sha512", "bisect",
+                                    "_bisect")),
+    ("runpy (python -m only)", ("runpy", "importlib", "pkgutil", "contextlib", "collections", "functools",
+                                "operator", "keyword", "reprlib", "types", "_collections", "_functools")),
+]
+
+
+def group_of(module: str) -> str:
+    top = module.split(".")[0]
+    for label, mods in GROUPS:
+        if top in mods or module in mods:
+            return label
+    return "other stdlib"
+
+
 _IMPORT_RE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
 
-def importtime(verb: str, conf: bytes, env: dict) -> dict:
-    """``python -X importtime -S -m cni_ipam`` for one verb (bytecode already cached)."""
+def importtime(verb: str, conf: bytes, env: dict, runs: int = 5) -> dict:
+    """``python -X importtime -S -m cni_ipam`` for one verb (bytecode already cached);
+    per module the minimum over ``runs`` execs (the least disturbed by other load)."""
     e = dict(env, **cni_env(verb, f"imp-{verb.lower()}"), PYTHONPROFILEIMPORTTIME="1")
-    r = exec_once([PYTHON, "-S", "-m", "cni_ipam"], e, conf)
-    mods = []
-    for line in r.stderr.decode(errors="replace").splitlines():
-        m = _IMPORT_RE.match(line)
-        if m:
-            mods.append({"module": m.group(4), "self_us": int(m.group(1)), "cum_us": int(m.group(2)),
-                         "depth": (len(m.group(3)) - 1) // 2})
+    best: dict[str, dict] = {}
+    order: list[str] = []
+    rc = 0
+    for k in range(runs):
+        r = exec_once([PYTHON, "-S", "-m", "cni_ipam"], e, conf)
+        rc = rc or r.rc
+        if verb == "ADD":
+            exec_once([PYTHON, "-S", "-m", "cni_ipam"], dict(e, CNI_COMMAND="DEL"), conf)
+        for line in r.stderr.decode(errors="replace").splitlines():
+            m = _IMPORT_RE.match(line)
+            if not m:
+                continue
+            mod = {"module": m.group(4), "self_us": int(m.group(1)), "cum_us": int(m.group(2)),
+                   "depth": (len(m.group(3)) - 1) // 2}
+            old = best.get(mod["module"])
+            if old is None:
+                best[mod["module"]] = mod
+                order.append(mod["module"])
+            else:
+                old["self_us"] = min(old["self_us"], mod["self_us"])
+                old["cum_us"] = min(old["cum_us"], mod["cum_us"])
+    mods = [best[n] for n in order]
     names = {m["module"] for m in mods}
     top = [m for m in mods if m["depth"] == 0]
     bad = sorted(n for n in names for f in FORBIDDEN.get(verb, ()) if n == f or n.startswith(f + "."))
     own = sum(m["self_us"] for m in mods if m["module"].startswith("cni_ipam"))
     total = sum(m["cum_us"] for m in top)
-    return {"verb": verb, "rc": r.rc, "modules": len(mods), "total_import_ms": round(total / 1000, 2),
+    groups: dict[str, float] = {}
+    for m in mods:
+        g = group_of(m["module"])
+        groups[g] = groups.get(g, 0) + m["self_us"] / 1000
+    return {"verb": verb, "rc": rc, "modules": len(mods),
+            "groups_self_ms": dict(sorted(((k, round(v, 2)) for k, v in groups.items()), key=lambda kv: -kv[1])),
+            "total_import_ms": round(total / 1000, 2),
             "cni_ipam_self_ms": round(own / 1000, 2),
             "stdlib_ms": round((total - own) / 1000, 2),
             "forbidden_imported": bad,
@@ -77,6 +127,7 @@ def run(ctx) -> dict:
                 ("python -S -c 'import <ADD imports>'", [PYTHON, "-S", "-c", "import " + ", ".join(add_mods)]),
                 ("python -c pass", [PYTHON, "-c", "pass"])]
         times: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
         failures: list[str] = []
 
         def one(i, verb, cid):
@@ -95,10 +146,12 @@ def run(ctx) -> dict:
                     r = one(i, verb, cid)
                     if record:
                         times.setdefault((i.name, verb), []).append(r.seconds)
+                        cpu.setdefault((i.name, verb), []).append(r.cpu)
             for label, argv in refs:
                 r = exec_once(argv, xe.base_env(), b"")
                 if record:
                     times.setdefault((label, ""), []).append(r.seconds)
+                    cpu.setdefault((label, ""), []).append(r.cpu)
 
         log(f"exec: {reps} reps x {len(impls)} implementations ({', '.join(i.name for i in impls)})")
         for n in range(5):
@@ -109,17 +162,22 @@ def run(ctx) -> dict:
 
     hl = "host-local (Go)"
     st = {f"{k[0]} {k[1]}".strip(): stats_ms(v) for k, v in times.items()}
+    cst = {f"{k[0]} {k[1]}".strip(): stats_ms(v) for k, v in cpu.items()}
     rows = []
     for i in impls:
         for verb in ("ADD", "DEL", "VERSION"):
             s = st[f"{i.name} {verb}"]
             base = st.get(f"{hl} {verb}")
+            c = cst[f"{i.name} {verb}"]
+            cb = cst.get(f"{hl} {verb}")
             rows.append([i.name, verb, s["p50"], s["p99"], ratio(s["p50"], base["p50"]) if base else None,
-                         ratio(s["p99"], base["p99"]) if base else None])
+                         ratio(s["p99"], base["p99"]) if base else None, c["p50"],
+                         ratio(c["p50"], cb["p50"]) if cb else None])
     for label, _ in refs:
         s = st[label]
-        rows.append([label, "", s["p50"], s["p99"], None, None])
-    text = table(["implementation", "verb", "p50 ms", "p99 ms", "p50 / host-local", "p99 / host-local"], rows)
+        rows.append([label, "", s["p50"], s["p99"], None, None, cst[label]["p50"], None])
+    text = table(["implementation", "verb", "p50 ms", "p99 ms", "p50 / host-local", "p99 / host-local",
+                  "CPU p50 ms", "CPU / host-local"], rows)
 
     main = "binary" if any(i.name == "binary" for i in impls) else "python -m"
     add_ratio = ratio(st[f"{main} ADD"]["p50"], st[f"{hl} ADD"]["p50"]) if f"{hl} ADD" in st else None
@@ -139,6 +197,10 @@ def run(ctx) -> dict:
         irows.append([v, d["modules"], d["total_import_ms"], d["cni_ipam_self_ms"],
                       ", ".join(d["forbidden_imported"]) or "none",
                       ", ".join(f"{m['module']} {m['cum_us'] / 1000:.1f}" for m in d["top_cumulative"][:4])])
+    gtotal = sum(imp["ADD"]["groups_self_ms"].values()) or 1
+    text += ("\n\nADD's imports by group (self time under -X importtime, which inflates it; shares matter):\n\n"
+             + table(["group", "ms", "share"], [[g, v, f"{100 * v / gtotal:.0f}%"]
+                                                for g, v in imp["ADD"]["groups_self_ms"].items()]))
     text += ("\n\n`python -X importtime -S -m cni_ipam` per verb:\n\n"
              + table(["verb", "modules", "import ms", "cni_ipam self ms", "forbidden imports",
                       "largest (cumulative ms)"], irows))
@@ -162,7 +224,7 @@ def run(ctx) -> dict:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
         plot = save_plot(fig, "exec")
-    data = {"reps": reps, "implementations": [i.name for i in impls], "stats_ms": st,
+    data = {"reps": reps, "implementations": [i.name for i in impls], "stats_ms": st, "cpu_ms": cst,
             "add_p50_ratio_vs_host_local": add_ratio, "measured_impl": main,
             "breakdown_ms": dict((r[0], r[1]) for r in breakdown), "importtime": imp,
             "failures": failures, "plot": plot}

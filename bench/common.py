@@ -237,6 +237,7 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     maxrss_kb: int
+    cpu: float = 0.0   # user + system CPU seconds of the child (less noisy than wall time)
 
 
 def exec_once(argv, env: dict, stdin: bytes, timeout: float = 120.0) -> ExecResult:
@@ -260,4 +261,5 @@ def exec_once(argv, env: dict, stdin: bytes, timeout: float = 120.0) -> ExecResu
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return ExecResult(t1 - t0, p.returncode, out.read(), err.read(), ru.ru_maxrss)
+        return ExecResult(t1 - t0, p.returncode, out.read(), err.read(), ru.ru_maxrss,
+                          ru.ru_utime + ru.ru_stime)

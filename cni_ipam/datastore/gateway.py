@@ -23,13 +23,14 @@ import json
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Sequence
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
                    Put, RangeResult, Read)
 
+TYPE_CHECKING = False  # (typing is not imported at run time: annotations are strings here)
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
+    from typing import Sequence
 
 #: the shortest socket timeout one attempt gets, however little time is left
 MIN_ATTEMPT_TIMEOUT = 0.2
