@@ -43,6 +43,7 @@ def test_show_counts_blocks_and_nodes(cli, ipam):
     assert [b["node"] for b in n["blocks"]] == ["node-b"]
     # the table: one row per pool with a bar, then one row per block
     t = cli("show", "--blocks").stdout
+    print("\n$ cni-ipam show\n" + cli("show").stdout + "\n$ cni-ipam show --blocks\n" + t)   # seen with -s
     line = next(ln for ln in t.splitlines() if ln.startswith("external-pool"))
     assert "172.16.0.0/26" in line and " 64 " in line and " 8 " in line and "3/8" in line and "12.5%" in line
     assert "[#" in line

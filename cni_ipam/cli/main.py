@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     except DatastoreUnavailable as e:
         msg = str(e)
     except DatastoreError as e:
-        msg = f"etcd: {e}"
+        msg = str(e) if str(e).lower().startswith("etcd") else f"etcd: {e}"
     except ConfigError as e:
         msg = str(e)
     except KeyboardInterrupt:

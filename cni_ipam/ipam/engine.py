@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -118,6 +117,7 @@ class IPAM:
                 return out, attempt
             self.conflicts += 1
             log.debug("%s: CAS conflict on attempt %d, retrying", what, attempt)
+            import random  # only on a conflict: not on every exec's import path
             time.sleep(random.uniform(0, min(0.002 * attempt, 0.05)))
         raise TryAgain(f"{what}: gave up after {self.max_retries} conflicting attempts")
 

@@ -5,7 +5,6 @@ callables (list block indexes from a point; count blocks in a range).
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 from dataclasses import dataclass, field
@@ -13,6 +12,11 @@ from typing import Callable, Sequence
 
 from .block import usable_in_mode
 from .errors import InvalidRequest
+
+try:  # blake2b without hashlib, which loads OpenSSL's libcrypto (~2 ms on every plugin exec)
+    from _blake2 import blake2b as _blake2b
+except ImportError:  # pragma: no cover - an interpreter without the builtin module
+    from hashlib import blake2b as _blake2b
 
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
 BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
@@ -185,7 +189,7 @@ def pool_of_ip(ip, pools: Sequence[Pool]) -> Pool | None:
 def start_index(node: str, n_blocks: int) -> int:
     """Where a node starts looking for a free block: hashed from its name, so that
     nodes claiming at the same time rarely race for the same block."""
-    h = int.from_bytes(hashlib.blake2b(node.encode(), digest_size=8).digest(), "big")
+    h = int.from_bytes(_blake2b(node.encode(), digest_size=8).digest(), "big")
     return h % n_blocks
 
 
