@@ -51,6 +51,7 @@ class IpamConfig:
     log_file: str | None = DEFAULT_LOG_FILE
     log_level: str = "info"
     timeout_seconds: float = 10.0
+    lock_timeout_seconds: float = 120.0   # a node-reboot burst queues many ADDs behind the host lock
     annotation_prefix: str = "cni.projectcalico.org"
     kubernetes: dict | None = None
 
@@ -210,10 +211,10 @@ def parse_ipam_config(ipam: dict) -> IpamConfig:
             if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
                 raise ConfigError(f"ipam.log_level must be one of {', '.join(LOG_LEVELS)}")
             c.log_level = v.lower()
-        elif k == "timeout_seconds":
+        elif k in ("timeout_seconds", "lock_timeout_seconds"):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
-                raise ConfigError("ipam.timeout_seconds must be a number between 0 and 3600")
-            c.timeout_seconds = float(v)
+                raise ConfigError(f"ipam.{k} must be a number between 0 and 3600")
+            setattr(c, k, float(v))
         elif k == "annotation_prefix":
             c.annotation_prefix = _annotation_prefix(k, v)
         elif k == "kubernetes":

@@ -21,9 +21,16 @@ def _version() -> int:
     return 0
 
 
+_CNI_VARS = ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH", "CNI_ARGS")
+
+
 def main(argv=None) -> int:
     command = os.environ.get("CNI_COMMAND")
-    if command:
+    args = sys.argv[1:] if argv is None else argv
+    # A runtime that sets CNI_* but no (or an empty) CNI_COMMAND gets a CNI error
+    # (code 4), not the CLI's help text on stdout.
+    if command or ("CNI_COMMAND" in os.environ and not args) or (
+            not args and any(v in os.environ for v in _CNI_VARS)):
         if command == "VERSION":
             return _version()
         from .plugin import run_plugin

@@ -50,7 +50,7 @@ class Plugin:
         return IPAM(ds, ic.etcd_prefix)
 
     def _locked(self, ic: IpamConfig):
-        return host_lock(ic.lock_file, ic.timeout_seconds)
+        return host_lock(ic.lock_file, ic.lock_timeout_seconds)
 
     def _request(self, env, conf, ic: IpamConfig, node: str):
         from .ipam.engine import AssignRequest
