@@ -395,8 +395,9 @@ def test_fuzz_everything(fz, data):
 def test_fuzz_as_subprocess(fz, data):
     """A sample through a real exec: also no traceback on stderr, and a real environment."""
     env = clean_for_exec(data.draw(mutated_env(fz)))
-    if not env.get("CNI_COMMAND"):
-        # without CNI_COMMAND the program is the admin CLI (by design), not the plugin
+    if not any(k in env for k in ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH",
+                                  "CNI_ARGS")):
+        # without any CNI_* variable the program is the admin CLI (by design), not the plugin
         env["CNI_COMMAND"] = data.draw(st.sampled_from(VERBS))
     kind = data.draw(st.sampled_from(["conf", "conf", "bytes"]))
     if kind == "conf":

@@ -1,5 +1,6 @@
-"""The shipped binary itself: runs without the project's Python, its plugin path needs no grpc,
-`cni-ipam install` / `make install` put it in place and never overwrite a conflist silently."""
+"""The shipped binary itself: runs without the project's Python, bundles no test tools and no gRPC,
+`cni-ipam install` / `make install` put it in place and never overwrite a conflist silently.
+No root needed (only the PyInstaller build)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.helpers import ROOT
 from tests.plugin_helpers import exec_plugin, netconf
