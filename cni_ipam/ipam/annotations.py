@@ -144,7 +144,8 @@ def choose(prefix: str, *, config_pools: dict[int, list[str] | None], namespace:
 
 def apply_choice(req, choice: PoolChoice) -> None:
     """Put a choice into an AssignRequest: pools per family, and the pod's ipAddrs
-    (unless the runtime requested addresses itself: then they must agree)."""
+    (unless the runtime requested addresses itself: then they must agree).  With
+    ipAddrs the pod gets exactly the listed addresses (Calico's rule)."""
     req.v4_pools, req.v6_pools = choice.pools.get(4), choice.pools.get(6)
     req.pool_sources = dict(choice.sources)
     if choice.ip_addrs:
@@ -152,6 +153,8 @@ def apply_choice(req, choice: PoolChoice) -> None:
             raise InvalidRequest(f"the runtime requested {', '.join(map(str, req.requested))} but "
                                  f"{choice.ip_addrs_source} asks for {', '.join(map(str, choice.ip_addrs))}")
         req.requested = list(choice.ip_addrs)
+        # as Calico: a pod with ipAddrs gets exactly those addresses, nothing picked besides
+        req.assign_v4 = req.assign_v6 = False
 
 
 # -- node selectors ----------------------------------------------------------------
