@@ -58,7 +58,7 @@ class Plugin:
         return AssignRequest(
             handle_id=handle_id(conf.name, env.container_id or "", env.ifname or ""), node=node,
             network=conf.name, container_id=env.container_id or "", ifname=env.ifname or "",
-            pod=args.get("K8S_POD_NAME", ""), namespace=args.get("K8S_POD_NAMESPACE", ""),
+            pod=args.get("K8S_POD_NAME", ""), namespace=args.get("K8S_POD_NAMESPACE", ""), pod_uid=args.get("K8S_POD_UID", ""),
             mode=ic.mode, assign_v4=ic.assign_ipv4, assign_v6=ic.assign_ipv6,
             v4_pools=ic.ipv4_pools, v6_pools=ic.ipv6_pools, gateways=ic.gateways, routed_prefix=ic.routed_prefix,
             annotation_prefix=ic.annotation_prefix, labels_from_etcd=ic.kubernetes is None)

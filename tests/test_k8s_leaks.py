@@ -114,3 +114,20 @@ def test_leak_cli_errors(api, ipam, cli, tmp_path):
     p = cli("check", "--kubeconfig", str(tmp_path / "missing"))
     assert p.returncode == 1 and "cannot read it" in p.stderr
     assert len(ipam.handles()) == 5
+
+
+def test_recreated_pod_with_same_name_is_a_leak(api, ipam, tmp_path):
+    """A StatefulSet pod recreated under the same name is another pod (another uid):
+    the old attachment's address is leaked, the new one's is not."""
+    api.add_namespace("ns")
+    old = api.add_pod("ns", "web-0", node="n1")
+    ipam.assign(AssignRequest(handle_id="net.old.eth0", node="n1", network="net", namespace="ns", pod="web-0",
+                              pod_uid=old["metadata"]["uid"]))
+    api.delete_pod("ns", "web-0")
+    new = api.add_pod("ns", "web-0", node="n1")
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    ipam.assign(AssignRequest(handle_id="net.new.eth0", node="n1", network="net", namespace="ns", pod="web-0",
+                              pod_uid=new["metadata"]["uid"]))
+    with KubeClient.from_kubeconfig(api.write_kubeconfig(tmp_path / "kc"), timeout=5) as c:
+        found = leaks.find_leaks(ipam, c)
+    assert [lk.handle_id for lk in found] == ["net.old.eth0"] and "recreated" in found[0].reason

@@ -160,10 +160,10 @@ def test_bad_stdin_config_and_version(store, conf):
     r = exec_plugin("ADD", conf(), args="FOO=bar")
     assert r.rc != 0 and r.out["code"] in (4, 7)
     assert held(store) == {}
-    r = exec_plugin("ADD", conf(), args="FOO=bar;IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p1")
+    r = exec_plugin("ADD", conf(), args="FOO=bar;IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p1;K8S_POD_UID=u-1")
     assert r.rc == 0
     (h,) = store.handles()
-    assert (h.namespace, h.pod, h.node) == ("ns1", "p1", "node-a")
+    assert (h.namespace, h.pod, h.pod_uid, h.node) == ("ns1", "p1", "u-1", "node-a")
 
 
 def test_requested_ips_precedence_and_failure(store, conf):

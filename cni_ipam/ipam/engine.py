@@ -38,6 +38,7 @@ class AssignRequest:
     ifname: str = ""
     pod: str = ""
     namespace: str = ""
+    pod_uid: str = ""
     mode: str = BRIDGE
     assign_v4: bool = True
     assign_v6: bool = False
@@ -251,7 +252,7 @@ class IPAM:
 
         txn = _Txn()
         handle = Handle(id=req.handle_id, node=req.node, network=req.network, container_id=req.container_id,
-                        ifname=req.ifname, pod=req.pod, namespace=req.namespace, mode=req.mode,
+                        ifname=req.ifname, pod=req.pod, namespace=req.namespace, pod_uid=req.pod_uid, mode=req.mode,
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         n_affine = len(affine)
         for fam in families:

@@ -37,11 +37,11 @@ class Leak:
 
 
 def live_pods(client) -> dict[tuple[str, str], str]:
-    """{(namespace, name): nodeName} of every pod the API server knows (paged list)."""
+    """{(namespace, name): uid} of every pod the API server knows (paged list)."""
     out = {}
     for p in client.list_pods():
         md = p.get("metadata") or {}
-        out[(md.get("namespace", ""), md.get("name", ""))] = (p.get("spec") or {}).get("nodeName") or ""
+        out[(md.get("namespace", ""), md.get("name", ""))] = md.get("uid") or ""
     return out
 
 
@@ -49,6 +49,9 @@ def _judge(h, live: dict) -> str | None:
     key = (h.namespace, h.pod)
     if key not in live:
         return f"pod {h.namespace}/{h.pod} does not exist"
+    # a pod recreated under the same name (a StatefulSet) is another pod
+    if h.pod_uid and live[key] and live[key] != h.pod_uid:
+        return f"pod {h.namespace}/{h.pod} was recreated (uid {h.pod_uid} is gone)"
     return None
 
 

@@ -41,13 +41,14 @@ class Handle:
     ifname: str = ""
     pod: str = ""
     namespace: str = ""
+    pod_uid: str = ""
     mode: str = "bridge"
     created: str = ""
     addresses: list[Assignment] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         d = {"id": self.id, "node": self.node, "network": self.network, "containerID": self.container_id,
-             "ifname": self.ifname, "pod": self.pod, "namespace": self.namespace, "mode": self.mode,
+             "ifname": self.ifname, "pod": self.pod, "namespace": self.namespace, "podUID": self.pod_uid, "mode": self.mode,
              "created": self.created, "addresses": [a.to_dict() for a in self.addresses]}
         return json.dumps(d, separators=(",", ":")).encode()
 
@@ -57,7 +58,8 @@ class Handle:
             d = json.loads(data)
             return cls(id=str(d["id"]), node=str(d["node"]), network=d.get("network", ""),
                        container_id=d.get("containerID", ""), ifname=d.get("ifname", ""),
-                       pod=d.get("pod", ""), namespace=d.get("namespace", ""), mode=d.get("mode", "bridge"),
+                       pod=d.get("pod", ""), namespace=d.get("namespace", ""), pod_uid=d.get("podUID", ""),
+                       mode=d.get("mode", "bridge"),
                        created=d.get("created", ""),
                        addresses=[Assignment.from_dict(a) for a in d.get("addresses", [])])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
