@@ -51,6 +51,7 @@ VARIANTS = [
     ("onedir --with-grpc", "onedir", "build/measure/grpc", ["--with-grpc"]),
     ("onefile --with-grpc", "onefile", "build/measure/grpc", ["--with-grpc"]),
     ("onedir, PYZ archive", "onedir", "build/measure/archive", ["--spec-arg=--archive"]),
+    ("onedir, default rthooks", "onedir", "build/measure/rthooks", ["--spec-arg=--keep-rthooks"]),
 ]
 
 
