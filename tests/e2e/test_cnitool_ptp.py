@@ -1,18 +1,15 @@
 """End to end with Debian's `ptp` plugin: cnitool (libcni) -> ptp -> cni-ipam binary -> etcd.
 
 Routed mode is what the shipped example (conf/20-cni-ipam-ptp.conflist: mode routed, gateway
-169.254.1.1) asks for: /32 addresses, 169.254.1.1 on the host side of every veth, a host route
-per address.  Debian's ptp (containernetworking-plugins 1.1.x, and upstream's ptp to this day)
-cannot take a /32: after putting the address on eth0 it deletes "the route that was
-automatically added" for the address's prefix, and the kernel adds no prefix route for a /32,
-so ADD fails with "failed to delete route ... no such process".  (It also installs the result's
-``routes`` before its on-link route to the gateway, so a route via 169.254.1.1 fails with
-"network is unreachable"; the example has no ``routes`` for that reason.)
-
-So: the routed-mode scenario is written out in full and reports xfail for exactly that ptp
-error (it passes as soon as the pairing works); the same failure shows that an ADD failing in
-the main plugin leaves nothing allocated; and ptp with cni-ipam in bridge mode (the block's
-gateway on each host veth) proves the ptp path end to end.
+169.254.1.1, routed_prefix block) asks for: every address of the block usable, 169.254.1.1 on the
+host side of every veth, a host route per address.  Debian's ptp (containernetworking-plugins
+1.1.x, and upstream's ptp to this day) cannot take a /32: after putting the address on eth0 it
+deletes "the route that was automatically added" for the address's prefix, and the kernel adds
+no prefix route for a /32, so ADD fails with "failed to delete route ... no such process".  So
+the example sets ``routed_prefix: block``: the address carries the block's prefix length and ptp
+replaces the on-link prefix route with its route via the gateway.  (ptp also installs the
+result's ``routes`` before its on-link route to the gateway, so a route via 169.254.1.1 fails
+with "network is unreachable"; the example has no ``routes`` for that reason.)
 """
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ import pytest
 from tests.e2e import helpers
 
 GATEWAY = "169.254.1.1"
-PTP_CANNOT_TAKE_32 = "failed to delete route"
 
 pytestmark = pytest.mark.usefixtures("need_root")
 
@@ -58,9 +54,6 @@ def run_two_namespaces(cnitool, net, etcd_server, etcd_prefix, pool, netns_facto
     veths, ips = {}, {}
     for ns in (a, b):
         r = cnitool.run("add", net, ns)
-        if r.returncode != 0 and PTP_CANNOT_TAKE_32 in r.stderr and prefixlen == 32:
-            assert helpers.allocated_ips(etcd_server.endpoint, etcd_prefix) == {}, "failed ADD leaked"
-            pytest.xfail(f"Debian's ptp cannot configure a /32 address: {r.stderr.strip()}")
         assert r.returncode == 0, f"cnitool add {net} failed (rc {r.returncode}):\n{r.stderr}"
         res = json.loads(r.stdout)
         veths[ns.name] = host_cleanup.link(host_veth(res))   # removed on teardown if DEL never runs
@@ -104,14 +97,14 @@ def run_two_namespaces(cnitool, net, etcd_server, etcd_prefix, pool, netns_facto
 
 def test_ptp_routed_two_namespaces(cnitool, etcd_server, etcd_prefix, e2e_pool, netns_factory, host_cleanup,
                                    tmp_path):
-    """The example as shipped: routed mode, /32 addresses, gateway 169.254.1.1."""
+    """The example as shipped: routed mode (block-length prefixes for ptp), gateway 169.254.1.1."""
     net = host_cleanup.network(f"cnit-ptp-{helpers.rand_suffix()}")
     conf = ptp_conf(net, etcd_server, etcd_prefix, e2e_pool, tmp_path)
     ipam = conf["plugins"][0]["ipam"]
-    assert ipam["mode"] == "routed" and ipam["gateway"] == GATEWAY
+    assert ipam["mode"] == "routed" and ipam["gateway"] == GATEWAY and ipam["routed_prefix"] == "block"
     cnitool.write_conflist(conf)
     run_two_namespaces(cnitool, net, etcd_server, etcd_prefix, e2e_pool, netns_factory, host_cleanup,
-                       prefixlen=32, gateway_of=lambda iface: GATEWAY)
+                       prefixlen=e2e_pool.block_size, gateway_of=lambda iface: GATEWAY)
     assert {blk.mode for blk in helpers.blocks(etcd_server.endpoint, etcd_prefix)} == {"routed"}
 
 
