@@ -137,7 +137,7 @@ def test_example_conflist_parses(filename, plugin_type, mode):
         assert plugin["isGateway"] is True and ic.gateway == []
     else:
         assert [str(g) for g in ic.gateway] == ["169.254.1.1"]
-        assert not ic.routes, "Debian's ptp cannot install routes via 169.254.1.1 to a /32 (see README)"
+        assert not ic.routes, "Debian's ptp installs routes before its route to 169.254.1.1 (see README)"
 
 
 def test_a_broken_conflist_is_refused_with_the_reason():
@@ -164,7 +164,9 @@ def test_example_conflist_allocates_from_the_seed_pools(filename, etcd_server, e
         assert ipc["gateway"] == str(iface.network.network_address + 1)
         assert add.out.get("routes") == [{"dst": "0.0.0.0/0"}]
     else:
-        assert iface.network.prefixlen == 32 and ipc["gateway"] == "169.254.1.1"
+        # routed mode with routed_prefix "block": the block's length, for Debian's ptp
+        assert conf["ipam"]["routed_prefix"] == "block"
+        assert iface.network.prefixlen == 29 and ipc["gateway"] == "169.254.1.1"
     check = exec_plugin("CHECK", {**conf, "prevResult": add.out}, container="conf-c1")
     assert check.rc == 0, check.stdout + check.stderr
     # the CLI finds the same store through the conflist (--cni-conf), and sees the address
