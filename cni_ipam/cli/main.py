@@ -13,9 +13,7 @@ import importlib
 import os
 import sys
 
-from .. import __version__
-
-SUPPORTED = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+from ..cni.version import SUPPORTED_VERSIONS as SUPPORTED
 
 MODULES = ["pools", "inspect", "repair"]
 OPTIONAL_MODULES = ["labels", "install"]

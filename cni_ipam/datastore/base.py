@@ -10,11 +10,14 @@ the wire); values are ``bytes``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 #: etcd's default ``--max-txn-ops``; batches are cut to this size.
 MAX_TXN_OPS = 128
+#: the shortest time one endpoint is given before failing over to the next
+MIN_ATTEMPT_TIMEOUT = 0.2
 
 
 class DatastoreError(Exception):
@@ -68,6 +71,45 @@ class Put:
 @dataclass(frozen=True, slots=True)
 class Delete:
     key: str
+
+
+def with_failover(urls: Sequence[str], start: int, deadline: float, timeout: float,
+                  attempt: Callable[[int, float], tuple[bool, object]]) -> tuple[int, object]:
+    """Ask endpoints round robin, starting at ``start``, until one answers or ``deadline``.
+
+    ``attempt(idx, attempt_timeout)`` returns ``(True, value)`` for an answer, or
+    ``(False, error text)`` to try the next endpoint (it raises for errors no other
+    endpoint can mend).  Each attempt gets the remaining time divided by the
+    endpoints not yet tried in this round; after a full failed round it pauses
+    briefly (exponential, at most 0.5 s).  Returns ``(idx, value)`` of the answer;
+    raises ``DatastoreUnavailable`` naming every endpoint tried."""
+    n = len(urls)
+    idx = start % n
+    tried_in_pass = 0
+    tried: list[str] = []
+    last = "no attempt made"
+    backoff = 0.05
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 and tried:
+            break
+        attempt_timeout = max(MIN_ATTEMPT_TIMEOUT, remaining / (n - tried_in_pass))
+        if urls[idx] not in tried:
+            tried.append(urls[idx])
+        ok, value = attempt(idx, attempt_timeout)
+        if ok:
+            return idx, value
+        last = f"{urls[idx]}: {value}"
+        idx = (idx + 1) % n
+        tried_in_pass += 1
+        if tried_in_pass >= n:  # a full round failed: breathe before the next one
+            tried_in_pass = 0
+            pause = min(backoff, deadline - time.monotonic())
+            if pause > 0:
+                time.sleep(pause)
+            backoff = min(backoff * 2, 0.5)
+    raise DatastoreUnavailable(f"etcd unavailable: no answer within {timeout:g}s from "
+                               f"{', '.join(tried)}; last error: {last}")
 
 
 def prefix_end(prefix: str) -> str:

@@ -25,15 +25,13 @@ import sys
 import time
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read)
+                   Put, RangeResult, Read, with_failover)
 
 TYPE_CHECKING = False  # (typing is not imported at run time: annotations are strings here)
 if TYPE_CHECKING:  # pragma: no cover
     import ssl
     from typing import Sequence
 
-#: the shortest socket timeout one attempt gets, however little time is left
-MIN_ATTEMPT_TIMEOUT = 0.2
 
 # gRPC codes meaning "try elsewhere / later": CANCELLED, DEADLINE_EXCEEDED,
 # RESOURCE_EXHAUSTED is *not* here (also "database space exceeded"), UNAVAILABLE
@@ -373,49 +371,32 @@ class GatewayDatastore(Datastore):
 
         Returns ``(status, json, url)`` of the first answer that is not about
         availability (success or a refusal); raises ``DatastoreUnavailable``."""
-        n = len(self._eps)
-        idx = self._cur % n
-        tried_in_pass = 0
-        tried: list[str] = []
-        last = "no attempt made"
-        backoff = 0.05
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and tried:
-                break
-            attempt_timeout = max(MIN_ATTEMPT_TIMEOUT, remaining / (n - tried_in_pass))
+        def attempt(idx: int, attempt_timeout: float):
             ep = self._eps[idx]
-            if ep.url not in tried:
-                tried.append(ep.url)
             try:
                 status, data = self._send(ep, path, payload, attempt_timeout, token)
             except OSError as e:  # socket errors, timeouts, TLS errors (ssl.SSLError), _BadResponse
                 if _is_tls_config_error(e):
                     raise DatastoreError(f"TLS with etcd at {ep.url} failed: "
                                          f"{getattr(e, 'verify_message', None) or e.reason or e}") from None
-                last = f"{ep.url}: {_describe(e, attempt_timeout)}"
-            else:
-                try:
-                    obj = json.loads(data) if data else {}
-                    if not isinstance(obj, dict):
-                        raise ValueError
-                except ValueError:
-                    obj = {"_raw": data[:200].decode("utf-8", "replace")}
-                if status == 200 or not _is_unavailable(status, obj):
-                    self._cur = idx
-                    return status, obj, ep.url
-                last = f"{ep.url}: HTTP {status}: {_err_text(obj)}"
-            idx = (idx + 1) % n
-            self._cur = idx
-            tried_in_pass += 1
-            if tried_in_pass >= n:  # a full round failed: breathe before the next one
-                tried_in_pass = 0
-                pause = min(backoff, deadline - time.monotonic())
-                if pause > 0:
-                    time.sleep(pause)
-                backoff = min(backoff * 2, 0.5)
-        raise DatastoreUnavailable(f"etcd unavailable: no answer within {self.timeout:g}s from "
-                                   f"{', '.join(tried)}; last error: {last}")
+                return False, _describe(e, attempt_timeout)
+            try:
+                obj = json.loads(data) if data else {}
+                if not isinstance(obj, dict):
+                    raise ValueError
+            except ValueError:
+                obj = {"_raw": data[:200].decode("utf-8", "replace")}
+            if status == 200 or not _is_unavailable(status, obj):
+                return True, (status, obj, ep.url)
+            return False, f"HTTP {status}: {_err_text(obj)}"
+
+        try:
+            self._cur, answer = with_failover([ep.url for ep in self._eps], self._cur, deadline,
+                                              self.timeout, attempt)
+        except DatastoreUnavailable:
+            self._cur += 1   # start the next call elsewhere
+            raise
+        return answer
 
     def _authenticate(self, deadline: float) -> None:
         payload = json.dumps({"name": self._username, "password": self._password}).encode()

@@ -20,9 +20,8 @@ import grpc
 from etcd3 import etcdrpc
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read)
+                   Put, RangeResult, Read, with_failover)
 
-MIN_ATTEMPT_TIMEOUT = 0.2
 
 _FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                              grpc.StatusCode.CANCELLED})
@@ -165,27 +164,15 @@ class GrpcDatastore(Datastore):
     # -- transport -------------------------------------------------------------
     def _rpc(self, method: str, request, deadline: float, metadata):
         """Call ``method`` on the current endpoint, failing over round robin until ``deadline``."""
-        n = len(self._eps)
-        idx = self._cur % n
-        tried_in_pass = 0
-        tried: list[str] = []
-        last = "no attempt made"
-        backoff = 0.05
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and tried:
-                break
-            attempt_timeout = max(MIN_ATTEMPT_TIMEOUT, remaining / (n - tried_in_pass))
+        def attempt(idx: int, attempt_timeout: float):
             url = self._urls[idx]
-            if url not in tried:
-                tried.append(url)
             if method == "Authenticate":
                 fn = etcdrpc.AuthStub(self._eps[idx].channel).Authenticate
             else:
                 fn = getattr(self._kv[idx], method)
             try:
                 self.requests += 1
-                resp = fn(request, timeout=attempt_timeout, metadata=metadata)
+                return True, fn(request, timeout=attempt_timeout, metadata=metadata)
             except grpc.RpcError as e:
                 text = _details(e)
                 if any(m in text for m in _TLS_CONFIG_MARKERS):
@@ -193,21 +180,14 @@ class GrpcDatastore(Datastore):
                 if not _is_failover(e):
                     self._cur = idx
                     raise _Refused(url, e) from None
-                last = f"{url}: {e.code().name}: {text}"
-            else:
-                self._cur = idx
-                return resp
-            idx = (idx + 1) % n
-            self._cur = idx
-            tried_in_pass += 1
-            if tried_in_pass >= n:
-                tried_in_pass = 0
-                pause = min(backoff, deadline - time.monotonic())
-                if pause > 0:
-                    time.sleep(pause)
-                backoff = min(backoff * 2, 0.5)
-        raise DatastoreUnavailable(f"etcd unavailable: no answer within {self.timeout:g}s from "
-                                   f"{', '.join(tried)}; last error: {last}")
+                return False, f"{e.code().name}: {text}"
+
+        try:
+            self._cur, resp = with_failover(self._urls, self._cur, deadline, self.timeout, attempt)
+        except DatastoreUnavailable:
+            self._cur += 1   # start the next call elsewhere
+            raise
+        return resp
 
     def _authenticate(self, deadline: float) -> None:
         req = etcdrpc.AuthenticateRequest(name=self._username, password=self._password)
