@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from cni_ipam._records import dataclass, field
 
 log = logging.getLogger("cni_ipam")
 

@@ -37,8 +37,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Mapping
+from cni_ipam._records import dataclass, field
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Mapping
 
 from .errors import CNIError, ERR_INVALID_ENVIRONMENT_VARIABLES
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from cni_ipam._records import dataclass, field
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
 
 from .env import CNIEnv, cni_args_ips, parse_ip
 from .errors import CNIError, ERR_DECODING_FAILURE, ERR_INVALID_NETWORK_CONFIG

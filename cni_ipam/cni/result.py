@@ -31,7 +31,7 @@ Choices (mirroring the Go library's ``omitempty`` and 0.2.0 conversion):
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from cni_ipam._records import dataclass
 
 from .errors import CNIError, ERR_INCOMPATIBLE_CNI_VERSION
 from .version import compare_versions, is_supported

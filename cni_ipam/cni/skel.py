@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping, Protocol, TextIO
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Mapping, TextIO
 
 from .env import CNIEnv, parse_env
 from .errors import CNIError, error_dict
@@ -46,7 +48,9 @@ _METHODS = {
 }
 
 
-class Handlers(Protocol):
+class Handlers:
+    """What ``run`` calls (documentation of the interface; any object with these methods)."""
+
     def add(self, env: CNIEnv, conf: NetConf) -> dict: ...
     def delete(self, env: CNIEnv, conf: NetConf) -> None: ...
     def check(self, env: CNIEnv, conf: NetConf) -> None: ...

@@ -11,8 +11,10 @@ the wire); values are ``bytes``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from cni_ipam._records import dataclass
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Callable, Sequence
 
 #: etcd's default ``--max-txn-ops``; batches are cut to this size.
 MAX_TXN_OPS = 128

@@ -19,7 +19,7 @@ import json
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from cni_ipam._records import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 from ..datastore import KV, Compare, Datastore, Delete, Put, Read, prefix_end, read_prefix

@@ -28,8 +28,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import Callable
+from cni_ipam._records import dataclass, field
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Callable
 
 from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
 from .selector import SelectorError, parse as parse_selector

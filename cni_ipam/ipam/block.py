@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
+from cni_ipam._records import dataclass, field
 
 BRIDGE = "bridge"
 ROUTED = "routed"

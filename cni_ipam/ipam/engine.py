@@ -15,8 +15,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from cni_ipam._records import dataclass, field
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Callable, Iterable
 
 from ..datastore import (Compare, Datastore, DatastoreUnavailable, Delete, Put, Read, read_prefix)
 from .block import BRIDGE, ROUTED, Block, BlockError

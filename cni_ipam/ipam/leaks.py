@@ -15,7 +15,7 @@ and releases only handles that are still leaked.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from cni_ipam._records import dataclass, field
 
 from .errors import IPAMError
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
+from cni_ipam._records import dataclass, field
 
 
 @dataclass

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from cni_ipam._records import dataclass, field
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Callable, Sequence
 
 from .block import usable_in_mode
 from .errors import InvalidRequest

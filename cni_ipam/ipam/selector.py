@@ -44,7 +44,9 @@ also count as whitespace (YAML folding), and whitespace is allowed between
 
 from __future__ import annotations
 
-from typing import Mapping
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Mapping
 
 __all__ = [
     "SelectorError",
