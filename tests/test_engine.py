@@ -209,3 +209,24 @@ def test_concurrent_nodes_never_duplicate(etcd_server, etcd_prefix):
         assert setup.verify_handle(h) == []
         blk = Block.from_json(setup.ds.get(setup.keys.block(h.addresses[0].block)).value)
         assert blk.node == h.node  # bridge mode: every address is in its own node's block
+
+
+def test_claim_after_a_dense_run_is_found_in_few_requests(ipam):
+    """Other nodes hold a dense run of blocks right where this node starts looking:
+    the claim still finds the first free block after the run, in a handful of requests."""
+    from cni_ipam.datastore import Put
+    from cni_ipam.ipam.pool import start_index
+    pool = make_pool("p", "10.110.0.0/16", 28)            # 4096 blocks
+    ipam.create_pool(pool)
+    start = start_index("n1", pool.n_blocks)
+    taken = [(start + i) % pool.n_blocks for i in range(1500)]
+    for chunk in range(0, len(taken), 100):
+        ipam.ds.commit([], [Put(ipam.keys.block(pool.block_at(i)),
+                                Block.new(pool.block_at(i), "p", "other", "bridge").to_json())
+                            for i in taken[chunk:chunk + 100]])
+    n = ipam.ds.requests
+    a = ipam.assign(req("h1")).handle.addresses[0]
+    want = pool.block_at((start + 1500) % pool.n_blocks)
+    assert a.block == want
+    # batched read + affinity blocks + listing + 2 levels of 64-way counting + commit
+    assert ipam.ds.requests - n <= 7

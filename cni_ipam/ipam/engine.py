@@ -395,10 +395,11 @@ class IPAM:
             res = self.ds.read([Read(s, e, keys_only=True, limit=limit)])[0]
             return [p.block_index(self.keys.block_of_key(kv.key)) for kv in res.kvs]
 
-        def count_in(lo, hi):
-            return self.ds.count(*self._pool_key_range(p, lo, hi))
+        def counts_in(ranges):
+            reads = [Read(*self._pool_key_range(p, lo, hi), count_only=True) for lo, hi in ranges]
+            return [r.count for r in self.ds.read(reads)]
 
-        return find_free_block(p.n_blocks, start_index(node, p.n_blocks), list_from, count_in)
+        return find_free_block(p.n_blocks, start_index(node, p.n_blocks), list_from, counts_in)
 
     def _borrow(self, req, p: Pool, txn: _Txn) -> Assignment | None:
         s, e = self._pool_key_range(p, 0, p.n_blocks)
