@@ -52,6 +52,29 @@ class Plugin:
     def _locked(self, ic: IpamConfig):
         return host_lock(ic.lock_file, ic.lock_timeout_seconds)
 
+    def _with_snapshot(self, ic: IpamConfig, node: str, network: str, fn):
+        """``fn(ipam)`` with the node's warm snapshot (ipam/snapshot.py) loaded from its file
+        next to the lock file, and the new one written back after (also after a failure: then
+        usually removed).  Called inside ``_run``'s host lock only: one exec at a time reads
+        and writes the file.  The snapshot is only a cache: the engine's compares guard every
+        use, so a stale or missing file costs requests, never correctness."""
+        from .ipam import snapshot as snapshots
+        ident = "\n".join(["cni-ipam snapshot", ic.etcd_prefix, node, network] + sorted(ic.etcd_endpoints))
+        path = snapshots.file_path(ic.lock_file, ident)
+
+        def run(ipam):
+            ipam.use_snapshot = True
+            ipam.snapshot = before = snapshots.load(path, ident)
+            n0, hits0 = ipam.ds.requests, ipam.snapshot_hits
+            try:
+                return fn(ipam)
+            finally:
+                if ipam.snapshot is not None or before is not None:
+                    snapshots.save(path, ipam.snapshot, ident)
+                log.debug("etcd requests=%d (snapshot: %s)", ipam.ds.requests - n0,
+                          "used" if ipam.snapshot_hits > hits0 else "warm" if before is not None else "none")
+        return run
+
     def _request(self, env, conf, ic: IpamConfig, node: str):
         from .ipam.engine import AssignRequest
         args = env.args or {}
@@ -115,10 +138,13 @@ class Plugin:
         ic, node = self._setup(env, conf)
         req = self._request(env, conf, ic, node)
         req.requested = requested_ips(env, conf)
+        # (with Kubernetes too: the engine plans from this request's pool choice, fresh from the
+        # API, every time; the snapshot only stands in for etcd reads, each guarded by a compare)
+        assign = self._with_snapshot(ic, node, conf.name, lambda ipam: ipam.assign(req))
         if ic.kubernetes is not None:
-            res = self._with_kubernetes(ic, req, lambda: self._run(ic, lambda ipam: ipam.assign(req)))
+            res = self._with_kubernetes(ic, req, lambda: self._run(ic, assign))
         else:
-            res = self._run(ic, lambda ipam: ipam.assign(req))
+            res = self._run(ic, assign)
         h = res.handle
         log.info("ADD %s -> %s%s (attempts %d)", h.id, ", ".join(str(a.interface) for a in h.addresses),
                  " (existing)" if res.existing else "", res.attempts)
@@ -128,7 +154,7 @@ class Plugin:
     def delete(self, env, conf) -> None:
         ic, node = self._setup(env, conf)
         hid = handle_id(conf.name, env.container_id or "", env.ifname or "")
-        h = self._run(ic, lambda ipam: ipam.release(hid))
+        h = self._run(ic, self._with_snapshot(ic, node, conf.name, lambda ipam: ipam.release(hid)))
         log.info("DEL %s -> %s", hid, ", ".join(str(a.ip) for a in h.addresses) if h else "nothing held")
 
     def check(self, env, conf) -> None:
@@ -154,7 +180,8 @@ class Plugin:
             # never read a missing list as "nothing is valid": that would free the whole network
             raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments (or cni.dev/attachments)")
         keep = {handle_id(conf.name, cid, ifn) for cid, ifn in conf.valid_attachments}
-        released, failed = self._run(ic, lambda ipam: ipam.gc(conf.name, node, keep))
+        released, failed = self._run(ic, self._with_snapshot(ic, node, conf.name,
+                                                             lambda ipam: ipam.gc(conf.name, node, keep)))
         log.info("GC %s on %s: released %d handle(s), %d failure(s)", conf.name, node, len(released), len(failed))
         if failed:
             raise CNIError(TRY_AGAIN, f"gc: {len(failed)} handle(s) could not be released",

@@ -117,6 +117,39 @@ def test_delete_with_cas(ds, etcd_prefix):
     assert ds.commit([], []) is True
 
 
+def test_range_compare_nothing_newer(ds, etcd_prefix):
+    """``Compare(start, rev + 1, range_end=..., result="LESS")``: no key in the range was created
+    or modified after ``rev`` (what the engine's snapshot fast path relies on)."""
+    p = f"{etcd_prefix}/r/"
+    other = f"{etcd_prefix}/other"
+    assert ds.commit([], [Put(p + "a", b"1"), Put(p + "b", b"2")])
+    rev = ds.last_revision
+    assert rev > 0 and ds.get(p + "a").mod_revision == rev
+    ds.read([read_prefix(p), read_key(other)])
+    assert ds.last_revision == rev       # a read reports the revision it read at
+    guard = Compare(p, rev + 1, range_end=prefix_end(p), result="LESS")
+    # nothing changed in the range: holds (also after writes elsewhere)
+    assert ds.commit([], [Put(other, b"x")])
+    assert ds.commit([guard], [Put(other, b"y")]) is True
+    assert ds.last_revision > rev
+    # an empty range holds too
+    empty = f"{etcd_prefix}/empty/"
+    assert ds.commit([Compare(empty, rev + 1, range_end=prefix_end(empty), result="LESS")], []) is True
+    # a put in the range (a new key, or a modified one): refused, nothing written
+    assert ds.commit([], [Put(p + "c", b"3")])
+    assert ds.commit([guard], [Put(other, b"z")]) is False
+    assert ds.get(other).value == b"y"
+    rev2 = ds.last_revision
+    assert ds.commit([Compare(p, rev2 + 1, range_end=prefix_end(p), result="LESS")], []) is True
+    assert ds.commit([], [Put(p + "a", b"1b")])
+    assert ds.commit([Compare(p, rev2 + 1, range_end=prefix_end(p), result="LESS")], []) is False
+    # the single-key forms are unchanged: EQUAL on a revision, 0 = absent
+    kv = ds.get(p + "a")
+    assert ds.commit([Compare(p + "a", kv.mod_revision), Compare(p + "zz", 0)], []) is True
+    with pytest.raises(ValueError):
+        ds.commit([Compare(p + "a", 1, result="ALMOST")], [])
+
+
 # --------------------------------------------------------------------------- reads
 def test_batch_read_is_one_request(ds, etcd_prefix):
     p = etcd_prefix

@@ -144,6 +144,7 @@ def test_pool_choice_by_name_and_cidr(ipam):
 
 
 def test_fast_path_is_three_requests(ipam):
+    """Without a snapshot (the default; with one it is 1 request: tests/test_snapshot.py)."""
     ipam.create_pool(make_pool("p", "10.70.0.0/24", 26))
     ipam.assign(req("warm"))
     n = ipam.ds.requests

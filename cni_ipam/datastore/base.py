@@ -59,9 +59,18 @@ class RangeResult:
 
 @dataclass(frozen=True, slots=True)
 class Compare:
-    """``mod_revision == 0`` means: the key must not exist."""
+    """A guard on one key's mod revision: ``mod_revision == 0`` means the key must not exist.
+
+    With ``range_end``: a guard on every key in ``[key, range_end)`` (etcd >= 3.3); an empty
+    range holds.  ``result`` is ``"EQUAL"`` (default), ``"LESS"``, ``"GREATER"`` or
+    ``"NOT_EQUAL"`` (a key's ``mod_revision`` against the given one; etcd's names).  The usual
+    range guard: ``Compare(prefix, rev + 1, range_end=prefix_end(prefix), result="LESS")``
+    -- nothing in the range was created or modified after revision ``rev`` (deletions are
+    not seen: guard each known key as well)."""
     key: str
     mod_revision: int
+    range_end: str | None = None
+    result: str = "EQUAL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +144,9 @@ class Datastore:
 
     #: how many requests this client sent (benchmarks and tests count them)
     requests: int = 0
+    #: etcd's header revision of the last ``read`` (the revision it read at) or ``commit``
+    #: (after a successful txn: the revision its writes got); 0 when unknown
+    last_revision: int = 0
 
     def read(self, reads: Sequence[Read]) -> list[RangeResult]:  # pragma: no cover
         raise NotImplementedError

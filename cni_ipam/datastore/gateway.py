@@ -87,10 +87,19 @@ def _range_result(d: dict) -> RangeResult:
     return RangeResult(kvs=kvs, count=int(d.get("count", 0)), more=bool(d.get("more", False)))
 
 
+_RESULTS = frozenset({"EQUAL", "GREATER", "LESS", "NOT_EQUAL"})
+
+
 def _compare_json(c: Compare) -> dict:
-    if c.mod_revision == 0:
-        return {"key": _enc(c.key), "target": "VERSION", "result": "EQUAL", "version": 0}
-    return {"key": _enc(c.key), "target": "MOD", "result": "EQUAL", "mod_revision": c.mod_revision}
+    if c.result not in _RESULTS:
+        raise ValueError(f"unknown compare result {c.result!r}")
+    if c.mod_revision == 0 and c.result == "EQUAL":
+        d = {"key": _enc(c.key), "target": "VERSION", "result": "EQUAL", "version": 0}
+    else:
+        d = {"key": _enc(c.key), "target": "MOD", "result": c.result, "mod_revision": c.mod_revision}
+    if c.range_end is not None:
+        d["range_end"] = _enc(c.range_end)
+    return d
 
 
 def _op_json(op: Put | Delete) -> dict:
@@ -431,7 +440,9 @@ class GatewayDatastore(Datastore):
         if not reads:
             return []
         if len(reads) == 1:
-            return [_range_result(self._call("/v3/kv/range", _range_json(reads[0])))]
+            resp = self._call("/v3/kv/range", _range_json(reads[0]))
+            self.last_revision = int((resp.get("header") or {}).get("revision", 0))
+            return [_range_result(resp)]
         out: list[RangeResult] = []
         revision = 0  # later chunks read at the first chunk's revision: one consistent view
         for i in range(0, len(reads), MAX_TXN_OPS):
@@ -445,6 +456,7 @@ class GatewayDatastore(Datastore):
                 raise DatastoreError(f"etcd answered {len(responses)} of {len(chunk)} reads")
             for r in responses:
                 out.append(_range_result(_g(r, "response_range", "responseRange", None) or {}))
+        self.last_revision = revision
         return out
 
     def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:
@@ -453,7 +465,9 @@ class GatewayDatastore(Datastore):
             body["compare"] = [_compare_json(c) for c in compares]
         if ops:
             body["success"] = [_op_json(op) for op in ops]
-        return bool(self._call("/v3/kv/txn", body).get("succeeded", False))
+        resp = self._call("/v3/kv/txn", body)
+        self.last_revision = int((resp.get("header") or {}).get("revision", 0))
+        return bool(resp.get("succeeded", False))
 
     def close(self) -> None:
         for ep in self._eps:

@@ -63,12 +63,23 @@ def _range_result(resp) -> RangeResult:
     return RangeResult(kvs=kvs, count=resp.count, more=resp.more)
 
 
+_RESULTS = {"EQUAL": etcdrpc.Compare.EQUAL, "GREATER": etcdrpc.Compare.GREATER,
+            "LESS": etcdrpc.Compare.LESS, "NOT_EQUAL": etcdrpc.Compare.NOT_EQUAL}
+
+
 def _compare(c: Compare):
-    if c.mod_revision == 0:
-        return etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VERSION,
-                               result=etcdrpc.Compare.EQUAL, version=0)
-    return etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.MOD,
-                           result=etcdrpc.Compare.EQUAL, mod_revision=c.mod_revision)
+    result = _RESULTS.get(c.result)
+    if result is None:
+        raise ValueError(f"unknown compare result {c.result!r}")
+    if c.mod_revision == 0 and c.result == "EQUAL":
+        out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VERSION,
+                              result=etcdrpc.Compare.EQUAL, version=0)
+    else:
+        out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.MOD, result=result,
+                              mod_revision=c.mod_revision)
+    if c.range_end is not None:
+        out.range_end = _b(c.range_end)
+    return out
 
 
 def _op(op: Put | Delete):
@@ -225,7 +236,9 @@ class GrpcDatastore(Datastore):
         if not reads:
             return []
         if len(reads) == 1:
-            return [_range_result(self._call("Range", _range_request(reads[0])))]
+            resp = self._call("Range", _range_request(reads[0]))
+            self.last_revision = resp.header.revision
+            return [_range_result(resp)]
         out: list[RangeResult] = []
         revision = 0  # later chunks read at the first chunk's revision
         for i in range(0, len(reads), MAX_TXN_OPS):
@@ -238,11 +251,14 @@ class GrpcDatastore(Datastore):
             if len(resp.responses) != len(chunk):
                 raise DatastoreError(f"etcd answered {len(resp.responses)} of {len(chunk)} reads")
             out.extend(_range_result(r.response_range) for r in resp.responses)
+        self.last_revision = revision
         return out
 
     def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:
         req = etcdrpc.TxnRequest(compare=[_compare(c) for c in compares], success=[_op(o) for o in ops])
-        return bool(self._call("Txn", req).succeeded)
+        resp = self._call("Txn", req)
+        self.last_revision = resp.header.revision
+        return bool(resp.succeeded)
 
     def close(self) -> None:
         for ep in self._eps:

@@ -8,7 +8,9 @@ the whole attempt is re-read and re-planned, up to ``max_retries`` times.
 
 Fast path (the node already has a block with a free address): 3 requests --
 one batched read (handle, pools, config, the node's affinities), one batched
-read of the node's blocks, one commit.
+read of the node's blocks, one commit.  With a warm ``Snapshot`` (``use_snapshot``;
+ipam/snapshot.py) it is ONE request: the plan is made from what the last attempt
+read, and the txn's compares prove all of it is still current (else: re-read).
 """
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); ann
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable, Iterable
 
-from ..datastore import (Compare, Datastore, DatastoreUnavailable, Delete, Put, Read, read_prefix)
+from ..datastore import (Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete, Put, Read,
+                         prefix_end, read_prefix)
+from ..datastore.base import MAX_TXN_OPS
 from .block import BRIDGE, ROUTED, Block, BlockError
 from .errors import (AddressUnavailable, CorruptData, InvalidRequest, IPAMError, PoolExhausted,
                      TryAgain)
 from .keys import Keys, block_from_id, block_id
 from .model import Assignment, Handle, IPAMConfig
 from .pool import Pool, PoolError, find_free_block, pool_of_ip, select_pools, start_index
+from .snapshot import Snapshot
 
 log = logging.getLogger("cni_ipam")
 
@@ -84,9 +89,17 @@ class _Txn:
                 [Put(k, v) for k, v in self.puts.items()])
 
 
+class _Fallback(Exception):
+    """Internal: the snapshot cannot answer this request (a claim, a borrow, data it lacks)."""
+
+
 def _decode(key: str, kv, decoder):
+    return _decode_value(key, kv.value, decoder)
+
+
+def _decode_value(key: str, value: bytes, decoder):
     try:
-        out = decoder(kv.value)
+        out = decoder(value)
     except (ValueError, BlockError, PoolError, RecursionError) as e:
         raise CorruptData(f"corrupt value at etcd key {key}: {e}") from None
     if isinstance(out, Block) and not key.endswith("/blocks/" + block_id(out.cidr)):
@@ -103,11 +116,21 @@ def _affinity_block(key: str, prefix: str):
 
 
 class IPAM:
-    def __init__(self, ds: Datastore, prefix: str = "/cni-ipam", max_retries: int = 100):
+    """``use_snapshot`` (or a ``snapshot`` to start from): keep a warm ``Snapshot`` of the
+    last ADD's reads in ``self.snapshot`` and try a fast-path ADD as ONE guarded txn from it
+    (see ``_assign_from_snapshot``).  Off by default: callers that hold one instance per
+    node (the plugin persists it per node under the host lock) turn it on."""
+
+    def __init__(self, ds: Datastore, prefix: str = "/cni-ipam", max_retries: int = 100, *,
+                 use_snapshot: bool = False, snapshot: Snapshot | None = None):
         self.ds = ds
         self.keys = Keys(prefix)
         self.max_retries = max_retries
         self.conflicts = 0  # CAS conflicts seen by this instance (benchmarks report it)
+        self.use_snapshot = use_snapshot or snapshot is not None
+        self.snapshot: Snapshot | None = snapshot
+        self.snapshot_hits = 0     # ADDs done in one txn from the snapshot
+        self.snapshot_misses = 0   # snapshot txns refused (something changed): re-read
 
     # ------------------------------------------------------------------ helpers
     def _retry(self, what: str, attempt_fn):
@@ -129,6 +152,17 @@ class IPAM:
 
     def _config_from(self, res) -> IPAMConfig:
         return _decode(self.keys.config, res.kvs[0], IPAMConfig.from_json) if res.kvs else IPAMConfig()
+
+    @staticmethod
+    def _record_reader(keys: list[str], results) -> Callable[[str], bytes | None]:
+        got = {key: (r.kvs[0].value if r.kvs else None) for key, r in zip(keys, results)}
+        return got.__getitem__
+
+    def _record_keys(self, req: AssignRequest) -> list[str]:
+        """The namespace/node records the pool choice reads from etcd (without Kubernetes)."""
+        if not req.labels_from_etcd:
+            return []
+        return [self.keys.node(req.node)] + ([self.keys.namespace(req.namespace)] if req.namespace else [])
 
     # ------------------------------------------------------------------ reads
     def pools(self) -> list[Pool]:
@@ -196,8 +230,18 @@ class IPAM:
             raise InvalidRequest("at most one requested address per IP family")
         if not (req.assign_v4 or req.assign_v6 or req.requested):
             raise InvalidRequest("neither assign_ipv4 nor assign_ipv6 is set: nothing to assign")
-        (res, attempts) = self._retry(f"assign {req.handle_id}", lambda: self._assign_once(req))
-        res.attempts = attempts
+        res = None
+        if self.use_snapshot and self.snapshot is not None:
+            try:
+                res = self._assign_from_snapshot(req, self.snapshot)
+            except DatastoreUnavailable as e:
+                raise TryAgain(f"etcd unavailable during assign {req.handle_id}: {e}") from None
+            except DatastoreError as e:  # refused (e.g. an etcd without range compares): the usual way
+                log.warning("snapshot txn refused by etcd (%s): not using snapshots", e)
+                self.use_snapshot, self.snapshot = False, None
+        if res is None:
+            (res, attempts) = self._retry(f"assign {req.handle_id}", lambda: self._assign_once(req))
+            res.attempts = attempts
         if res.existing:
             # a repeated ADD returns what the handle lists: those addresses must really be its own
             # (one that its block does not record could be handed to someone else: a duplicate)
@@ -210,20 +254,70 @@ class IPAM:
     def _assign_once(self, req: AssignRequest) -> AssignResult | None:
         k = self.keys
         hkey = k.handle(req.handle_id)
+        rec_keys = self._record_keys(req)
         reads = [Read(hkey), read_prefix(k.pools), Read(k.config), read_prefix(k.node_affinity(req.node))]
-        if req.labels_from_etcd:
-            reads += [Read(k.node(req.node))] + ([Read(k.namespace(req.namespace))] if req.namespace else [])
+        reads += [Read(key) for key in rec_keys]
         snap = self.ds.read(reads)
         if snap[0].kvs:
             return AssignResult(_decode(hkey, snap[0].kvs[0], Handle.from_json), existing=True)
-        pools = self._pools_from(snap[1].kvs)
-        cfg = self._config_from(snap[2])
+        cfg = snap[2].kvs[0] if snap[2].kvs else None
+        # what was read, kept as a Snapshot (the next ADD may plan from it: _assign_from_snapshot)
+        view = Snapshot(req.node, self.ds.last_revision,
+                        pools={kv.key: (kv.mod_revision, kv.value) for kv in snap[1].kvs},
+                        config=(cfg.mod_revision, cfg.value) if cfg else (0, None),
+                        affinities={kv.key: kv.mod_revision for kv in snap[3].kvs},
+                        records={key: ((r.kvs[0].mod_revision, r.kvs[0].value) if r.kvs else (0, None))
+                                 for key, r in zip(rec_keys, snap[4:])})
+
+        def load(want: list[str]):
+            if want:
+                for key, kv in zip(want, self.ds.get_many(want)):
+                    view.blocks[key] = (kv.mod_revision, kv.value) if kv else (0, None)
+            return self._blocks_of(view, want)
+
+        def record(key: str):
+            return view.records[key][1]
+
+        handle, txn = self._plan(req, view, load, record, fast_only=False)
+        compares, puts = txn.ops()
+        compares.append(Compare(hkey, 0))
+        puts.append(Put(hkey, handle.to_json()))
+        # the pools allocated from must be as read: a pool disabled or being deleted
+        # meanwhile (admin.delete_pool disables it first) gets nothing new
+        for pkey in dict.fromkeys(k.pool(a.pool) for a in handle.addresses):
+            if pkey in view.pools:
+                compares.append(Compare(pkey, view.pools[pkey][0]))
+        if not self.ds.commit(compares, puts):
+            return None
+        if self.use_snapshot:
+            self._keep_snapshot(view, txn, req.node)
+        return AssignResult(handle)
+
+    def _blocks_of(self, view: Snapshot, want: list[str], strict: bool = False) -> dict:
+        """``{key: (mod_revision, Block | None)}`` for ``want`` from ``view.blocks``
+        (``strict``: a key the view lacks -> _Fallback)."""
+        loaded: dict[str, tuple[int, Block | None]] = {}
+        for key in want:
+            if strict and key not in view.blocks:
+                raise _Fallback(f"block {key} is not in the snapshot")
+            rev, value = view.blocks[key]
+            loaded[key] = (rev, _decode_value(key, value, Block.from_json) if value is not None else None)
+        return loaded
+
+    def _plan(self, req: AssignRequest, view: Snapshot, load, record, fast_only: bool) -> tuple[Handle, _Txn]:
+        """Plan one attempt from ``view`` (pools, config, affinities; ``load(keys)`` gives blocks,
+        ``record(key)`` a namespace/node record).  The same code for a fresh read and a snapshot;
+        ``fast_only``: only an allocation from the node's own blocks (else _Fallback)."""
+        k = self.keys
+        pools = [_decode_value(key, value, Pool.from_json) for key, (_, value) in view.pools.items()]
+        cfg = _decode_value(k.config, view.config[1], IPAMConfig.from_json) if view.config[1] is not None \
+            else IPAMConfig()
         aff_prefix = k.node_affinity(req.node)
-        affine = [_affinity_block(kv.key, aff_prefix) for kv in snap[3].kvs]
+        affine = [_affinity_block(key, aff_prefix) for key in view.affinities]
 
         requested = {ip.version: ip for ip in req.requested}
         families = [f for f, on in ((4, req.assign_v4), (6, req.assign_v6)) if on or f in requested]
-        wanted, sources, matches = self._pool_choice(req, snap[4:])
+        wanted, sources, matches = self._pool_choice(req, record)
         eligible: dict[int, list[Pool]] = {}
         for fam in families:
             if fam not in requested:
@@ -247,10 +341,7 @@ class IPAM:
             bkey = k.block(p.block_of(ip))
             if bkey not in want:
                 want.append(bkey)
-        loaded: dict[str, tuple[int, Block | None]] = {}
-        if want:
-            for key, kv in zip(want, self.ds.get_many(want)):
-                loaded[key] = (kv.mod_revision, _decode(key, kv, Block.from_json)) if kv else (0, None)
+        loaded = load(want)
 
         txn = _Txn()
         handle = Handle(id=req.handle_id, node=req.node, network=req.network, container_id=req.container_id,
@@ -261,37 +352,115 @@ class IPAM:
             if fam in requested:
                 a = self._assign_requested(req, requested[fam], req_pool[fam], loaded, txn)
             else:
-                a, claimed = self._assign_auto(req, fam, eligible[fam], cfg, n_affine, loaded, txn)
+                a, claimed = self._assign_auto(req, fam, eligible[fam], cfg, n_affine, loaded, txn, fast_only)
                 n_affine += claimed
             handle.addresses.append(a)
+        return handle, txn
 
-        compares, puts = txn.ops()
-        compares.append(Compare(hkey, 0))
-        puts.append(Put(hkey, handle.to_json()))
-        # the pools allocated from must be as read: a pool disabled or being deleted
-        # meanwhile (admin.delete_pool disables it first) gets nothing new
-        pool_revs = {kv.key: kv.mod_revision for kv in snap[1].kvs}
-        for pkey in dict.fromkeys(k.pool(a.pool) for a in handle.addresses):
-            if pkey in pool_revs:
-                compares.append(Compare(pkey, pool_revs[pkey]))
-        if not self.ds.commit(compares, puts):
+    def _keep_snapshot(self, view: Snapshot, txn: _Txn, node: str) -> None:
+        """After a successful normal attempt: keep what it read (+ the blocks it wrote, at the
+        commit's revision) as the snapshot -- unless it wrote under the pools or the node's
+        affinity prefix (a claim: those ranges are guarded as "nothing newer than the read"),
+        or the guard would not fit in one txn."""
+        rev = self.ds.last_revision
+        aff_prefix = self.keys.node_affinity(node)
+        if (not rev or not view.revision or len(view.pools) + len(view.affinities) + len(view.blocks)
+                + len(view.records) + 8 > MAX_TXN_OPS
+                or any(key.startswith(aff_prefix) or key.startswith(self.keys.pools) for key in txn.puts)):
+            self.snapshot = None
+            return
+        for key in txn.blocks:
+            if key in view.blocks:
+                view.blocks[key] = (rev, txn.puts[key])
+        self.snapshot = view
+
+    def _assign_from_snapshot(self, req: AssignRequest, snap: Snapshot) -> AssignResult | None:
+        """A fast-path ADD as ONE txn planned from ``snap``; None when the snapshot cannot
+        answer (not the fast path) or is stale (then it is dropped): the caller reads as usual.
+
+        The plan is made by the same code as ``_assign_once`` (``_plan``) from the snapshot, so
+        it is exactly the plan a fresh read would give IF everything it depended on is still as
+        in the snapshot.  The txn's compares prove that atomically with its writes:
+        * the handle does not exist (an existing one: the usual path returns it);
+        * every block the plan looked at (all of the node's blocks in the eligible pools, not
+          only the one allocated from: the choice depends on the others being full): its mod
+          revision (or absence) as in the snapshot;
+        * every pool in the snapshot: its mod revision (a deleted or changed pool fails), and
+          no key under the pools prefix created/modified after the snapshot's revision R
+          (a new pool fails);
+        * the same for the node's affinities (prefix and each key): its set of blocks;
+        * the config key and every namespace/node record the pool choice read: mod revision
+          (or absence) as in the snapshot.
+        The snapshot's revision-R reads are one consistent view and its blocks are each compared
+        exactly, so a txn that succeeds allocated what a fresh read at the commit would have."""
+        if req.requested or snap.node != req.node:
             return None
+        k = self.keys
+        looked_at: list[str] = []
+        records_used: list[str] = []
+
+        def load(want: list[str]):
+            looked_at.extend(want)
+            return self._blocks_of(snap, want, strict=True)
+
+        def record(key: str):
+            if key not in snap.records:
+                raise _Fallback(f"record {key} is not in the snapshot")
+            records_used.append(key)
+            return snap.records[key][1]
+
+        try:
+            handle, txn = self._plan(req, snap, load, record, fast_only=True)
+        except (_Fallback, IPAMError) as e:
+            log.debug("assign %s: snapshot not used (%s)", req.handle_id, getattr(e, "msg", e))
+            return None
+        compares, puts = txn.ops()
+        compares += [Compare(key, snap.blocks[key][0]) for key in dict.fromkeys(looked_at)
+                     if key not in txn.compares]
+        hkey = k.handle(req.handle_id)
+        compares.append(Compare(hkey, 0))
+        r = snap.revision
+        aff = k.node_affinity(req.node)
+        for prefix, known in ((k.pools, snap.pools), (aff, snap.affinities)):
+            end = prefix_end(prefix)
+            compares.append(Compare(prefix, r + 1, range_end=end, result="LESS"))
+            compares += [Compare(key, v if isinstance(v, int) else v[0]) for key, v in known.items()]
+        # fail-closed canary: an etcd that ignored range_end (< 3.3) would read this as "the key
+        # '<prefix>/v1/pools/' has mod revision > 0", which is false (no such key): the txn fails
+        compares.append(Compare(k.pools, 0, range_end=prefix_end(k.pools), result="GREATER"))
+        compares.append(Compare(k.config, snap.config[0]))
+        compares += [Compare(key, snap.records[key][0]) for key in dict.fromkeys(records_used)]
+        if len(compares) > MAX_TXN_OPS:
+            self.snapshot = None
+            return None
+        puts.append(Put(hkey, handle.to_json()))
+        self.snapshot = None   # until the answer says the txn was applied
+        if not self.ds.commit(compares, puts):
+            self.snapshot_misses += 1
+            log.debug("assign %s: snapshot is stale (a guarded key changed): re-reading", req.handle_id)
+            return None
+        rev = self.ds.last_revision
+        for key in txn.blocks:
+            snap.blocks[key] = (rev, txn.puts[key])
+        self.snapshot = snap
+        self.snapshot_hits += 1
         return AssignResult(handle)
 
-    def _pool_choice(self, req: AssignRequest, extra) -> tuple[dict, dict, Callable[[Pool], bool]]:
+    def _pool_choice(self, req: AssignRequest, record) -> tuple[dict, dict, Callable[[Pool], bool]]:
         """Pools wanted per family, where that came from, and the nodeSelector test.
-        ``extra``: the node and namespace records read with the first batch
-        (``labels_from_etcd``); see ipam/annotations.py for the precedence."""
+        ``record(key)``: the node or namespace record (value or None) read with the first
+        batch (``labels_from_etcd``); see ipam/annotations.py for the precedence."""
         wanted = {4: req.v4_pools, 6: req.v6_pools}
         sources = {f: req.pool_sources.get(f, req.pools_source) for f in (4, 6)}
         matches = req.node_matches or (lambda p: True)
         if req.labels_from_etcd:
             from . import annotations as ann
             k = self.keys
-            labels = ann.decode_record(k.node(req.node), extra[0].kvs[0].value if extra[0].kvs else None, "labels")
+            labels = ann.decode_record(k.node(req.node), record(k.node(req.node)), "labels")
             ns_ann = None
-            if req.namespace and extra[1].kvs:
-                ns_ann = ann.decode_record(k.namespace(req.namespace), extra[1].kvs[0].value, "annotations")
+            ns_value = record(k.namespace(req.namespace)) if req.namespace else None
+            if ns_value is not None:
+                ns_ann = ann.decode_record(k.namespace(req.namespace), ns_value, "annotations")
             if ns_ann:
                 choice = ann.choose(req.annotation_prefix, config_pools=wanted, namespace=req.namespace,
                                     pod=req.pod, ns_annotations=ns_ann)
@@ -336,7 +505,7 @@ class IPAM:
         txn.puts[akey] = b'{"pool":"%s","mode":"%s"}' % (block.pool.encode(), block.mode.encode())
 
     def _assign_auto(self, req, fam, pools: list[Pool], cfg: IPAMConfig, n_affine: int,
-                     loaded, txn: _Txn) -> tuple[Assignment, int]:
+                     loaded, txn: _Txn, fast_only: bool = False) -> tuple[Assignment, int]:
         k = self.keys
         # 1. the node's own blocks, pool by pool, lowest block first
         for p in pools:
@@ -350,6 +519,8 @@ class IPAM:
                     ip = b.allocate(req.handle_id)
                     txn.touch(key, rev, b)
                     return self._assignment(req, b, ip), 0
+        if fast_only:
+            raise _Fallback("the node's blocks are full: a claim or a borrow needs fresh reads")
         # 2. claim a new block
         reason = ""
         if not cfg.auto_allocate_blocks:
@@ -441,6 +612,15 @@ class IPAM:
             ops.append(Put(key, b.to_json()))
         if not self.ds.commit(compares, ops):
             return None
+        snap = self.snapshot
+        if snap is not None:  # the snapshot's copy of a block written here: as written, at the new revision
+            rev = self.ds.last_revision
+            for op in ops:
+                if isinstance(op, Put) and op.key in snap.blocks:
+                    if rev:
+                        snap.blocks[op.key] = (rev, op.value)
+                    else:
+                        del snap.blocks[op.key]
         return h
 
     def release_ips(self, ips: Iterable) -> list[tuple[str, str]]:
@@ -505,15 +685,13 @@ class IPAM:
     def free_pools(self, req: AssignRequest) -> list[str]:
         """Names of the pools this request could allocate from that still have a free
         address for it; raises InvalidRequest when no pool is usable at all."""
-        reads = [read_prefix(self.keys.pools), Read(self.keys.config)]
-        if req.labels_from_etcd:
-            reads += [Read(self.keys.node(req.node))] + ([Read(self.keys.namespace(req.namespace))]
-                                                         if req.namespace else [])
+        rec_keys = self._record_keys(req)
+        reads = [read_prefix(self.keys.pools), Read(self.keys.config)] + [Read(key) for key in rec_keys]
         snap = self.ds.read(reads)
         pools = self._pools_from(snap[0].kvs)
         cfg = self._config_from(snap[1])
         out = []
-        wanted, sources, matches = self._pool_choice(req, snap[2:])
+        wanted, sources, matches = self._pool_choice(req, self._record_reader(rec_keys, snap[2:]))
         for fam, on in ((4, req.assign_v4), (6, req.assign_v6)):
             if not on:
                 continue

@@ -1,0 +1,169 @@
+"""A warm snapshot of what one ADD read for a node, so that the next ADD can be ONE request.
+
+``IPAM._assign_once`` reads the pools, the config, the node's affinities (+ the
+namespace/node records without Kubernetes) at one revision ``R``, then the node's
+blocks.  A ``Snapshot`` keeps exactly that (keys, mod revisions and raw values).
+The next fast-path ADD plans from it with the same code and commits ONE txn whose
+compares prove that everything the plan depended on is still as in the snapshot
+(see ``IPAM._assign_from_snapshot``); if any compare fails the txn writes nothing
+and the engine re-reads as usual.  A snapshot is a cache, never a source of truth:
+a stale one costs one request, never an address.
+
+The plugin keeps it in a node-local file (``load`` / ``save``), read and written
+only under the host lock.  Standard library only (it is on the exec path).
+"""
+from __future__ import annotations
+
+import binascii
+import json
+import os
+
+#: written into every file; a file of another format is ignored
+FORMAT = 1
+
+
+def _b(v: bytes | None) -> str | None:
+    return None if v is None else binascii.b2a_base64(v, newline=False).decode("ascii")
+
+
+def _unb(s) -> bytes | None:
+    if s is None:
+        return None
+    if not isinstance(s, str):
+        raise ValueError("not a base64 string")
+    return binascii.a2b_base64(s)
+
+
+def _rev(v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"bad revision {v!r}")
+    return v
+
+
+class Snapshot:
+    """What the reads of one ADD returned (see the module doc).
+
+    ``pools``, ``blocks``, ``records``: ``{key: (mod_revision, value)}`` in key order
+    (``(0, None)``: read and absent); ``config``: ``(mod_revision, value)`` or ``(0, None)``;
+    ``affinities``: ``{key: mod_revision}``; ``revision``: the header revision of the
+    first read (pools, config, affinities and records were read at it)."""
+
+    __slots__ = ("node", "revision", "pools", "config", "affinities", "blocks", "records")
+
+    def __init__(self, node: str, revision: int, pools: dict, config: tuple, affinities: dict,
+                 blocks: dict | None = None, records: dict | None = None):
+        self.node = node
+        self.revision = revision
+        self.pools = pools
+        self.config = config
+        self.affinities = affinities
+        self.blocks = {} if blocks is None else blocks
+        self.records = {} if records is None else records
+
+    def __repr__(self) -> str:
+        return (f"<Snapshot node={self.node!r} revision={self.revision} pools={len(self.pools)} "
+                f"affinities={len(self.affinities)} blocks={len(self.blocks)}>")
+
+    # -- (de)serialisation -------------------------------------------------------
+    def to_dict(self, ident: str = "") -> dict:
+        return {"format": FORMAT, "ident": ident, "node": self.node, "revision": self.revision,
+                "pools": [[k, r, _b(v)] for k, (r, v) in self.pools.items()],
+                "config": [self.config[0], _b(self.config[1])],
+                "affinities": [[k, r] for k, r in self.affinities.items()],
+                "blocks": [[k, r, _b(v)] for k, (r, v) in self.blocks.items()],
+                "records": [[k, r, _b(v)] for k, (r, v) in self.records.items()]}
+
+    @classmethod
+    def from_dict(cls, d: dict, ident: str = "") -> Snapshot:
+        """Raises ValueError (or KeyError/TypeError) for anything unexpected."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("ident") != ident:
+            raise ValueError("not a snapshot of this format/identity")
+        node, revision = d["node"], _rev(d["revision"])
+        if not isinstance(node, str) or revision <= 0:
+            raise ValueError("bad node or revision")
+
+        def kvs(rows) -> dict:
+            out = {}
+            for k, r, v in rows:
+                if not isinstance(k, str):
+                    raise ValueError("bad key")
+                r, v = _rev(r), _unb(v)
+                if (r == 0) != (v is None):
+                    raise ValueError("revision and value disagree")
+                out[k] = (r, v)
+            return out
+        cr, cv = d["config"]
+        cr, cv = _rev(cr), _unb(cv)
+        if (cr == 0) != (cv is None):
+            raise ValueError("config revision and value disagree")
+        aff = {}
+        for k, r in d["affinities"]:
+            if not isinstance(k, str) or _rev(r) <= 0:
+                raise ValueError("bad affinity")
+            aff[k] = r
+        pools = kvs(d["pools"])
+        if any(v is None for _, v in pools.values()):
+            raise ValueError("absent pool")
+        return cls(node, revision, pools, (cr, cv), aff, kvs(d["blocks"]), kvs(d["records"]))
+
+
+# -- the plugin's node-local file ----------------------------------------------------
+def file_path(lock_file: str, ident: str) -> str:
+    """``<dir of the lock file>/snapshot-<blake2b(ident), 16 bytes, hex>.json``."""
+    from .pool import _blake2b  # (from _blake2, not hashlib: that loads OpenSSL's libcrypto)
+    digest = _blake2b(ident.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+    return os.path.join(os.path.dirname(lock_file) or ".", f"snapshot-{digest}.json")
+
+
+def load(path: str, ident: str) -> Snapshot | None:
+    """The snapshot in ``path``, or None when there is none or it is unusable in any way
+    (missing, not ours, not a regular file, unreadable, malformed): a snapshot is only a cache."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        import stat
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return None   # written by someone else, or readable by others: not trusted
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            data = f.read(64 * 1024 * 1024)
+        return Snapshot.from_dict(json.loads(data), ident)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def save(path: str, snap: Snapshot | None, ident: str) -> None:
+    """Write ``snap`` to ``path`` atomically (a 0600 temp file renamed over it); None removes
+    the file.  Failures are not errors (the next ADD just reads etcd): returns quietly."""
+    if snap is None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        data = json.dumps(snap.to_dict(ident), separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        try:  # a stale file is harmless (compares) but useless: do not leave it behind
+            os.unlink(path)
+        except OSError:
+            pass
