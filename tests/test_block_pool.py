@@ -188,20 +188,45 @@ def test_property_find_free_block(n, data):
         calls["count"] += 1
         return [sum(1 for i in claimed if lo <= i < hi) for lo, hi in ranges]
 
-    got = find_free_block(n, start, list_from, counts_in, scan=16, fanout=8)
+    got = find_free_block(n, start, list_from, counts_in, scan=16, fanout=8, probes=4)
     free = set(range(n)) - claimed
     if not free:
         assert got is None
     else:
         assert got in free
-        # it is the first free one at/after start, wrapping
-        order = list(range(start, n)) + list(range(0, start))
-        assert got == next(i for i in order if i in free)
-    # one listing per window, and per window one request per level of an 8-ary search
+        # a gap that the first listing of the node's own window (64 indexes, at most 16
+        # keys returned) reaches is taken first, lowest first
+        window = [i for i in range(start, min(n, start + 64)) if i in free]
+        if window and sum(1 for i in claimed if start <= i < window[0]) < 16:
+            assert got == window[0]
+    # one listing for the own window, at most 4 probes, then per side one request per level
     levels = 1
     while 8 ** levels < n:
         levels += 1
-    assert calls["list"] <= 2 and calls["count"] <= 2 * levels
+    assert calls["list"] <= 5 and calls["count"] <= 2 * levels
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(2000, 100000), data=st.data())
+def test_property_dense_run_costs_few_requests(n, data):
+    """A dense run of other nodes' blocks at the start point (the worst case for a
+    first-gap rule) costs a few listings, not a search, while the pool is not nearly full."""
+    start = data.draw(st.integers(0, n - 1))
+    run = data.draw(st.integers(64, n // 2))
+    claimed = {(start + i) % n for i in range(run)}
+    calls = {"list": 0, "count": 0}
+
+    def list_from(lo, hi, limit):
+        calls["list"] += 1
+        return [i for i in range(lo, hi) if i in claimed][:limit]
+
+    def counts_in(ranges):
+        calls["count"] += 1
+        return [sum(1 for i in range(lo, hi) if i in claimed) for lo, hi in ranges]
+
+    got = find_free_block(n, start, list_from, counts_in, scan=16, probes=4)
+    assert got is not None and got not in claimed
+    assert calls["count"] == 0 and calls["list"] <= 4
 
 
 def test_start_index_spreads_nodes():

@@ -198,35 +198,50 @@ def start_index(node: str, n_blocks: int) -> int:
 def find_free_block(n_blocks: int, start: int,
                     list_from: Callable[[int, int, int], list[int]],
                     counts_in: Callable[[list[tuple[int, int]]], list[int]],
-                    scan: int = 32, fanout: int = 64) -> int | None:
-    """The first unclaimed block index at or after ``start`` (wrapping), or None.
+                    scan: int = 32, fanout: int = 64, probes: int = 4) -> int | None:
+    """An unclaimed block index, or None when the pool has none.
 
     ``list_from(lo, hi, limit)`` returns the claimed indexes in [lo, hi) in order,
     at most ``limit``; ``counts_in(ranges)`` counts the claimed indexes of each
-    [lo, hi) range -- all of them in ONE request.  First one short listing from
-    ``start`` (usually enough: one request); when that run is dense, a search
-    that cuts the rest into ``fanout`` ranges, counts them all at once and
-    descends into the first range with a gap finds it in log_fanout(n) requests
-    (3 for 262,144 blocks), never listing every block of the pool.
+    [lo, hi) range -- all of them in ONE request.
 
-    The listing's range is bounded too (``4 * scan`` indexes, at most ``scan``
-    keys returned): etcd 3.4 walks every key of a range before it applies the
-    limit, so a range running to the end of the pool would cost time in
-    proportion to the blocks other nodes claimed after ``start``."""
-    for lo, hi in ((start, n_blocks), (0, start)):
-        if lo >= hi:
-            continue
-        wend = min(hi, lo + 4 * scan)
-        claimed = list_from(lo, wend, scan)
+    1. One short listing of the window at ``start`` (the node's hashed start
+       point): the first gap there is the answer -- usually one request.
+    2. If that window is dense (other nodes hold a run of blocks there), list a
+       few windows spread evenly over the pool from ``start``: in a pool that is
+       not nearly full one of them has a gap (expected 1/(1 - occupancy) probes).
+    3. Only in a nearly full pool: cut the pool into ``fanout`` ranges, count
+       them all at once and descend into the first range with a gap --
+       log_fanout(n) requests (3 for 262,144 blocks).
+    No step lists every block of the pool.
+
+    Each listing is bounded (``4 * scan`` indexes, at most ``scan`` keys
+    returned): etcd 3.4 walks every key of a range before it applies the limit,
+    so a range running to the end of the pool would cost time in proportion to
+    the blocks other nodes claimed after it."""
+    window = 4 * scan
+
+    def gap_in(lo: int) -> int | None:
+        hi = min(n_blocks, lo + window)
+        claimed = list_from(lo, hi, scan)
         expect = lo
         for i in claimed:
             if i > expect:
                 return expect
             expect = i + 1
-        if len(claimed) < scan and expect < wend:
+        if len(claimed) < scan and expect < hi:
             return expect
-        # dense run: search the rest of [expect, hi) by counting, fanout ranges a request
-        lo = expect
+        return None
+
+    got = gap_in(start)
+    if got is not None:
+        return got
+    if n_blocks > window:
+        for k in range(1, probes + 1):
+            got = gap_in((start + k * n_blocks // (probes + 1)) % n_blocks)
+            if got is not None:
+                return got
+    for lo, hi in ((start, n_blocks), (0, start)):
         while lo < hi:
             k = min(fanout, hi - lo)
             cuts = [lo + (hi - lo) * j // k for j in range(k + 1)]
@@ -238,5 +253,5 @@ def find_free_block(n_blocks: int, start: int,
                     lo, hi = a, b
                     break
             else:
-                break  # every range is full: try the other window
+                break  # every range is full: try the other side of the start point
     return None
