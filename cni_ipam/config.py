@@ -6,13 +6,12 @@ are ignored with a debug log, as an operator upgrading configs would expect.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 import socket
 from cni_ipam._records import dataclass, field
 
-log = logging.getLogger("cni_ipam")
+from .log import log
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/cni-ipam"

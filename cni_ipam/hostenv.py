@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import time
 
-log = logging.getLogger("cni_ipam")
+from .log import log
 
 
 class LockTimeout(Exception):
@@ -17,29 +16,7 @@ class LockTimeout(Exception):
 def setup_logging(log_file: str | None, level: str = "info", tag: str = "") -> None:
     """Log to ``log_file`` (created 0600) at ``level`` and to stderr at warning.
     stdout is the CNI protocol: nothing is ever logged there."""
-    root = logging.getLogger("cni_ipam")
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    root.propagate = False
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        if getattr(h, "_cni_ipam_log_file", False):  # ours: close the file (in-process callers repeat this)
-            h.close()
-            h.stream.close()
-    fmt = logging.Formatter(f"%(asctime)s %(levelname)s [%(process)d]{(' ' + tag) if tag else ''} %(message)s")
-    err = logging.StreamHandler()  # stderr
-    err.setLevel(logging.WARNING)
-    err.setFormatter(fmt)
-    root.addHandler(err)
-    if log_file:
-        try:
-            os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
-            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            fh = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
-            fh._cni_ipam_log_file = True
-            fh.setFormatter(fmt)
-            root.addHandler(fh)
-        except OSError as e:
-            root.warning("cannot open log file %s: %s", log_file, e.strerror)
+    log.configure(log_file, level, tag)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ anything here is imported; no verb imports grpc or pyroute2.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -15,7 +14,7 @@ from .cni.result import IPConfig, render_result
 from .config import ConfigError, IpamConfig, node_name, parse_ipam_config
 from .hostenv import LockTimeout, host_lock, setup_logging
 
-log = logging.getLogger("cni_ipam")
+from .log import log
 
 # CNI error codes used here (spec: 3 unknown container, 7 invalid config, 11 try again, 50 unavailable)
 UNKNOWN_CONTAINER, INVALID_CONFIG, TRY_AGAIN, UNAVAILABLE = 3, 7, 11, 50

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -949,16 +948,21 @@ def test_skel_status_unavailable():
     assert rc == 1 and one_doc(out)["code"] == 50
 
 
-def test_skel_internal_error(caplog):
-    with caplog.at_level(logging.ERROR, logger="cni_ipam"):
+def test_skel_internal_error(tmp_path):
+    from cni_ipam.log import log
+    log.configure(str(tmp_path / "x.log"), "info")
+    try:
         rc, out, _ = invoke(env_for("DEL"), conf_bytes("0.3.1"), Recorder(fail=RuntimeError("boom")))
+    finally:
+        log.close()
     assert rc == 1
     doc = one_doc(out)
     assert doc == {"cniVersion": "0.3.1", "code": 999, "msg": "internal error: RuntimeError: boom",
                    "details": ""}
     assert "Traceback" not in out.getvalue()
-    rec = [r for r in caplog.records if r.name == "cni_ipam" and r.exc_info]
-    assert rec and rec[0].exc_info[0] is RuntimeError
+    logged = (tmp_path / "x.log").read_text()
+    assert "internal error handling CNI DEL" in logged
+    assert "Traceback" in logged and "RuntimeError: boom" in logged
 
 
 @pytest.mark.parametrize("environ,code", [

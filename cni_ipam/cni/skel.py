@@ -15,7 +15,7 @@
   missing env variable -- the config's if stdin holds a JSON object with a
   supported ``cniVersion`` (none = ``0.1.0``), else ``1.1.0``.
 * Any other exception -> code 999 ``"internal error: <type>: <msg>"``, the
-  traceback goes to ``logging.getLogger("cni_ipam")`` only (never stdout),
+  traceback goes to the package's logger (``cni_ipam.log``) only (never stdout),
   exit 1.
 
 At most one JSON document is written, always newline-terminated and
@@ -25,7 +25,6 @@ serialisation failure cannot leave half a document behind.
 from __future__ import annotations
 
 import json
-import logging
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Mapping, TextIO
@@ -37,7 +36,7 @@ from .version import DEFAULT_CONFIG_VERSION, LATEST_VERSION, is_supported, versi
 
 __all__ = ["run", "Handlers"]
 
-log = logging.getLogger("cni_ipam")
+from ..log import log
 
 _METHODS = {
     "ADD": "add",

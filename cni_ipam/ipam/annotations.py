@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
 from .selector import SelectorError, parse as parse_selector
 
-log = logging.getLogger("cni_ipam")
+from ..log import log
 
 DEFAULT_PREFIX = "cni.projectcalico.org"
 IPV4POOLS, IPV6POOLS, IPADDRS = "ipv4pools", "ipv6pools", "ipAddrs"

@@ -15,7 +15,6 @@ read, and the txn's compares prove all of it is still current (else: re-read).
 from __future__ import annotations
 
 import ipaddress
-import logging
 import time
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
@@ -33,7 +32,7 @@ from .model import Assignment, Handle, IPAMConfig
 from .pool import Pool, PoolError, find_free_block, pool_of_ip, select_pools, start_index
 from .snapshot import Snapshot
 
-log = logging.getLogger("cni_ipam")
+from ..log import log
 
 
 @dataclass

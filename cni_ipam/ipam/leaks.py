@@ -14,12 +14,11 @@ and releases only handles that are still leaked.
 """
 from __future__ import annotations
 
-import logging
 from cni_ipam._records import dataclass, field
 
 from .errors import IPAMError
 
-log = logging.getLogger("cni_ipam")
+from ..log import log
 
 
 @dataclass
