@@ -207,9 +207,10 @@ def find_free_block(n_blocks: int, start: int,
 
     1. One short listing of the window at ``start`` (the node's hashed start
        point): the first gap there is the answer -- usually one request.
-    2. If that window is dense (other nodes hold a run of blocks there), list a
-       few windows spread evenly over the pool from ``start``: in a pool that is
-       not nearly full one of them has a gap (expected 1/(1 - occupancy) probes).
+    2. If that window is dense (other nodes hold a run of blocks there), list the
+       window just before ``start`` (runs grow forward from the start points of
+       the nodes that claimed them), then a few windows spread over the pool: in
+       a pool that is not nearly full one of them has a gap.
     3. Only in a nearly full pool: cut the pool into ``fanout`` ranges, count
        them all at once and descend into the first range with a gap --
        log_fanout(n) requests (3 for 262,144 blocks).
@@ -237,8 +238,11 @@ def find_free_block(n_blocks: int, start: int,
     if got is not None:
         return got
     if n_blocks > window:
-        for k in range(1, probes + 1):
-            got = gap_in((start + k * n_blocks // (probes + 1)) % n_blocks)
+        # first the window just BEFORE the start point (runs grow forward from the start
+        # points of the nodes that claimed them), then windows spread over the pool
+        for lo in [(start - window) % n_blocks] + [(start + k * n_blocks // probes) % n_blocks
+                                                   for k in range(1, probes)]:
+            got = gap_in(lo)
             if got is not None:
                 return got
     for lo, hi in ((start, n_blocks), (0, start)):
