@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 
-from bench.common import RESULTS, ROOT, binary_note, fmt, log, table, write_json
+from bench.common import RESULTS, ROOT, binary_note, log, table, write_json
 
 BENCHES = ["engine", "exec", "burst", "claim", "nodes", "memory"]
 README_BEGIN = "<!-- bench:begin (written by `make bench`; do not edit by hand) -->"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from bench.common import cdf_plot, log, ratio, stats_ms, table, write_json
+from bench.common import cdf_plot, ratio, stats_ms, table
 from cni_ipam.datastore import Read, open_datastore
 from cni_ipam.datastore.gateway import _compare_json, _op_json
 from cni_ipam.datastore.base import Compare, Put

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 
-from bench.common import (ExecEnv, PYTHON, binary_note, cdf_plot, cni_env, cni_ipam_conf, exec_once,
+from bench.common import (ExecEnv, PYTHON, binary_note, cni_env, cni_ipam_conf, exec_once,
                           host_local_conf, log, pyplot, ratio, save_plot, stats_ms, table)
 from cni_ipam.datastore import open_datastore
 from cni_ipam.ipam.engine import IPAM

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 from bench.common import (PYTHON, ROOT, ExecEnv, binary_note, log, pyplot, save_plot, stats_ms, table)

@@ -1,4 +1,5 @@
 """Exec the plugin the way a runtime does: env + stdin, as a subprocess."""
+import contextlib
 import json
 import os
 import subprocess
@@ -60,3 +61,19 @@ def netconf(endpoint, prefix, tmp_path, *, version="1.0.0", name="testnet", node
     }
     conf["ipam"].update(ipam)
     return conf
+
+
+@contextlib.contextmanager
+def seed_store(endpoint, prefix):
+    """An engine over the test's etcd prefix with the seed's two pools (blockSize 29)."""
+    from cni_ipam.datastore import open_datastore
+    from cni_ipam.ipam.engine import IPAM
+    from cni_ipam.ipam.pool import make_pool
+    ds = open_datastore(endpoint)
+    ipam = IPAM(ds, prefix)
+    ipam.create_pool(make_pool("external-pool", "172.16.0.0/26", 29))
+    ipam.create_pool(make_pool("internal-pool", "192.168.0.0/16", 29))
+    try:
+        yield ipam
+    finally:
+        ds.close()

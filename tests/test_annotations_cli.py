@@ -13,7 +13,7 @@ import pytest
 from cni_ipam.datastore import open_datastore
 from cni_ipam.ipam.engine import IPAM
 from cni_ipam.ipam.pool import make_pool
-from tests.plugin_helpers import ROOT, exec_plugin, netconf
+from tests.plugin_helpers import ROOT, exec_plugin, netconf, seed_store
 
 V4 = "cni.projectcalico.org/ipv4pools"
 EXTERNAL, INTERNAL = ipaddress.ip_network("172.16.0.0/26"), ipaddress.ip_network("192.168.0.0/16")
@@ -38,12 +38,8 @@ def cli(etcd_server, etcd_prefix):
 
 @pytest.fixture
 def ipam(etcd_server, etcd_prefix):
-    ds = open_datastore(etcd_server.endpoint)
-    ipam = IPAM(ds, etcd_prefix)
-    ipam.create_pool(make_pool("external-pool", "172.16.0.0/26", 29))
-    ipam.create_pool(make_pool("internal-pool", "192.168.0.0/16", 29))
-    yield ipam
-    ds.close()
+    with seed_store(etcd_server.endpoint, etcd_prefix) as store:
+        yield store
 
 
 @pytest.fixture

@@ -29,27 +29,7 @@ CONF = Path(ROOT) / "conf"
 TESTED = {"pools.yaml", "10-cni-ipam-bridge.conflist", "20-cni-ipam-ptp.conflist", "ipamconfig.yaml",
           "kubeconfig.template"}
 
-SEED_POOLS_YAML = """\
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: external-pool
-spec:
-  cidr: 172.16.0.0/26
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
----
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: internal-pool
-spec:
-  cidr: 192.168.0.0/16
-  blockSize: 29
-  ipipMode: Always
-  natOutgoing: true
-"""
+from tests.test_cli_common import SEED_POOLS as SEED_POOLS_YAML  # noqa: E402 (the seed's text, once)
 
 
 def cli(etcd_server, prefix, *args, timeout=60) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from cni_ipam.datastore import open_datastore
 from cni_ipam.ipam.engine import IPAM
 from cni_ipam.ipam.pool import make_pool
 from cni_ipam.k8s import K8sError, KubeClient, NotFound, client_from_config
-from tests.plugin_helpers import exec_plugin, netconf
+from tests.plugin_helpers import exec_plugin, netconf, seed_store
 from tests.support.k8s_standin import GOOD_TOKEN, K8sStandin
 
 P = "cni.projectcalico.org"
@@ -161,12 +161,8 @@ def test_unknown_path_is_a_status_object(api, tmp_path):
 
 @pytest.fixture
 def ipam(etcd_server, etcd_prefix):
-    ds = open_datastore(etcd_server.endpoint)
-    ipam = IPAM(ds, etcd_prefix)
-    ipam.create_pool(make_pool("external-pool", "172.16.0.0/26", 29))
-    ipam.create_pool(make_pool("internal-pool", "192.168.0.0/16", 29))
-    yield ipam
-    ds.close()
+    with seed_store(etcd_server.endpoint, etcd_prefix) as store:
+        yield store
 
 
 @pytest.fixture

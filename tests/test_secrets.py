@@ -27,7 +27,7 @@ from cni_ipam.ipam.engine import IPAM
 from cni_ipam.ipam.keys import escape, unescape
 from cni_ipam.ipam.pool import make_pool
 from tests.plugin_helpers import PLUGIN, ROOT, exec_plugin, netconf
-from tests.support.etcd import EtcdServer, make_test_certs
+from tests.support.etcd import EtcdServer
 
 PASSWORD = "etcd-pw-" + secrets.token_hex(10)
 ROOT_PASSWORD = "root-pw-" + secrets.token_hex(10)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import bisect
 import collections
 import ipaddress
 import json
@@ -53,7 +52,6 @@ import os
 import queue
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +63,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from cni_ipam.ipam.keys import unescape  # noqa: E402
 from tests.support.etcd import EtcdCluster, _pdeathsig, post_json  # noqa: E402
 
 PREFIX = "/chaos"
@@ -152,16 +151,7 @@ class Snapshot:
         return sum(len(b["alloc"]) for b in self.blocks.values())
 
 
-def _unescape(s: str) -> str:
-    out, i = bytearray(), 0
-    while i < len(s):
-        if s[i] == "%":
-            out.append(int(s[i + 1:i + 3], 16))
-            i += 3
-        else:
-            out.append(ord(s[i]))
-            i += 1
-    return out.decode()
+_unescape = unescape
 
 
 def parse_state(kvs: dict[str, bytes], prefix: str = PREFIX) -> Snapshot:

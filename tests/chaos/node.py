@@ -21,7 +21,6 @@ left for GC.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
