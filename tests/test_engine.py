@@ -231,3 +231,31 @@ def test_claim_after_a_dense_run_is_found_in_few_requests(ipam):
     assert Block.from_json(ipam.ds.get(ipam.keys.block(a.block)).value).node == "n1"
     # batched read + own window + probe windows (the first lies inside the run) + commit
     assert ipam.ds.requests - n <= 6
+
+
+def test_empty_blocks_of_gone_nodes_are_reclaimed_when_the_pool_is_out_of_blocks(ipam):
+    """Node churn must not exhaust a small pool: a block that another node emptied more
+    than RECLAIM_EMPTY_AFTER ago is taken over (one txn); a recently emptied one is not."""
+    from cni_ipam.datastore import Put
+    from cni_ipam.ipam import engine as eng
+    ipam.create_pool(make_pool("p", "10.120.0.0/28", 29))     # two /29 blocks
+    a = ipam.assign(req("old-a", node="gone-1")).handle.addresses[0]
+    b = ipam.assign(req("old-b", node="gone-2")).handle.addresses[0]
+    ipam.release("old-a")
+    ipam.release("old-b")
+    # gone-1's block has been empty for two minutes, gone-2's only just
+    key_a = ipam.keys.block(a.block)
+    blk = Block.from_json(ipam.ds.get(key_a).value)
+    assert blk.empty_since > 0
+    blk.empty_since -= 2 * eng.RECLAIM_EMPTY_AFTER
+    ipam.ds.commit([], [Put(key_a, blk.to_json())])
+    got = ipam.assign(req("new", node="n3")).handle.addresses[0]
+    assert got.block == a.block
+    taken = Block.from_json(ipam.ds.get(key_a).value)
+    assert taken.node == "n3" and taken.holder(got.ip) == "new"
+    assert ipam.ds.get(ipam.keys.affinity_key("gone-1", a.block)) is None
+    assert ipam.ds.get(ipam.keys.affinity_key("n3", a.block)) is not None
+    # gone-2's block was emptied just now: not taken; the pool is exhausted for n4
+    with pytest.raises(PoolExhausted):
+        ipam.assign(req("other", node="n4"))
+    assert Block.from_json(ipam.ds.get(ipam.keys.block(b.block)).value).node == "gone-2"

@@ -56,6 +56,7 @@ class Block:
     allocations: dict[int, str] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)
     seq: int = 0
+    empty_since: float = 0.0   # when the last address was released (0: in use, or never used)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -109,10 +110,12 @@ class Block:
                                  f"network, gateway and broadcast addresses are never handed out)") from None
         self.allocations[o] = handle_id
         self.seq += 1
+        self.empty_since = 0.0
         return self.ip(o)
 
-    def release(self, ip, handle_id: str | None = None) -> bool:
-        """Free ``ip``; with ``handle_id``, only if that handle holds it.  True if freed."""
+    def release(self, ip, handle_id: str | None = None, now: float | None = None) -> bool:
+        """Free ``ip``; with ``handle_id``, only if that handle holds it.  True if freed.
+        The block remembers when it became empty (``now``, default: the clock)."""
         o = self.ordinal(ip)
         holder = self.allocations.get(o)
         if holder is None or (handle_id is not None and holder != handle_id):
@@ -120,6 +123,11 @@ class Block:
         del self.allocations[o]
         self.free.append(o)
         self.seq += 1
+        if not self.allocations:
+            if now is None:
+                import time
+                now = time.time()
+            self.empty_since = now
         return True
 
     def holder(self, ip) -> str | None:
@@ -135,6 +143,7 @@ class Block:
             "allocations": {str(k): v for k, v in sorted(self.allocations.items())},
             "free": self.free,
             "seq": self.seq,
+            **({"emptySince": self.empty_since} if self.empty_since else {}),
         }
 
     def to_json(self) -> bytes:
@@ -149,7 +158,8 @@ class Block:
             allocations = {int(k): str(v) for k, v in d["allocations"].items()}
             free = [int(x) for x in d["free"]]
             b = cls(cidr=cidr, pool=str(d["pool"]), node=d.get("node"), mode=d.get("mode", BRIDGE),
-                    allocations=allocations, free=free, seq=int(d.get("seq", 0)))
+                    allocations=allocations, free=free, seq=int(d.get("seq", 0)),
+                    empty_since=float(d.get("emptySince", 0.0)))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BlockError(f"undecodable block: {e}") from None
         n = cidr.num_addresses

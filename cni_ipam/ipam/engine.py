@@ -34,6 +34,10 @@ from .snapshot import Snapshot
 
 from ..log import log
 
+#: a block of another node that has been empty this long may be taken over when a pool
+#: has no unclaimed block left (Calico reclaims empty blocks of other hosts likewise)
+RECLAIM_EMPTY_AFTER = 60.0
+
 
 @dataclass
 class AssignRequest:
@@ -76,6 +80,7 @@ class _Txn:
         self.compares: dict[str, int] = {}
         self.puts: dict[str, bytes] = {}
         self.blocks: dict[str, Block] = {}
+        self.deletes: list[str] = []
 
     def touch(self, key: str, rev: int, block: Block):
         self.compares.setdefault(key, rev)
@@ -85,7 +90,7 @@ class _Txn:
         for key, b in self.blocks.items():
             self.puts[key] = b.to_json()
         return ([Compare(k, r) for k, r in self.compares.items()],
-                [Put(k, v) for k, v in self.puts.items()])
+                [Put(k, v) for k, v in self.puts.items()] + [Delete(k) for k in self.deletes])
 
 
 class _Fallback(Exception):
@@ -537,6 +542,11 @@ class IPAM:
                 txn.touch(k.block(b.cidr), 0, b)
                 log.info("claimed block %s of pool %s for node %s", b.cidr, p.name, req.node)
                 return self._assignment(req, b, ip), 1
+            # 2b. take over an empty block of another node (idle for RECLAIM_EMPTY_AFTER)
+            for p in pools:
+                got = self._reclaim(req, p, txn)
+                if got:
+                    return got, 1
             reason = "no unclaimed block is left"
         # 3. borrow from another node's block (routed mode, no strict affinity)
         if cfg.strict_affinity:
@@ -570,6 +580,32 @@ class IPAM:
             return [r.count for r in self.ds.read(reads)]
 
         return find_free_block(p.n_blocks, start_index(node, p.n_blocks), list_from, counts_in)
+
+    def _reclaim(self, req, p: Pool, txn: _Txn) -> Assignment | None:
+        """When a pool has no unclaimed block left: take over a block of another node that has
+        been empty for RECLAIM_EMPTY_AFTER seconds (a node that went away, or scaled down),
+        so that node churn cannot exhaust a small pool.  One txn: the block is compared on its
+        mod revision (still empty, still that node's), the other node's affinity is deleted and
+        ours written.  Only scanned when the pool is out of unclaimed blocks."""
+        now = time.time()
+        s, e = self._pool_key_range(p, 0, p.n_blocks)
+        for kv in self.ds.range(s, e):
+            if kv.key in txn.blocks:
+                continue
+            b = _decode(kv.key, kv, Block.from_json)
+            if (b.node == req.node or b.allocations or not b.empty_since
+                    or now - b.empty_since < RECLAIM_EMPTY_AFTER or not p.usable_in(req.mode)):
+                continue
+            fresh = Block.new(b.cidr, p.name, req.node, req.mode)
+            self._claim(req.node, fresh, txn)
+            if b.node:
+                txn.deletes.append(self.keys.affinity_key(b.node, b.cidr))
+            ip = fresh.allocate(req.handle_id)
+            txn.touch(kv.key, kv.mod_revision, fresh)
+            log.info("reclaimed block %s of pool %s from node %s (empty for %ds) for node %s",
+                     b.cidr, p.name, b.node, now - b.empty_since, req.node)
+            return self._assignment(req, fresh, ip)
+        return None
 
     def _borrow(self, req, p: Pool, txn: _Txn) -> Assignment | None:
         s, e = self._pool_key_range(p, 0, p.n_blocks)
