@@ -183,8 +183,11 @@ class Plugin:
                                                              lambda ipam: ipam.gc(conf.name, node, keep)))
         log.info("GC %s on %s: released %d handle(s), %d failure(s)", conf.name, node, len(released), len(failed))
         if failed:
-            raise CNIError(TRY_AGAIN, f"gc: {len(failed)} handle(s) could not be released",
-                           "; ".join(f"{h}: {m}" for h, m in failed[:20]))
+            # corrupt data everywhere: retrying will not help, say so (113); else try again (11)
+            codes = {c for _, _, c in failed}
+            code = codes.pop() if len(codes) == 1 and TRY_AGAIN not in codes else TRY_AGAIN
+            raise CNIError(code, f"gc: {len(failed)} handle(s) could not be released",
+                           "; ".join(f"{h}: {m}" for h, m, _ in failed[:20]))
 
     def status(self, env, conf) -> None:
         ic, node = self._setup(env, conf)

@@ -97,6 +97,7 @@ def test_corrupt_block_fails_add_and_del_naming_the_key(store, conf, garbage, et
     assert_error(exec_plugin("DEL", c, container="c1"), 113, names=bkey)
     r = exec_plugin("GC", dict(c, **{"cni.dev/valid-attachments": []}), container=None, ifname=None, netns=None)
     assert r.rc != 0 and "Traceback" not in r.stderr and bkey in r.stdout, r.stdout
+    assert json.loads(r.stdout)["code"] == 113   # corrupt data: retrying would not help
     assert snapshot(store) == before          # nothing written, the corrupt key least of all
     if garbage in (b"", b"not json", b"{"):
         assert_check_reports(etcd_server, etcd_prefix, bkey)
@@ -139,6 +140,7 @@ def test_corrupt_handle_fails_add_check_del_and_gc_goes_on(store, conf, etcd_ser
     assert store.ds.get(hkey).value == b"{garbage"
     assert store.get_handle("testnet.other.eth0") is None, "GC gave up on the good handle"
     assert r.rc != 0 and hkey in r.stdout, r.stdout
+    assert json.loads(r.stdout)["code"] == 113
 
 
 def test_handle_pointing_nowhere(store, conf, etcd_server, etcd_prefix):

@@ -697,9 +697,9 @@ class IPAM:
         return True if self.ds.commit(compares, ops) else None
 
     # ------------------------------------------------------------------ gc
-    def gc(self, network: str, node: str, keep: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    def gc(self, network: str, node: str, keep: set[str]) -> tuple[list[str], list[tuple[str, str, int]]]:
         """Release every handle of ``network`` on ``node`` whose id is not in ``keep``.
-        Goes on past individual failures; returns (released ids, [(id, error)])."""
+        Goes on past individual failures; returns (released ids, [(id or key, error, code)])."""
         released, failed = [], []
         corrupt: list[tuple[str, str]] = []   # never decoded, never touched: reported
         for h in self.handles(network=network, node=node, errors=corrupt):
@@ -709,10 +709,10 @@ class IPAM:
                 self.release(h.id)
                 released.append(h.id)
             except IPAMError as e:
-                failed.append((h.id, e.msg))
+                failed.append((h.id, e.msg, e.code))
                 log.warning("gc: could not release %s: %s", h.id, e.msg)
         for key, msg in corrupt:
-            failed.append((key, msg))
+            failed.append((key, msg, CorruptData.code))
             log.warning("gc: %s", msg)
         return released, failed
 
