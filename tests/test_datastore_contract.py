@@ -408,9 +408,12 @@ def _client_pinned_to(cluster, member, transport, timeout=FAILOVER_TIMEOUT):
 
 def _use_after_failure(ds, key: str, budget: float) -> None:
     t0 = time.monotonic()
-    assert ds.commit([Compare(key, 0)], [Put(key, b"1")])
+    # A write that met the broken member may have been applied while its answer was lost;
+    # the retry on another member then finds the key existing (False).  That is the
+    # contract (the engine re-reads and recognises its own write): either way, our value.
+    ok = ds.commit([Compare(key, 0)], [Put(key, b"1")])
     kv = ds.get(key)
-    assert kv.value == b"1"
+    assert kv.value == b"1", (ok, kv)
     assert ds.commit([Compare(key, kv.mod_revision)], [Put(key, b"2")])
     assert ds.read([read_key(key), read_key(key + "/none")])[0].kvs[0].value == b"2"
     assert time.monotonic() - t0 < budget
