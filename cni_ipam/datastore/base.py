@@ -84,6 +84,18 @@ class Delete:
     key: str
 
 
+def client_endpoints(endpoints, username: str | None, password: str | None) -> list[str]:
+    """The endpoint list of a transport's constructor (a list or a comma-separated string),
+    checked together with the auth arguments both transports take."""
+    if isinstance(endpoints, str):
+        endpoints = [e for e in endpoints.split(",") if e.strip()]
+    if not endpoints:
+        raise ValueError("no etcd endpoints given")
+    if (username is None) != (password is None):
+        raise ValueError("etcd username and password go together")
+    return list(endpoints)
+
+
 def with_failover(urls: Sequence[str], start: int, deadline: float, timeout: float,
                   attempt: Callable[[int, float], tuple[bool, object]]) -> tuple[int, object]:
     """Ask endpoints round robin, starting at ``start``, until one answers or ``deadline``.

@@ -25,7 +25,7 @@ import sys
 import time
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read, with_failover)
+                   Put, RangeResult, Read, with_failover, client_endpoints)
 
 TYPE_CHECKING = False  # (typing is not imported at run time: annotations are strings here)
 if TYPE_CHECKING:  # pragma: no cover
@@ -306,12 +306,7 @@ class GatewayDatastore(Datastore):
     def __init__(self, endpoints: Sequence[str] | str, *, timeout: float = 10.0,
                  ca_cert: str | None = None, cert: str | None = None, key: str | None = None,
                  username: str | None = None, password: str | None = None):
-        if isinstance(endpoints, str):
-            endpoints = [e for e in endpoints.split(",") if e.strip()]
-        if not endpoints:
-            raise ValueError("no etcd endpoints given")
-        if (username is None) != (password is None):
-            raise ValueError("etcd username and password go together")
+        endpoints = client_endpoints(endpoints, username, password)
         if key is not None and cert is None:
             raise ValueError("a client key needs its client cert")
         tls_hint = bool(ca_cert or cert)

@@ -20,7 +20,7 @@ import grpc
 from etcd3 import etcdrpc
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read, with_failover)
+                   Put, RangeResult, Read, with_failover, client_endpoints)
 
 
 _FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -135,12 +135,7 @@ class GrpcDatastore(Datastore):
     def __init__(self, endpoints: Sequence[str] | str, *, timeout: float = 10.0,
                  ca_cert: str | None = None, cert: str | None = None, key: str | None = None,
                  username: str | None = None, password: str | None = None):
-        if isinstance(endpoints, str):
-            endpoints = [e for e in endpoints.split(",") if e.strip()]
-        if not endpoints:
-            raise ValueError("no etcd endpoints given")
-        if (username is None) != (password is None):
-            raise ValueError("etcd username and password go together")
+        endpoints = client_endpoints(endpoints, username, password)
         if (cert is None) != (key is None):
             raise ValueError("a client cert and its key go together")
         self.timeout = float(timeout)
