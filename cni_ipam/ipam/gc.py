@@ -1,0 +1,267 @@
+"""Store-side garbage collection: the guarded transactions the controller (and
+``cni-ipam node remove``) use to free leaked addresses, empty blocks and the
+affinities of nodes that are gone.
+
+Every function here builds ONE compare-and-swap transaction per object:
+
+* the records it read are compared on their mod revision (nothing changed since they
+  were judged: a handle re-created under the same id, an address allocated in a block
+  that looked empty, ... make the txn fail and the object is judged again later);
+* ``guards``: extra compares the caller adds to every write -- the controller passes the
+  compare on its leadership key, so a former leader that was paused (SIGSTOP, a long GC
+  pause) and lost its lease can never write: its txn fails on the guard and
+  :class:`GuardLost` is raised.
+
+Nothing here decides WHAT is leaked (that needs Kubernetes: cni_ipam/controller/).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..datastore import Compare, Datastore, Delete, Put, Read
+from .block import Block, BlockError
+from .errors import IPAMError
+from .keys import Keys, block_from_id, escape, unescape
+from .model import Handle
+
+#: attempts of one object's txn when it loses against a concurrent writer
+RETRIES = 10
+
+
+class GuardLost(IPAMError):
+    """A guard compare (the controller's leadership) no longer holds: nothing was written."""
+    code = 11
+
+
+def leader_key(keys: Keys, name: str = "leader") -> str:
+    """The controller's leadership key (a lease-backed key; its mod revision is the guard)."""
+    return keys.root + "controller/" + escape(name)
+
+
+def guards_hold(ds: Datastore, guards: Sequence[Compare]) -> bool:
+    """Do ``guards`` (EQUAL compares on mod revisions) hold now?"""
+    if not guards:
+        return True
+    got = ds.read([Read(g.key) for g in guards])
+    for g, res in zip(guards, got):
+        rev = res.kvs[0].mod_revision if res.kvs else 0
+        if rev != g.mod_revision:
+            return False
+    return True
+
+
+def _commit(ds: Datastore, compares: list, ops: list, guards: Sequence[Compare]) -> bool:
+    """Commit; on failure tell a lost guard (raise) from a lost CAS (False)."""
+    if ds.commit(list(compares) + list(guards), ops):
+        return True
+    if not guards_hold(ds, guards):
+        raise GuardLost("this controller is no longer the leader (its leadership key changed); "
+                        "nothing was written")
+    return False
+
+
+def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision: int | None = None,
+                   guards: Sequence[Compare] = (), retries: int = RETRIES) -> list[str] | None:
+    """Release everything one handle holds, all together (one txn: the handle record is deleted
+    and every block it holds an address in is rewritten).
+
+    ``expect_revision``: the handle's mod revision when it was judged leaked; if the record
+    changed since (or is gone), nothing is released and None is returned.
+    Returns the released addresses; raises GuardLost."""
+    hkey = keys.handle(handle_id)
+    for _ in range(retries):
+        hkv = ds.get(hkey)
+        if hkv is None or (expect_revision is not None and hkv.mod_revision != expect_revision):
+            return None
+        h = Handle.from_json(hkv.value)
+        bkeys = list(dict.fromkeys(keys.block(a.block) for a in h.addresses))
+        compares = [Compare(hkey, hkv.mod_revision)]
+        ops: list = [Delete(hkey)]
+        released: list[str] = []
+        for key, kv in zip(bkeys, ds.get_many(bkeys) if bkeys else []):
+            if kv is None:
+                compares.append(Compare(key, 0))
+                continue
+            b = Block.from_json(kv.value)
+            for a in h.addresses:
+                if a.ip in b.cidr and b.release(a.ip, handle_id):
+                    released.append(str(a.ip))
+            compares.append(Compare(key, kv.mod_revision))
+            ops.append(Put(key, b.to_json()))
+        if _commit(ds, compares, ops, guards):
+            return released
+    raise IPAMError(f"release of handle {handle_id}: gave up after {retries} conflicting attempts")
+
+
+def delete_empty_block(ds: Datastore, keys: Keys, block_key: str, *, expect_revision: int | None,
+                       affinity_keys: Sequence[str] | None = None, guards: Sequence[Compare] = ()) -> bool:
+    """Delete a block that is empty at ``expect_revision`` together with its affinity records
+    (``affinity_keys``; default: its owner's).  False (nothing written) when the block changed since
+    (``expect_revision`` None: whatever its revision now, if it is empty now)."""
+    kv = ds.get(block_key)
+    if kv is None or (expect_revision is not None and kv.mod_revision != expect_revision):
+        return False
+    try:
+        b = Block.from_json(kv.value)
+    except BlockError:
+        return False   # undecodable: never touched here (`cni-ipam check` reports it)
+    if b.allocations:
+        return False
+    if affinity_keys is None:
+        affinity_keys = [keys.affinity_key(b.node, b.cidr)] if b.node else []
+    compares = [Compare(block_key, kv.mod_revision)]
+    ops: list = [Delete(block_key)] + [Delete(a) for a in dict.fromkeys(affinity_keys)]
+    return _commit(ds, compares, ops, guards)
+
+
+def delete_affinity(ds: Datastore, keys: Keys, affinity_key: str, *, guards: Sequence[Compare] = ()) -> bool:
+    """Delete an affinity record whose block does not exist (compare: the block is still absent)."""
+    rest = affinity_key[len(keys.affinity):]
+    _, _, bid = rest.partition("/")
+    kv = ds.get(affinity_key)
+    if kv is None:
+        return False
+    return _commit(ds, [Compare(affinity_key, kv.mod_revision), Compare(keys.blocks + bid, 0)],
+                   [Delete(affinity_key)], guards)
+
+
+# ----------------------------------------------------------------------------- a node by hand
+
+def node_records(ipam, node: str) -> dict:
+    """What the store holds for ``node``: its handles, its blocks (empty or not) and its
+    affinity records (for ``node remove`` to show before it acts)."""
+    ds, k = ipam.ds, ipam.keys
+    handles = [h for h in ipam.handles() if h.node == node]
+    affs = [kv.key for kv in ds.get_prefix(k.node_affinity(node), keys_only=True)]
+    blocks = []
+    for kv in ds.get_prefix(k.blocks):
+        try:
+            b = Block.from_json(kv.value)
+        except BlockError:
+            continue
+        if b.node == node:
+            blocks.append((kv, b))
+    return {"handles": handles, "affinities": affs, "blocks": blocks}
+
+
+def remove_node(ipam, node: str, *, guards: Sequence[Compare] = ()) -> dict:
+    """The node is gone: release every handle recorded on it, delete its blocks that are then
+    empty with their affinities, and affinities whose block does not exist.  Blocks still
+    holding addresses of other nodes (borrowed) stay, with their affinity.
+    Returns {"released": [{"handle", "addresses"}], "blocksDeleted": [...], "blocksKept": [...],
+    "affinitiesDeleted": [...]}."""
+    ds, k = ipam.ds, ipam.keys
+    rec = node_records(ipam, node)
+    out = {"node": node, "released": [], "blocksDeleted": [], "blocksKept": [], "affinitiesDeleted": []}
+    for h in rec["handles"]:
+        got = release_handle(ds, k, h.id, guards=guards)
+        if got is not None:
+            out["released"].append({"handle": h.id, "addresses": got})
+    for kv, b in rec["blocks"]:
+        fresh = ds.get(kv.key)
+        if fresh is None:
+            continue
+        try:
+            fb = Block.from_json(fresh.value)
+        except BlockError:
+            continue
+        if fb.allocations:
+            out["blocksKept"].append({"block": str(fb.cidr), "inUse": fb.in_use})
+            continue
+        if delete_empty_block(ds, k, kv.key, expect_revision=fresh.mod_revision, guards=guards):
+            out["blocksDeleted"].append(str(fb.cidr))
+    kept = {b["block"] for b in out["blocksKept"]}
+    for akey in rec["affinities"]:
+        bid = akey[len(k.node_affinity(node)):]
+        try:
+            net = block_from_id(bid)
+        except (ValueError, IndexError):
+            continue
+        if str(net) in kept or str(net) in out["blocksDeleted"]:
+            continue
+        if delete_affinity(ds, k, akey, guards=guards):
+            out["affinitiesDeleted"].append(str(net))
+    return out
+
+
+def affinity_node(keys: Keys, affinity_key: str) -> str:
+    """The node an affinity key belongs to."""
+    return unescape(affinity_key[len(keys.affinity):].partition("/")[0])
+
+
+# ----------------------------------------------------------------------------- one read of the store
+
+class BlockInfo:
+    __slots__ = ("key", "rev", "cidr", "pool", "node", "allocations", "empty_since")
+
+    def __init__(self, key, rev, cidr, pool, node, allocations, empty_since):
+        self.key, self.rev, self.cidr, self.pool, self.node = key, rev, cidr, pool, node
+        self.allocations, self.empty_since = allocations, empty_since
+
+
+class HandleInfo:
+    __slots__ = ("id", "rev", "node", "namespace", "pod", "uid", "blocks", "n")
+
+    def __init__(self, id, rev, node, namespace, pod, uid, blocks, n):
+        self.id, self.rev, self.node, self.namespace, self.pod, self.uid = id, rev, node, namespace, pod, uid
+        self.blocks, self.n = blocks, n
+
+
+class StoreView:
+    """What one controller pass knows about the store (read page by page, no per-object reads)."""
+
+    def __init__(self):
+        self.pools: dict[str, int] = {}              # pool name -> size (addresses)
+        self.blocks: list[BlockInfo] = []
+        self.handles: list[HandleInfo] = []
+        self.affinities: list[tuple[str, str, str]] = []   # (key, node, block id)
+        self.undecodable: list[str] = []
+        self.requests = 0
+
+
+def scan(ipam, page: int = 2000) -> StoreView:
+    """Pools, affinities (keys only), blocks and handles, streamed in pages of ``page`` keys.
+    Undecodable records are listed in ``undecodable`` and otherwise ignored (never touched)."""
+    import json
+    from .admin import iter_prefix, read_pools
+    ds, k = ipam.ds, ipam.keys
+    before = ds.requests
+    v = StoreView()
+    pools, bad = read_pools(ipam)
+    v.undecodable += bad
+    v.pools = {p.name: p.cidr.num_addresses for p in pools}
+    for kv in iter_prefix(ds, k.affinity, keys_only=True, page=page):
+        enode, _, bid = kv.key[len(k.affinity):].partition("/")
+        try:
+            v.affinities.append((kv.key, unescape(enode), bid))
+        except (ValueError, UnicodeDecodeError):
+            v.undecodable.append(kv.key)
+    for kv in iter_prefix(ds, k.blocks, page=page):
+        try:
+            d = json.loads(kv.value)
+            allocs = d["allocations"]
+            if not isinstance(allocs, dict):
+                raise TypeError("allocations")
+            v.blocks.append(BlockInfo(kv.key, kv.mod_revision, str(d["cidr"]), str(d.get("pool", "")),
+                                      d.get("node"), {int(o): str(h) for o, h in allocs.items()},
+                                      float(d.get("emptySince", 0.0) or 0.0)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            v.undecodable.append(kv.key)
+    bk: dict[str, str] = {}
+    for kv in iter_prefix(ds, k.handles, page=page):
+        try:
+            d = json.loads(kv.value)
+            blocks = []
+            for a in d.get("addresses") or ():
+                b = a["block"]
+                key = bk.get(b)
+                if key is None:
+                    import ipaddress
+                    key = bk[b] = k.block(ipaddress.ip_network(b))
+                blocks.append(key)
+            v.handles.append(HandleInfo(str(d["id"]), kv.mod_revision, str(d["node"]), d.get("namespace") or "",
+                                        d.get("pod") or "", d.get("podUID") or "", blocks, len(blocks)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            v.undecodable.append(kv.key)
+    v.requests = ds.requests - before
+    return v
