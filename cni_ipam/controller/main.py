@@ -91,8 +91,15 @@ def run(args, ipam) -> int:
     return exit_code
 
 
+def _count_api_errors(metrics, kube, seen=[0]) -> None:
+    if kube is not None and kube.errors > seen[0]:
+        metrics.errors.labels("kubernetes").inc(kube.errors - seen[0])
+        seen[0] = kube.errors
+
+
 def _pass(rec, metrics, elector, kube) -> tuple[bool, str]:
     """One pass; (ok, why not)."""
+    _count_api_errors(metrics, kube)
     t0 = time.monotonic()
     try:
         r = rec.run()
@@ -110,11 +117,10 @@ def _pass(rec, metrics, elector, kube) -> tuple[bool, str]:
         metrics.passes.labels("failed").inc()
         log.warning("controller: pass failed: %s", e.msg)
         return False, e.msg
+    _count_api_errors(metrics, kube)
     metrics.duration.observe(time.monotonic() - t0)
     metrics.set_snapshot(r.metrics)
     metrics.etcd_requests.set(r.etcd_requests)
-    for _ in r.errors:
-        metrics.errors.labels("kubernetes").inc()
     metrics.passes.labels("ok" if r.ok else "failed").inc()
     log.info("controller: pass: %.2fs, %d etcd request(s), %d API request(s), %d candidate(s), released %d "
              "handle(s) / %d address(es), deleted %d block(s)%s", r.seconds, r.etcd_requests, r.api_requests,
@@ -146,6 +152,7 @@ def _loop(args, elector, kube, rec, metrics, health, stop, wake) -> None:
     while not stop.is_set():
         wake.clear()
         if not elector.is_leader:
+            _count_api_errors(metrics, kube)
             health.ready = elector.healthy
             health.why = "" if elector.healthy else f"etcd: {elector.last_error}"
             wake.wait(1.0)
