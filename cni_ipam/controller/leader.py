@@ -2,7 +2,7 @@
 
 The leadership key (``<prefix>/v1/controller/leader``) is created with
 ``txn(version(key) == 0 -> put(key, identity, lease))``; the lease has the
-controller's ``--lease-ttl``.  The leader renews the lease every TTL/3; when it
+controller's ``--lease-ttl``.  The leader renews the lease every TTL/4; when it
 cannot (it died, was paused, lost etcd) the lease expires, etcd deletes the key,
 and a follower -- which polls the key several times a second -- creates it anew.
 
@@ -109,9 +109,9 @@ class LeaderElector:
                 log.warning("controller: leader election: %s", e)
                 if self._rev and time.monotonic() - self._renewed >= self.ttl * 2 / 3:
                     self._set(0, "cannot renew the leader lease")
-            # the leader renews 3x per TTL; a follower polls often (a dead leader's lease expires
+            # the leader renews 4x per TTL; a follower polls often (a dead leader's lease expires
             # at most one TTL after its last renewal: takeover within TTL + this poll)
-            self._stop.wait(self.ttl / 3 if self._rev else min(0.5, self.ttl / 4))
+            self._stop.wait(self.ttl / 4 if self._rev else min(0.25, self.ttl / 8))
 
     def start(self) -> "LeaderElector":
         self._thread = threading.Thread(target=self.run, name="leader-election", daemon=True)
