@@ -598,3 +598,45 @@ def test_plugin_path_imports_nothing_heavy():
             "print(bad); sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_etcd_leader_loss_during_a_pass(api, etcd_cluster, tmp_path, controllers):
+    """The etcd leader is killed while the controller is releasing: the controller stays up,
+    finishes on the new etcd leader, frees every leak once and keeps every live allocation."""
+    etcd_cluster.heal()
+    prefix = f"/t/leaderloss-{os.getpid()}-{time.monotonic_ns()}"
+    eps = ",".join(etcd_cluster.endpoints)
+    ds = open_datastore(eps, transport="grpc", timeout=10)
+    try:
+        ip = IPAM(ds, prefix)
+        ip.create_pool(make_pool("p", "10.80.0.0/20", 26))
+        api.add_node("n1")
+        live = set()
+        for i in range(240):
+            hid = add(api, ip, i)
+            if i % 4:
+                api.delete_pod("ns", f"p{i}")       # 180 leaks
+            else:
+                live.add(hid)
+        env = {k: v for k, v in os.environ.items() if k != "CNI_COMMAND"}
+        env.update(ETCD_ENDPOINTS=eps, CNI_IPAM_ETCD_PREFIX=prefix, PYTHONPATH=ROOT)
+        c = Controller(env, tmp_path, "--kubeconfig", api.write_kubeconfig(tmp_path / "kc"), "--leak-grace-period",
+                       "0", "--interval", "0.5", "--lease-ttl", "3", "--timeout", "3", name="cluster")
+        try:
+            c.wait_log("controller: released ", timeout=60)
+            etcd_cluster.leader().kill()
+            assert wait_for(lambda: handles(ip) == live, 90), (len(handles(ip)), c.text()[-3000:])
+            assert c.p.poll() is None
+            c.wait_log("pass: ", timeout=30)
+            released = re.findall(r"released \S+ \(handle (net\.c\d+\.eth0)", c.text())
+            # each leak released once (a commit whose answer was lost with the etcd leader is applied
+            # but not logged as released by this controller: it finds the handle gone on its retry)
+            assert len(released) == len(set(released)) and len(released) >= 170
+            p = subprocess.run([sys.executable, "-m", "cni_ipam", "check"], env=env, capture_output=True,
+                               text=True, timeout=120)
+            assert p.returncode == 0, p.stdout + p.stderr
+        finally:
+            assert c.stop() == 0
+    finally:
+        ds.close()
+        etcd_cluster.heal()

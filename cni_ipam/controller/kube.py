@@ -100,6 +100,16 @@ class KubeCache:
 
     def list_once(self, kind: str) -> str:
         """Read every object of ``kind`` (paged); replace the cache; return the list's resourceVersion."""
+        import gc
+        was = gc.isenabled()
+        gc.disable()            # (see Reconciler.run: no cycles here, and a big list to parse)
+        try:
+            return self._list_once(kind)
+        finally:
+            if was:
+                gc.enable()
+
+    def _list_once(self, kind: str) -> str:
         fn = self._list_fn(kind)
         out: dict = {}
         cont = None

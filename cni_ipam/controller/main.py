@@ -122,8 +122,8 @@ def _pass(rec, metrics, elector, kube) -> tuple[bool, str]:
     metrics.set_snapshot(r.metrics)
     metrics.etcd_requests.set(r.etcd_requests)
     metrics.passes.labels("ok" if r.ok else "failed").inc()
-    log.info("controller: pass: %.2fs, %d etcd request(s), %d API request(s), %d candidate(s), released %d "
-             "handle(s) / %d address(es), deleted %d block(s)%s", r.seconds, r.etcd_requests, r.api_requests,
+    log.info("controller: pass: %.2fs (cpu %.2fs), %d etcd request(s), %d API request(s), %d candidate(s), released %d "
+             "handle(s) / %d address(es), deleted %d block(s)%s", r.seconds, r.cpu_seconds, r.etcd_requests, r.api_requests,
              r.candidates, len(r.released), r.addresses, len(r.blocks_deleted),
              "" if r.judged or kube is None else " (Kubernetes cache not in sync: nothing judged)")
     if not r.ok:

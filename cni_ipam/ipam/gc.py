@@ -219,13 +219,98 @@ class StoreView:
         self.requests = 0
 
 
-def scan(ipam, page: int = 2000) -> StoreView:
-    """Pools, affinities (keys only), blocks and handles, streamed in pages of ``page`` keys.
-    Undecodable records are listed in ``undecodable`` and otherwise ignored (never touched)."""
+class Splits:
+    """Range reads of a large prefix that cost O(keys read), pass after pass.
+
+    etcd (3.4) walks its index over EVERY key of a requested range, whatever the ``limit``:
+    paging through n keys with pages of p costs O(n^2 / p) (150,000 handles in pages of
+    2,000: ~12 s of etcd time).  So the first read of a prefix uses big pages, and remembers
+    every ``page``-th key; later reads ask for the ranges between those split points, several
+    per request, each costing only its own keys (a range that grew is paged within itself)."""
+
+    def __init__(self, page: int = 2000, first_page: int = 10000, per_request: int = 8):
+        self.page, self.first_page, self.per_request = page, first_page, per_request
+        self.points: dict[str, list[str]] = {}
+
+    def iter(self, ds: Datastore, prefix: str, *, keys_only: bool = False):
+        from ..datastore import prefix_end
+        end = prefix_end(prefix)
+        pts = self.points.get(prefix)
+        new: list[str] = []
+        n = 0
+
+        def note(kv):
+            nonlocal n
+            if n % self.page == 0:
+                new.append(kv.key)
+            n += 1
+        if not pts:
+            from .admin import iter_range
+            for kv in iter_range(ds, prefix, end, keys_only=keys_only, page=self.first_page):
+                note(kv)
+                yield kv
+        else:
+            bounds = [prefix] + pts[1:] + [end]
+            ranges = list(zip(bounds[:-1], bounds[1:]))
+            for i in range(0, len(ranges), self.per_request):
+                group = ranges[i:i + self.per_request]
+                results = ds.read([Read(a, b, keys_only=keys_only, limit=4 * self.page) for a, b in group])
+                for (a, b), res in zip(group, results):
+                    for kv in res.kvs:
+                        note(kv)
+                        yield kv
+                    start = res.kvs[-1].key + "\0" if res.kvs else b
+                    while res.more and res.kvs:   # this range grew: page within it
+                        res = ds.read([Read(start, b, keys_only=keys_only, limit=4 * self.page)])[0]
+                        for kv in res.kvs:
+                            note(kv)
+                            yield kv
+                        if res.kvs:
+                            start = res.kvs[-1].key + "\0"
+        self.points[prefix] = new
+
+
+def _decoded(kvs, chunk: int = 2000):
+    """(kv, decoded JSON object or None) for each kv; records are parsed ``chunk`` at a time in ONE
+    ``json.loads`` (a JSON array of the values: ~3x faster than one call per record); a chunk
+    with a bad record is parsed record by record."""
     import json
-    from .admin import iter_prefix, read_pools
+    buf: list = []
+
+    def flush():
+        try:
+            ds_ = json.loads(b"[" + b",".join(kv.value for kv in buf) + b"]")
+            if len(ds_) != len(buf):
+                raise ValueError("count")
+            for kv, d in zip(buf, ds_):
+                yield kv, (d if isinstance(d, dict) else None)
+        except (ValueError, UnicodeDecodeError):
+            for kv in buf:
+                try:
+                    d = json.loads(kv.value)
+                except (ValueError, UnicodeDecodeError):
+                    d = None
+                yield kv, (d if isinstance(d, dict) else None)
+        buf.clear()
+    for kv in kvs:
+        buf.append(kv)
+        if len(buf) >= chunk:
+            yield from flush()
+    if buf:
+        yield from flush()
+
+
+def scan(ipam, page: int = 2000, splits: Splits | None = None) -> StoreView:
+    """Pools, affinities (keys only), blocks and handles, streamed in ranges of about ``page``
+    keys (``splits``: keep one between passes; see :class:`Splits`).
+    Undecodable records are listed in ``undecodable`` and otherwise ignored (never touched)."""
+    from .admin import read_pools
     ds, k = ipam.ds, ipam.keys
     before = ds.requests
+    sp = splits or Splits(page)
+
+    def iter_prefix(ds, prefix, keys_only=False, page=0):
+        return sp.iter(ds, prefix, keys_only=keys_only)
     v = StoreView()
     pools, bad = read_pools(ipam)
     v.undecodable += bad
@@ -236,9 +321,8 @@ def scan(ipam, page: int = 2000) -> StoreView:
             v.affinities.append((kv.key, unescape(enode), bid))
         except (ValueError, UnicodeDecodeError):
             v.undecodable.append(kv.key)
-    for kv in iter_prefix(ds, k.blocks, page=page):
+    for kv, d in _decoded(iter_prefix(ds, k.blocks)):
         try:
-            d = json.loads(kv.value)
             allocs = d["allocations"]
             if not isinstance(allocs, dict):
                 raise TypeError("allocations")
@@ -248,9 +332,9 @@ def scan(ipam, page: int = 2000) -> StoreView:
         except (ValueError, KeyError, TypeError, AttributeError):
             v.undecodable.append(kv.key)
     bk: dict[str, str] = {}
-    for kv in iter_prefix(ds, k.handles, page=page):
+    add = v.handles.append
+    for kv, d in _decoded(iter_prefix(ds, k.handles)):
         try:
-            d = json.loads(kv.value)
             blocks = []
             for a in d.get("addresses") or ():
                 b = a["block"]
@@ -259,8 +343,8 @@ def scan(ipam, page: int = 2000) -> StoreView:
                     import ipaddress
                     key = bk[b] = k.block(ipaddress.ip_network(b))
                 blocks.append(key)
-            v.handles.append(HandleInfo(str(d["id"]), kv.mod_revision, str(d["node"]), d.get("namespace") or "",
-                                        d.get("pod") or "", d.get("podUID") or "", blocks, len(blocks)))
+            add(HandleInfo(str(d["id"]), kv.mod_revision, str(d["node"]), d.get("namespace") or "",
+                           d.get("pod") or "", d.get("podUID") or "", blocks, len(blocks)))
         except (ValueError, KeyError, TypeError, AttributeError):
             v.undecodable.append(kv.key)
     v.requests = ds.requests - before
