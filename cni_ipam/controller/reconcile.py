@@ -29,6 +29,7 @@ from ..ipam import gc
 from ..log import log
 
 NO_POOL = "no_ippool"
+RELEASE_WORKERS = 8          # re-checks + releases in flight at once
 UNKNOWN_NODE = "unknown_node"
 
 
@@ -147,34 +148,64 @@ class Reconciler:
         return r
 
     def _release(self, due, blocks, guard, r: PassResult) -> None:
-        from .kube import KubeError
+        """Re-check and release the due candidates, a few at a time (each costs a round trip to
+        the API and two to etcd); the handles of one block go in order, by one worker (no CAS
+        fights over the block).  An API that cannot answer, or a lost leadership, stops it all."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+        groups: dict[str, list] = {}
         for h, node_gone in due:
-            try:
-                uid = self.kube.get_pod(h.namespace, h.pod)
-            except KubeError as e:   # the API cannot confirm: release nothing more in this pass
-                r.ok = False
-                r.errors.append(str(e))
-                log.warning("controller: %s; releasing nothing until the API answers", e)
-                return
-            if uid is not None and not (h.uid and uid and uid != h.uid):
+            groups.setdefault(h.blocks[0] if h.blocks else h.id, []).append((h, node_gone))
+        stop = threading.Event()
+        lock = threading.Lock()
+        fatal: list[BaseException] = []
+
+        def work(group):
+            for h, node_gone in group:
+                if stop.is_set():
+                    return
+                try:
+                    self._release_one(h, node_gone, blocks, guard, r, lock)
+                except BaseException as e:  # noqa: BLE001 - GuardLost, KubeError, etcd: stop everything
+                    with lock:
+                        fatal.append(e)
+                    stop.set()
+                    return
+        with ThreadPoolExecutor(max_workers=max(1, min(RELEASE_WORKERS, len(groups)))) as ex:
+            list(ex.map(work, groups.values()))
+        from .kube import KubeError
+        for e in fatal:
+            if not isinstance(e, KubeError):
+                raise e
+        if fatal:
+            r.ok = False
+            r.errors.append(str(fatal[0]))
+            log.warning("controller: %s; releasing nothing until the API answers", fatal[0])
+
+    def _release_one(self, h, node_gone, blocks, guard, r: PassResult, lock) -> None:
+        uid = self.kube.get_pod(h.namespace, h.pod)        # KubeError: the API cannot confirm
+        if uid is not None and not (h.uid and uid and uid != h.uid):
+            with lock:
                 self.candidates.pop(h.id, None)
                 r.skipped.append((h.id, "pod exists"))
-                log.info("controller: kept %s: pod %s/%s exists (re-checked)", h.id, h.namespace, h.pod)
-                continue
-            got = gc.release_handle(self.ipam.ds, self.ipam.keys, h.id, expect_revision=h.rev, guards=[guard])
+            log.info("controller: kept %s: pod %s/%s exists (re-checked)", h.id, h.namespace, h.pod)
+            return
+        got = gc.release_handle(self.ipam.ds, self.ipam.keys, h.id, expect_revision=h.rev, guards=[guard],
+                                key=h.key, block_keys=h.blocks)
+        with lock:
             self.candidates.pop(h.id, None)
             if got is None:
                 r.skipped.append((h.id, "changed since it was read"))
-                continue
-            why = (f"node {h.node} is gone" if node_gone else
-                   f"pod {h.namespace}/{h.pod} was recreated" if uid else f"pod {h.namespace}/{h.pod} is gone")
-            log.info("controller: released %s (handle %s, node %s): %s", ", ".join(got) or "no address",
-                     h.id, h.node, why)
+                return
             r.released.append(h.id)
             r.addresses += len(got)
-            for bkey in h.blocks:
-                b = blocks.get(bkey)
-                self.on_reclaimed(b.pool if b else NO_POOL, h.node or UNKNOWN_NODE, 1)
+        why = (f"node {h.node} is gone" if node_gone else
+               f"pod {h.namespace}/{h.pod} was recreated" if uid else f"pod {h.namespace}/{h.pod} is gone")
+        log.info("controller: released %s (handle %s, node %s): %s", ", ".join(got) or "no address",
+                 h.id, h.node, why)
+        for bkey in h.blocks:
+            b = blocks.get(bkey)
+            self.on_reclaimed(b.pool if b else NO_POOL, h.node or UNKNOWN_NODE, 1)
 
     def _blocks(self, view, nodes: dict, now: float, r: PassResult) -> None:
         ds, k = self.ipam.ds, self.ipam.keys

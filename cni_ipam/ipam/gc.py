@@ -61,35 +61,46 @@ def _commit(ds: Datastore, compares: list, ops: list, guards: Sequence[Compare])
 
 
 def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision: int | None = None,
-                   guards: Sequence[Compare] = (), retries: int = RETRIES) -> list[str] | None:
+                   guards: Sequence[Compare] = (), retries: int = RETRIES, key: str | None = None,
+                   block_keys: Sequence[str] = ()) -> list[str] | None:
     """Release everything one handle holds, all together (one txn: the handle record is deleted
     and every block it holds an address in is rewritten).
 
     ``expect_revision``: the handle's mod revision when it was judged leaked; if the record
     changed since (or is gone), nothing is released and None is returned.
+    ``key``: the record's key as read (default: the key of ``handle_id``); ``block_keys``: the
+    blocks it is expected to hold addresses in (read together with the handle: 2 requests).
     Returns the released addresses; raises GuardLost."""
-    hkey = keys.handle(handle_id)
+    hkey = key or keys.handle(handle_id)
+    hint = list(dict.fromkeys(block_keys or ()))
     for _ in range(retries):
-        hkv = ds.get(hkey)
+        got = ds.read([Read(hkey)] + [Read(b) for b in hint])   # the handle and (likely) its blocks: ONE read
+        hkv = got[0].kvs[0] if got[0].kvs else None
         if hkv is None or (expect_revision is not None and hkv.mod_revision != expect_revision):
             return None
         h = Handle.from_json(hkv.value)
         bkeys = list(dict.fromkeys(keys.block(a.block) for a in h.addresses))
+        have = {b: (res.kvs[0] if res.kvs else None) for b, res in zip(hint, got[1:])}
+        missing = [b for b in bkeys if b not in have]
+        if missing:
+            have.update(zip(missing, ds.get_many(missing)))
         compares = [Compare(hkey, hkv.mod_revision)]
         ops: list = [Delete(hkey)]
         released: list[str] = []
-        for key, kv in zip(bkeys, ds.get_many(bkeys) if bkeys else []):
+        for bkey in bkeys:
+            kv = have[bkey]
             if kv is None:
-                compares.append(Compare(key, 0))
+                compares.append(Compare(bkey, 0))
                 continue
             b = Block.from_json(kv.value)
             for a in h.addresses:
                 if a.ip in b.cidr and b.release(a.ip, handle_id):
                     released.append(str(a.ip))
-            compares.append(Compare(key, kv.mod_revision))
-            ops.append(Put(key, b.to_json()))
+            compares.append(Compare(bkey, kv.mod_revision))
+            ops.append(Put(bkey, b.to_json()))
         if _commit(ds, compares, ops, guards):
             return released
+        hint = bkeys
     raise IPAMError(f"release of handle {handle_id}: gave up after {retries} conflicting attempts")
 
 
@@ -154,7 +165,7 @@ def remove_node(ipam, node: str, *, guards: Sequence[Compare] = ()) -> dict:
     rec = node_records(ipam, node)
     out = {"node": node, "released": [], "blocksDeleted": [], "blocksKept": [], "affinitiesDeleted": []}
     for h in rec["handles"]:
-        got = release_handle(ds, k, h.id, guards=guards)
+        got = release_handle(ds, k, h.id, guards=guards)   # (a record under a key other than its id's: skipped)
         if got is not None:
             out["released"].append({"handle": h.id, "addresses": got})
     for kv, b in rec["blocks"]:
@@ -200,11 +211,11 @@ class BlockInfo:
 
 
 class HandleInfo:
-    __slots__ = ("id", "rev", "node", "namespace", "pod", "uid", "blocks", "n")
+    __slots__ = ("id", "rev", "node", "namespace", "pod", "uid", "blocks", "key")
 
-    def __init__(self, id, rev, node, namespace, pod, uid, blocks, n):
+    def __init__(self, id, rev, node, namespace, pod, uid, blocks, key):
         self.id, self.rev, self.node, self.namespace, self.pod, self.uid = id, rev, node, namespace, pod, uid
-        self.blocks, self.n = blocks, n
+        self.blocks, self.key = blocks, key
 
 
 class StoreView:
@@ -224,12 +235,15 @@ class Splits:
 
     etcd (3.4) walks its index over EVERY key of a requested range, whatever the ``limit``:
     paging through n keys with pages of p costs O(n^2 / p) (150,000 handles in pages of
-    2,000: ~12 s of etcd time).  So the first read of a prefix uses big pages, and remembers
-    every ``page``-th key; later reads ask for the ranges between those split points, several
-    per request, each costing only its own keys (a range that grew is paged within itself)."""
+    2,000: ~12 s of etcd time).  So the first read of a prefix reads the keys alone in big
+    pages (keys-only: ~100 bytes a key) and takes every ``page``-th key as a split point; every
+    read then asks for the ranges between split points, several per request, each costing
+    only its own keys (a range that grew is paged within itself), and learns the points anew
+    for the next pass."""
 
-    def __init__(self, page: int = 2000, first_page: int = 10000, per_request: int = 8):
+    def __init__(self, page: int = 2000, first_page: int = 10000, per_request: int = 8, learn_page: int = 50000):
         self.page, self.first_page, self.per_request = page, first_page, per_request
+        self.learn_page = learn_page
         self.points: dict[str, list[str]] = {}
 
     def iter(self, ds: Datastore, prefix: str, *, keys_only: bool = False):
@@ -244,6 +258,20 @@ class Splits:
             if n % self.page == 0:
                 new.append(kv.key)
             n += 1
+        if not pts and not keys_only:
+            # first read: learn where to cut from the keys alone (big keys-only pages: ~100 bytes a
+            # key, few requests), then read the values range by range like any later pass
+            pts = []
+            start, i = prefix, 0
+            while True:
+                res = ds.read([Read(start, end, keys_only=True, limit=self.learn_page)])[0]
+                for kv in res.kvs:
+                    if i % self.page == 0:
+                        pts.append(kv.key)
+                    i += 1
+                if not res.more or not res.kvs:
+                    break
+                start = res.kvs[-1].key + "\0"
         if not pts:
             from .admin import iter_range
             for kv in iter_range(ds, prefix, end, keys_only=keys_only, page=self.first_page):
@@ -252,21 +280,29 @@ class Splits:
         else:
             bounds = [prefix] + pts[1:] + [end]
             ranges = list(zip(bounds[:-1], bounds[1:]))
-            for i in range(0, len(ranges), self.per_request):
-                group = ranges[i:i + self.per_request]
-                results = ds.read([Read(a, b, keys_only=keys_only, limit=4 * self.page) for a, b in group])
-                for (a, b), res in zip(group, results):
-                    for kv in res.kvs:
-                        note(kv)
-                        yield kv
-                    start = res.kvs[-1].key + "\0" if res.kvs else b
-                    while res.more and res.kvs:   # this range grew: page within it
-                        res = ds.read([Read(start, b, keys_only=keys_only, limit=4 * self.page)])[0]
+            groups = [ranges[i:i + self.per_request] for i in range(0, len(ranges), self.per_request)]
+
+            def fetch(group):
+                return ds.read([Read(a, b, keys_only=keys_only, limit=4 * self.page) for a, b in group])
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=1) as ex:   # the next read is in flight while this one is used
+                nxt = ex.submit(fetch, groups[0])
+                for gi, group in enumerate(groups):
+                    results = nxt.result()
+                    if gi + 1 < len(groups):
+                        nxt = ex.submit(fetch, groups[gi + 1])
+                    for (a, b), res in zip(group, results):
                         for kv in res.kvs:
                             note(kv)
                             yield kv
-                        if res.kvs:
-                            start = res.kvs[-1].key + "\0"
+                        start = res.kvs[-1].key + "\0" if res.kvs else b
+                        while res.more and res.kvs:   # this range grew: page within it
+                            res = ds.read([Read(start, b, keys_only=keys_only, limit=4 * self.page)])[0]
+                            for kv in res.kvs:
+                                note(kv)
+                                yield kv
+                            if res.kvs:
+                                start = res.kvs[-1].key + "\0"
         self.points[prefix] = new
 
 
@@ -344,7 +380,7 @@ def scan(ipam, page: int = 2000, splits: Splits | None = None) -> StoreView:
                     key = bk[b] = k.block(ipaddress.ip_network(b))
                 blocks.append(key)
             add(HandleInfo(str(d["id"]), kv.mod_revision, str(d["node"]), d.get("namespace") or "",
-                           d.get("pod") or "", d.get("podUID") or "", blocks, len(blocks)))
+                           d.get("pod") or "", d.get("podUID") or "", blocks, kv.key))
         except (ValueError, KeyError, TypeError, AttributeError):
             v.undecodable.append(kv.key)
     v.requests = ds.requests - before
