@@ -264,12 +264,14 @@ def test_etcd_unreachable(conf, kind, blackhole):
         out = assert_error(r, 11)
         for ep in eps:
             assert ep in out["msg"], out
-        # the deadline is per etcd call; one call fails here, plus interpreter start-up
-        assert took < timeout + 4, f"{verb} took {took:.1f}s"
+        # the deadline is per etcd call and an unavailable etcd ends the verb (no CAS retry loop:
+        # 100 attempts would take minutes).  Not a speed assertion (that is `make bench`): a bound
+        # far above one deadline plus start-up on a loaded machine, far below a retry loop.
+        assert took < 10 * timeout + 20, f"{verb} took {took:.1f}s"
     t0 = time.monotonic()
     r = exec_plugin("STATUS", c, container=None, ifname=None, netns=None)
     assert_error(r, 50)
-    assert time.monotonic() - t0 < timeout + 4
+    assert time.monotonic() - t0 < 10 * timeout + 20
 
 
 def test_no_quorum_add_and_del_fail_with_11_then_recover(etcd_cluster, tmp_path):
