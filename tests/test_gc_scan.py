@@ -78,3 +78,17 @@ def test_guarded_release_and_block_delete(ipam):
         gc.delete_empty_block(ds, k, blocks["n1"].key, expect_revision=blocks["n1"].rev, guards=[stale])
     assert gc.delete_empty_block(ds, k, blocks["n1"].key, expect_revision=blocks["n1"].rev, guards=[guard])
     assert ds.get(blocks["n1"].key) is None and not ds.get_prefix(k.node_affinity("n1"))
+
+
+def test_layout2_and_layout1_handles_are_released_by_their_keys(ipam):
+    """Handles of both key layouts (net/cid/ifname and the older net.cid.ifname) are found by
+    the scan and released under the key they were read from."""
+    ipam.assign(AssignRequest(handle_id="net/c-new/eth0", node="n1", network="net", container_id="c-new",
+                              ifname="eth0", namespace="ns", pod="a"))
+    ipam.assign(AssignRequest(handle_id="net.c-old.eth0", node="n1", network="net", container_id="c-old",
+                              ifname="eth0", namespace="ns", pod="b"))
+    v = gc.scan(ipam)
+    assert {h.id for h in v.handles} == {"net/c-new/eth0", "net.c-old.eth0"}
+    for h in v.handles:
+        assert gc.release_handle(ipam.ds, ipam.keys, h.id, expect_revision=h.rev, key=h.key, block_keys=h.blocks)
+    assert gc.scan(ipam).handles == [] and sum(len(b.allocations) for b in gc.scan(ipam).blocks) == 0
