@@ -1,0 +1,326 @@
+"""Tests that guard the guards (issue 11, section 6).
+
+Each test here exercises a safety branch that nothing else reached: if the guard were
+removed, the test fails (each was checked by breaking the guard locally).  Real etcd
+everywhere; where a conflict or a refusal must happen at an exact moment, a thin
+``Interposed`` wrapper around a REAL etcd client lets a concurrent writer act (or etcd's
+refusal be reproduced) right before a chosen commit -- the data always lives in etcd.
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import ipaddress
+import json
+import os
+
+import pytest
+
+from cni_ipam import plugin as plugin_mod
+from cni_ipam.datastore import Datastore, DatastoreError, Put, open_datastore
+from cni_ipam.datastore.base import MAX_TXN_OPS
+from cni_ipam.ipam import admin
+from cni_ipam.ipam.block import Block, BlockError
+from cni_ipam.ipam.engine import IPAM, AssignRequest
+from cni_ipam.ipam.errors import PoolExhausted, TryAgain
+from cni_ipam.ipam.model import Handle
+from cni_ipam.ipam.pool import Pool, make_pool
+from cni_ipam.plugin import run_plugin
+from tests.plugin_helpers import ROOT, exec_plugin, netconf
+
+A = ipaddress.ip_address
+N = ipaddress.ip_network
+
+
+# --------------------------------------------------------------------------- helpers
+@pytest.fixture
+def store(etcd_server, etcd_prefix):
+    """An engine over the test's prefix with one pool (blockSize 28: 13 addresses per block in bridge mode)."""
+    ds = open_datastore(etcd_server.endpoint, timeout=5)
+    ipam = IPAM(ds, etcd_prefix)
+    ipam.create_pool(make_pool("pool-a", "10.210.0.0/24", 28))
+    yield ipam
+    ds.close()
+
+
+@pytest.fixture
+def conf(etcd_server, etcd_prefix, tmp_path):
+    def make(**kw):
+        kw.setdefault("version", "1.1.0")
+        return netconf(etcd_server.endpoint, etcd_prefix, tmp_path, **kw)
+    return make
+
+
+def dump(ds, prefix: str) -> dict:
+    """Every key under the test's prefix with its value AND mod revision: equal dumps mean
+    nothing at all was written in between."""
+    return {kv.key: (kv.value, kv.mod_revision) for kv in ds.get_prefix(prefix + "/")}
+
+
+def held(ipam) -> dict:
+    """address -> (network, container, ifname) of every decodable handle record."""
+    return {str(a.ip): (h.network, h.container_id, h.ifname)
+            for h in ipam.handles(errors=[]) for a in h.addresses}
+
+
+def block_holders(ipam) -> dict:
+    """address -> holder recorded by the blocks (the other half of every allocation)."""
+    out = {}
+    for kv in ipam.ds.get_prefix(ipam.keys.blocks):
+        b = Block.from_json(kv.value)
+        for o, hid in b.allocations.items():
+            out[str(b.ip(o))] = hid
+    return out
+
+
+def assert_cni_error(rc: int, out: str, code: int, stderr: str = "") -> dict:
+    assert rc != 0, out
+    assert out.count("\n") == 1, out
+    doc = json.loads(out)
+    assert doc["code"] == code, out
+    assert "Traceback" not in stderr, stderr
+    return doc
+
+
+def gc_run(c: dict, **attachments):
+    """GC as a runtime sends it (no container/ifname/netns)."""
+    return exec_plugin("GC", dict(c, **attachments), container=None, ifname=None, netns=None)
+
+
+def run_inprocess(command: str, c: dict, *, container="c1", ifname="eth0") -> tuple[int, str]:
+    """The exec path (skel -> Plugin) in this process, so that a test can interpose on the
+    plugin's datastore.  Same env handling as tests.plugin_helpers.exec_plugin."""
+    env = {"CNI_COMMAND": command, "CNI_PATH": "/opt/cni/bin", "PATH": os.environ.get("PATH", "")}
+    if container is not None:
+        env.update(CNI_CONTAINERID=container, CNI_IFNAME=ifname, CNI_NETNS="/var/run/netns/x")
+    out = io.StringIO()
+    rc = run_plugin(env, json.dumps(c).encode(), stdout=out)
+    return rc, out.getvalue()
+
+
+class Interposed(Datastore):
+    """A REAL etcd client (``inner``) with a hook that runs right before each commit:
+    ``before_commit(compares, ops)`` may let a concurrent writer change etcd first, or raise
+    what etcd would answer.  Reads and commits themselves go to etcd unchanged."""
+
+    def __init__(self, inner: Datastore, before_commit=None):
+        self.inner = inner
+        self.before_commit = before_commit
+        self.commits: list[tuple[list, list]] = []   # every commit attempted (compares, ops)
+
+    requests = property(lambda self: self.inner.requests)
+    last_revision = property(lambda self: self.inner.last_revision)
+
+    def read(self, reads):
+        return self.inner.read(reads)
+
+    def commit(self, compares, ops):
+        self.commits.append((list(compares), list(ops)))
+        if self.before_commit is not None:
+            self.before_commit(list(compares), list(ops))
+        return self.inner.commit(compares, ops)
+
+    def close(self):
+        self.inner.close()
+
+
+def interpose_plugin(monkeypatch, wrap):
+    """Make the plugin's engine use ``wrap(ipam)`` (which may replace ``ipam.ds``)."""
+    orig = plugin_mod.Plugin._ipam
+
+    def patched(self, ic):
+        ipam = orig(self, ic)
+        wrap(ipam)
+        return ipam
+    monkeypatch.setattr(plugin_mod.Plugin, "_ipam", patched)
+
+
+def req(cid, node="n1", network="net", **kw):
+    return AssignRequest(handle_id=plugin_mod.handle_id(network, cid, "eth0"), node=node, network=network,
+                         container_id=cid, ifname="eth0", **kw)
+
+
+# =========================================================================== GC without the list
+def test_gc_without_valid_attachments_is_refused_and_frees_nothing(store, conf, etcd_prefix):
+    """The only thing between a malformed GC and freeing a whole network: with LIVE handles
+    of the same network on the same node, a GC that carries no attachment list is code 7
+    and etcd is left exactly as it was (every handle, every block, every revision)."""
+    c = conf()
+    for cid in ("live1", "live2", "live3"):
+        assert exec_plugin("ADD", c, container=cid).rc == 0
+    assert exec_plugin("ADD", conf(name="othernet"), container="live4").rc == 0
+    before = dump(store.ds, etcd_prefix)
+    addresses = held(store)
+    assert len(addresses) == 4 and {v[1] for v in addresses.values()} == {"live1", "live2", "live3", "live4"}
+    for extra in ({}, {"cni.dev/unrelated": []}):
+        r = gc_run(c, **extra)
+        doc = assert_cni_error(r.rc, r.stdout, 7, r.stderr)
+        assert "valid-attachments" in doc["msg"], doc
+    assert dump(store.ds, etcd_prefix) == before
+    assert held(store) == addresses and block_holders(store).keys() == addresses.keys()
+    # the same GC with the list (even an empty one) is what frees: the guard is the only difference
+    r = gc_run(c, **{"cni.dev/valid-attachments": [{"containerID": "live2", "ifname": "eth0"}]})
+    assert r.rc == 0, r.stdout + r.stderr
+    assert sorted(v[1] for v in held(store).values()) == ["live2", "live4"]
+
+
+# =========================================================================== host lock
+def test_host_lock_timeout_is_code_11_and_writes_nothing(store, conf, etcd_prefix, tmp_path):
+    c = conf(lock_timeout_seconds=0.3)
+    assert exec_plugin("ADD", c, container="held").rc == 0
+    before = dump(store.ds, etcd_prefix)
+    lock_path = c["ipam"]["lock_file"]
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # another exec on this node holds the lock
+        for verb, kw in (("ADD", {"container": "new"}), ("DEL", {"container": "held"})):
+            r = exec_plugin(verb, c, **kw)
+            doc = assert_cni_error(r.rc, r.stdout, 11, r.stderr)
+            assert "lock" in doc["msg"], doc
+        r = gc_run(c, **{"cni.dev/valid-attachments": []})
+        doc = assert_cni_error(r.rc, r.stdout, 11, r.stderr)
+        assert "lock" in doc["msg"], doc
+        assert dump(store.ds, etcd_prefix) == before
+    finally:
+        os.close(fd)
+    # the lock free again: the same requests go through
+    assert exec_plugin("ADD", c, container="new").rc == 0
+    assert exec_plugin("DEL", c, container="held").rc == 0
+    assert [v[1] for v in held(store).values()] == ["new"]
+
+
+# =========================================================================== nodename_file
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_unreadable_nodename_file_is_code_7(store, conf, etcd_prefix, tmp_path, what):
+    path = tmp_path / "nodename"
+    if what == "directory":
+        path.mkdir()
+    c = conf(node="", nodename_file=str(path))
+    before = dump(store.ds, etcd_prefix)
+    for verb in ("ADD", "DEL"):
+        r = exec_plugin(verb, c)
+        doc = assert_cni_error(r.rc, r.stdout, 7, r.stderr)
+        assert "nodename_file" in doc["msg"] and str(path) in doc["msg"], doc
+    assert dump(store.ds, etcd_prefix) == before
+    # readable: that name is used
+    if what == "missing":
+        path.write_text("node-from-file\n")
+        assert exec_plugin("ADD", c).rc == 0
+        (h,) = store.handles()
+        assert h.node == "node-from-file"
+
+
+# =========================================================================== max_retries
+def _competitor(etcd_server, prefix, node="n1"):
+    """Another client of the same store that allocates on ``node`` (same pool, same block):
+    a genuine concurrent ADD, as a second process on the node would do without the host lock."""
+    ds = open_datastore(etcd_server.endpoint, timeout=5)
+    return IPAM(ds, prefix)
+
+
+def test_engine_gives_up_after_max_retries_conflicts(store, etcd_server, etcd_prefix):
+    other = _competitor(etcd_server, etcd_prefix)
+    n = [0]
+
+    def concurrent_add(compares, ops):
+        n[0] += 1
+        other.assign(req(f"rival{n[0]}"))   # changes the block (or claims it) our txn compares
+
+    ipam = IPAM(Interposed(store.ds, concurrent_add), etcd_prefix, max_retries=3)
+    try:
+        with pytest.raises(TryAgain, match="gave up after 3 conflicting attempts") as ei:
+            ipam.assign(req("mine"))
+        assert ei.value.code == 11
+        assert ipam.conflicts == 3 and len(ipam.ds.commits) == 3 and n[0] == 3
+        # nothing of ours was written; the rivals got distinct addresses
+        assert sorted(v[1] for v in held(store).values()) == ["rival1", "rival2", "rival3"]
+        assert len(block_holders(store)) == 3
+        # the same engine without the rival: the next attempt succeeds
+        ipam.ds.before_commit = None
+        assert ipam.assign(req("mine")).attempts == 1
+    finally:
+        other.ds.close()
+
+
+def test_plugin_gives_up_after_max_retries_with_code_11(store, conf, etcd_server, etcd_prefix, monkeypatch):
+    other = _competitor(etcd_server, etcd_prefix, node="node-a")
+    n = [0]
+
+    def concurrent_add(compares, ops):
+        n[0] += 1
+        other.assign(req(f"rival{n[0]}", node="node-a"))
+
+    def wrap(ipam):
+        ipam.max_retries = 4
+        ipam.ds = Interposed(ipam.ds, concurrent_add)
+    interpose_plugin(monkeypatch, wrap)
+    try:
+        rc, out = run_inprocess("ADD", conf(), container="mine")
+        doc = assert_cni_error(rc, out, 11)
+        assert "4 conflicting attempts" in doc["msg"], doc
+        assert n[0] == 4
+        assert sorted(v[1] for v in held(store).values()) == [f"rival{i}" for i in range(1, 5)]
+    finally:
+        other.ds.close()
+
+
+# =========================================================================== GC failure codes
+def _gc_with(store, conf, monkeypatch, etcd_server, etcd_prefix, *, corrupt: bool, transient: bool):
+    """GC of network testnet on node-a with handles ok1/ok2 (to be freed), ``keep``, and
+    optionally one corrupt handle record and one whose release conflicts every time."""
+    c = conf()
+    cids = ["ok1", "ok2", "keep"] + (["bad"] if corrupt else []) + (["busy"] if transient else [])
+    for cid in cids:
+        assert exec_plugin("ADD", c, container=cid).rc == 0
+    by_cid = {h.container_id: h for h in store.handles()}
+    bad_key = None
+    if corrupt:
+        bad_key = store.keys.handle(by_cid["bad"].id)
+        assert store.ds.commit([], [Put(bad_key, b'{"id": "testnet.bad.eth0", "addresses": [}')])
+    busy_key = store.keys.handle(by_cid["busy"].id) if transient else None
+    other = _competitor(etcd_server, etcd_prefix, node="node-a")
+    n = [0]
+
+    def rival_on_busy(compares, ops):
+        # a concurrent ADD (another network, same node and block) lands before each release of "busy"
+        if busy_key is not None and any(getattr(op, "key", None) == busy_key for op in ops):
+            n[0] += 1
+            other.assign(req(f"rival{n[0]}", node="node-a", network="othernet"))
+
+    def wrap(ipam):
+        ipam.max_retries = 3
+        ipam.ds = Interposed(ipam.ds, rival_on_busy)
+    interpose_plugin(monkeypatch, wrap)
+    try:
+        rc, out = run_inprocess("GC", dict(c, **{"cni.dev/valid-attachments": [
+            {"containerID": "keep", "ifname": "eth0"}]}), container=None)
+    finally:
+        other.ds.close()
+    left = {v[1] for v in held(store).values() if v[0] == "testnet"}
+    assert "ok1" not in left and "ok2" not in left, "GC gave up on the good handles"
+    assert "keep" in left
+    if corrupt:
+        assert store.ds.get(bad_key).value.startswith(b'{"id": "testnet.bad.eth0"'), "corrupt record touched"
+    if transient:
+        assert n[0] == 3 and "busy" in left
+        busy = store.get_handle(by_cid["busy"].id)
+        assert all(block_holders(store)[str(a.ip)] == busy.id for a in busy.addresses)
+    return rc, out, bad_key
+
+
+def test_gc_mixed_corrupt_and_transient_failures_is_code_11(store, conf, monkeypatch, etcd_server, etcd_prefix):
+    rc, out, bad_key = _gc_with(store, conf, monkeypatch, etcd_server, etcd_prefix, corrupt=True, transient=True)
+    doc = assert_cni_error(rc, out, 11)     # retrying may help (the transient one): 11, not 113
+    assert "2 handle(s)" in doc["msg"] and bad_key in doc["details"], doc
+
+
+def test_gc_only_corrupt_failures_is_code_113(store, conf, monkeypatch, etcd_server, etcd_prefix):
+    rc, out, bad_key = _gc_with(store, conf, monkeypatch, etcd_server, etcd_prefix, corrupt=True, transient=False)
+    doc = assert_cni_error(rc, out, 113)    # retrying will not help: say so
+    assert "1 handle(s)" in doc["msg"] and bad_key in doc["details"], doc
+
+
+def test_gc_only_transient_failures_is_code_11(store, conf, monkeypatch, etcd_server, etcd_prefix):
+    rc, out, _ = _gc_with(store, conf, monkeypatch, etcd_server, etcd_prefix, corrupt=False, transient=True)
+    doc = assert_cni_error(rc, out, 11)
+    assert "1 handle(s)" in doc["msg"] and "conflicting" in doc["details"], doc
