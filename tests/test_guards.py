@@ -324,3 +324,104 @@ def test_gc_only_transient_failures_is_code_11(store, conf, monkeypatch, etcd_se
     rc, out, _ = _gc_with(store, conf, monkeypatch, etcd_server, etcd_prefix, corrupt=False, transient=True)
     doc = assert_cni_error(rc, out, 11)
     assert "1 handle(s)" in doc["msg"] and "conflicting" in doc["details"], doc
+
+
+# =========================================================================== snapshot txn refused
+def _consistent(ipam):
+    """No address held twice; handle records and blocks agree both ways."""
+    hs = ipam.handles()
+    ips = [str(a.ip) for h in hs for a in h.addresses]
+    assert len(ips) == len(set(ips)), "duplicate address"
+    assert block_holders(ipam) == {str(a.ip): h.id for h in hs for a in h.addresses}
+
+
+def _warm(ipam, *cids, node="n1"):
+    for cid in cids:
+        ipam.assign(req(cid, node=node))
+    assert ipam.snapshot is not None, "the snapshot did not warm up"
+
+
+def test_snapshot_txn_refused_by_etcd_falls_back_to_the_usual_way(store, etcd_prefix):
+    """etcd answering the ONE-request snapshot txn with an error (an etcd that refuses its
+    compares, e.g. one without range compares): the ADD still succeeds by reading as usual,
+    and this engine stops using snapshots."""
+    refused = []
+
+    def refuse_first(compares, ops):
+        if not refused:
+            refused.append(ipam.ds.requests - n0)   # requests sent by this ADD before this commit
+            raise DatastoreError("etcdserver: unexpected compare (refused by this etcd)")
+
+    ipam = IPAM(store.ds, etcd_prefix, use_snapshot=True)
+    _warm(ipam, "a", "b")
+    ipam.ds = Interposed(store.ds, refuse_first)
+    n0 = store.ds.requests
+    r = ipam.assign(req("c"))
+    assert refused == [0], "the refused commit was not the snapshot's one-request txn"
+    assert not r.existing and len(r.handle.addresses) == 1
+    assert ipam.snapshot is None and not ipam.use_snapshot
+    assert len(ipam.ds.commits) == 2                 # the refused one, then the usual one
+    assert store.get_handle(r.handle.id).addresses == r.handle.addresses
+    _consistent(store)
+    # and on: the usual three requests, no snapshot
+    n1 = store.ds.requests
+    ipam.assign(req("d"))
+    assert store.ds.requests - n1 == 3 and ipam.snapshot is None
+    _consistent(store)
+
+
+# =========================================================================== guards > MAX_TXN_OPS
+def _apply_pools(ipam, pools: list[dict]):
+    """Pools through the production validator and ``apply`` (one txn)."""
+    docs = [admin.Doc(f"test document {i + 1}", {"apiVersion": admin.OUR_API_VERSION, "kind": admin.POOL_KIND,
+                                                 "metadata": {"name": p["name"]},
+                                                 "spec": {k: v for k, v in p.items() if k != "name"}})
+            for i, p in enumerate(pools)]
+    return admin.apply(ipam, admin.parse_resources(docs))
+
+
+def _many_pools(n, start=0):
+    # /28 pools of blockSize 28 in 10.212.0.0/16, named so that they sort after "aaa"
+    return [{"name": f"p{i:03d}", "cidr": f"10.212.{i // 16}.{(i % 16) * 16}/28", "blockSize": 28}
+            for i in range(start, start + n)]
+
+
+def _no_txn_too_large(commits):
+    for compares, ops in commits:
+        assert len(compares) <= MAX_TXN_OPS and len(ops) <= MAX_TXN_OPS, \
+            f"a txn etcd refuses was sent ({len(compares)} compares, {len(ops)} ops)"
+
+
+def test_snapshot_is_not_kept_when_its_guards_would_not_fit_one_txn(store, etcd_prefix):
+    _apply_pools(store, _many_pools(124))       # + pool-a: 125 pools, each guarded by the snapshot txn
+    ipam = IPAM(Interposed(store.ds), etcd_prefix, use_snapshot=True)
+    ipam.assign(req("claim", v4_pools=["pool-a"]))      # claims a block: no snapshot yet
+    ipam.assign(req("cold", v4_pools=["pool-a"]))       # the usual way; its reads are NOT kept
+    assert ipam.snapshot is None
+    r = ipam.assign(req("next", v4_pools=["pool-a"]))
+    assert ipam.use_snapshot and ipam.snapshot is None and ipam.snapshot_hits == 0
+    assert r.handle.addresses[0].ip in N("10.210.0.0/24")
+    _no_txn_too_large(ipam.ds.commits)
+    _consistent(store)
+
+
+def test_snapshot_too_large_to_guard_is_not_used(store, etcd_server, etcd_prefix):
+    """A warm snapshot whose guard grew past one txn (here: a consistent view of a store that
+    gained 124 pools, as a snapshot file written by a build with another size limit would be):
+    the ADD goes the usual way -- no txn etcd would refuse is ever sent."""
+    ipam = IPAM(Interposed(store.ds), etcd_prefix, use_snapshot=True)
+    _warm(ipam, "a", "b")
+    _apply_pools(store, _many_pools(124))
+    snap = ipam.snapshot
+    for kv in store.ds.get_prefix(store.keys.pools):
+        snap.pools[kv.key] = (kv.mod_revision, kv.value)
+    snap.revision = store.ds.last_revision             # everything in it is current: only its size is wrong
+    assert len(snap.pools) == 125
+    before = len(ipam.ds.commits)
+    r = ipam.assign(req("c"))
+    assert not r.existing and ipam.snapshot_hits == 0
+    assert ipam.use_snapshot, "the snapshot txn was sent and refused instead of not being used"
+    assert ipam.snapshot is None                       # and not kept: still too many guards
+    assert len(ipam.ds.commits) == before + 1
+    _no_txn_too_large(ipam.ds.commits)
+    _consistent(store)
