@@ -210,6 +210,19 @@ def test_unreadable_nodename_file_is_code_7(store, conf, etcd_prefix, tmp_path, 
         assert h.node == "node-from-file"
 
 
+@pytest.mark.xfail(strict=True, reason="config.node_name catches OSError only: a nodename_file that is not "
+                   "UTF-8 raises UnicodeDecodeError, reported as code 999 (internal error)")
+def test_nodename_file_that_is_not_utf8_is_code_7(store, conf, etcd_prefix, tmp_path):
+    path = tmp_path / "nodename"
+    path.write_bytes(b"\xff\xfenode-a\n")
+    c = conf(node="", nodename_file=str(path))
+    before = dump(store.ds, etcd_prefix)
+    r = exec_plugin("ADD", c)
+    assert dump(store.ds, etcd_prefix) == before
+    doc = assert_cni_error(r.rc, r.stdout, 7, r.stderr)
+    assert "nodename_file" in doc["msg"], doc
+
+
 # =========================================================================== max_retries
 def _competitor(etcd_server, prefix, node="n1"):
     """Another client of the same store that allocates on ``node`` (same pool, same block):
@@ -425,3 +438,175 @@ def test_snapshot_too_large_to_guard_is_not_used(store, etcd_server, etcd_prefix
     assert len(ipam.ds.commits) == before + 1
     _no_txn_too_large(ipam.ds.commits)
     _consistent(store)
+
+
+# =========================================================================== boundaries
+def test_host_sized_pools_v4_32_and_v6_128_through_the_validator(store):
+    """A /32 and a /128 pool (blockSize = the pool's prefix) pass the production validator
+    (``admin.parse_resources`` + ``apply``) and hand out their one address, once."""
+    _apply_pools(store, [{"name": "host4", "cidr": "10.213.0.7/32", "blockSize": 32},
+                         {"name": "host6", "cidr": "fd00:213::7/128", "blockSize": 128}])
+    pools = {p.name: p for p in store.pools()}
+    assert (pools["host4"].cidr, pools["host4"].block_size, pools["host4"].n_blocks) == (N("10.213.0.7/32"), 32, 1)
+    assert (pools["host6"].cidr, pools["host6"].block_size, pools["host6"].n_blocks) == (N("fd00:213::7/128"), 128, 1)
+    # the pure validator takes them too
+    assert make_pool("h4", "10.213.0.8/32", 32).n_blocks == 1 and make_pool("h6", "fd00:213::8/128", 128).n_blocks == 1
+
+    def add(cid):
+        return store.assign(req(cid, mode="routed", assign_v6=True, v4_pools=["host4"], v6_pools=["host6"]))
+    h = add("one").handle
+    assert sorted(str(a.interface) for a in h.addresses) == ["10.213.0.7/32", "fd00:213::7/128"]
+    before = dump(store.ds, store.keys.root.rstrip("/"))
+    with pytest.raises(PoolExhausted) as ei:
+        add("two")
+    assert ei.value.code == 110
+    assert dump(store.ds, store.keys.root.rstrip("/")) == before
+    # bridge mode cannot use a one-address block (no room for a gateway): a clear config error
+    from cni_ipam.ipam.errors import InvalidRequest
+    with pytest.raises(InvalidRequest, match="too small") as ei:
+        store.assign(req("br", v4_pools=["host4"]))
+    assert ei.value.code == 7
+    store.release(h.id)
+    assert sorted(str(a.ip) for a in add("three").handle.addresses) == ["10.213.0.7", "fd00:213::7"]
+    _consistent(store)
+
+
+def _block(cidr, mode, allocations, free):
+    return json.dumps({"cidr": cidr, "pool": "p", "node": "n", "mode": mode, "allocations": allocations,
+                       "free": free, "seq": 1}).encode()
+
+
+@pytest.mark.parametrize("cidr,n", [("10.0.0.0/29", 8), ("fd00::/126", 4), ("10.0.0.7/32", 1)])
+def test_stored_ordinal_equal_to_the_block_size_is_corrupt(cidr, n):
+    # the last ordinal is fine ...
+    assert Block.from_json(_block(cidr, "routed", {str(n - 1): "h"}, [])).allocations == {n - 1: "h"}
+    assert Block.from_json(_block(cidr, "routed", {}, [n - 1])).free == [n - 1]
+    # ... one past it (== size) is not: it would be an address outside the block
+    for allocations, free in (({str(n): "h"}, []), ({}, [n]), ({"-1": "h"}, []), ({}, [-1])):
+        with pytest.raises(BlockError, match="out of range"):
+            Block.from_json(_block(cidr, "routed", allocations, free))
+
+
+@pytest.mark.parametrize("cidr,reserved", [("10.0.0.0/29", [0, 1, 7]), ("fd00::/125", [0, 1])])
+def test_stored_bridge_block_listing_a_reserved_address_is_corrupt(cidr, reserved):
+    """In bridge mode the network, gateway (and IPv4 broadcast) addresses are never handed
+    out: a stored block whose free list (or allocations) holds one would hand out the node's
+    gateway -- a duplicate -- so it is refused as corrupt (the engine reports 113)."""
+    n = N(cidr).num_addresses
+    ok = [o for o in range(n) if o not in reserved]
+    assert Block.from_json(_block(cidr, "bridge", {}, ok)).free == ok
+    for o in reserved:
+        with pytest.raises(BlockError, match="reserved"):
+            Block.from_json(_block(cidr, "bridge", {}, ok + [o]))
+        with pytest.raises(BlockError, match="reserved"):
+            Block.from_json(_block(cidr, "bridge", {str(o): "h"}, ok))
+    # routed mode reserves nothing
+    assert Block.from_json(_block(cidr, "routed", {}, list(range(n)))).free == list(range(n))
+
+
+@pytest.mark.parametrize("value", [
+    {"blockSize": 8},              # larger than the pool: used to crash the plugin (999)
+    {"blockSize": 40},             # out of range for IPv4
+    {"blockSize": True},
+    {"blockSize": 23},             # a /23 block in a /24 pool
+    {"blockSize": "28"},
+    {"disabled": "no"},            # not a boolean (bool("no") would read it as disabled)
+    {"cidr": "10.214.0.0"},        # no prefix: a /32 pool by accident? refused
+    {"name": 7},
+])
+def test_stored_pool_that_breaks_the_pool_rules_is_corrupt(value, store, conf, etcd_prefix):
+    raw = {"name": "bad", "cidr": "10.214.0.0/24", "blockSize": 28, **value}
+    data = json.dumps(raw).encode()
+    with pytest.raises(ValueError):
+        Pool.from_json(data)
+    key = store.keys.pool("bad")
+    assert store.ds.commit([], [Put(key, data)])
+    before = dump(store.ds, etcd_prefix)
+    r = exec_plugin("ADD", conf())
+    doc = assert_cni_error(r.rc, r.stdout, 113, r.stderr)
+    assert key in doc["msg"], doc
+    assert dump(store.ds, etcd_prefix) == before
+
+
+# =========================================================================== fixed stored formats
+# Bytes exactly as this code base writes them today (Pool/Block/Handle.to_json, the affinity
+# value of IPAM._claim).  They must be read the same way by every later version: never edit
+# them to follow a format change -- add a new fixture next to them instead.
+POOL_V4 = (b'{"name":"edge","cidr":"10.90.0.0/24","blockSize":28,"disabled":false,'
+           b'"nodeSelector":"rack == \'r1\'","allowedUses":["Workload"],"ipipMode":"CrossSubnet",'
+           b'"natOutgoing":true,"disableBGPExport":false}')
+POOL_V6 = (b'{"name":"v6","cidr":"fd00:90::/120","blockSize":124,"disabled":true,"nodeSelector":"all()",'
+           b'"allowedUses":["Workload","Tunnel"]}')
+BLOCK_BRIDGE = (b'{"cidr":"10.90.0.16/28","pool":"edge","node":"node-a","mode":"bridge",'
+                b'"allocations":{"2":"net.c1.eth0","4":"net.c3.eth0"},"free":[5,6,7,8,9,10,11,12,13,14,3],"seq":4}')
+BLOCK_ROUTED_EMPTY = (b'{"cidr":"10.90.0.32/28","pool":"edge","node":"node-b","mode":"routed","allocations":{},'
+                      b'"free":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,0],"seq":2,"emptySince":1764500001.25}')
+HANDLE = (b'{"id":"net.c1.eth0","node":"node-a","network":"net","containerID":"c1","ifname":"eth0",'
+          b'"pod":"web-0","namespace":"shop","podUID":"0f4c","mode":"bridge","created":"2026-11-30T16:00:00Z",'
+          b'"addresses":[{"ip":"10.90.0.18","block":"10.90.0.16/28","pool":"edge","prefixlen":28,'
+          b'"gateway":"10.90.0.17"}]}')
+AFFINITY = b'{"pool":"edge","mode":"bridge"}'
+
+
+def test_fixed_pool_format_decodes_field_by_field():
+    p = Pool.from_json(POOL_V4)
+    assert p.name == "edge" and p.cidr == N("10.90.0.0/24") and p.block_size == 28 and p.disabled is False
+    assert p.node_selector == "rack == 'r1'" and p.allowed_uses == ["Workload"]
+    assert (p.ipip_mode, p.vxlan_mode, p.nat_outgoing, p.disable_bgp_export) == ("CrossSubnet", None, True, False)
+    assert (p.n_blocks, p.block_addresses, p.block_at(1)) == (16, 16, N("10.90.0.16/28"))
+    q = Pool.from_json(POOL_V6)
+    assert q.name == "v6" and q.cidr == N("fd00:90::/120") and q.block_size == 124 and q.disabled is True
+    assert q.node_selector == "all()" and q.allowed_uses == ["Workload", "Tunnel"]
+    assert (q.ipip_mode, q.vxlan_mode, q.nat_outgoing, q.disable_bgp_export) == (None, None, None, None)
+    # written back unchanged (a rewrite by a newer binary must not lose or rename a field)
+    assert p.to_json() == POOL_V4 and q.to_json() == POOL_V6
+
+
+def test_fixed_block_format_decodes_field_by_field():
+    b = Block.from_json(BLOCK_BRIDGE)
+    assert b.cidr == N("10.90.0.16/28") and b.pool == "edge" and b.node == "node-a" and b.mode == "bridge"
+    assert b.allocations == {2: "net.c1.eth0", 4: "net.c3.eth0"}
+    assert b.free == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 3] and b.seq == 4 and b.empty_since == 0.0
+    assert b.holder(A("10.90.0.18")) == "net.c1.eth0" and b.gateway == A("10.90.0.17")
+    assert b.allocate("x") == A("10.90.0.21")          # the FIFO head: longest free first
+    e = Block.from_json(BLOCK_ROUTED_EMPTY)
+    assert e.cidr == N("10.90.0.32/28") and e.node == "node-b" and e.mode == "routed"
+    assert e.allocations == {} and e.free == list(range(1, 16)) + [0] and e.seq == 2
+    assert e.empty_since == 1764500001.25 and e.gateway is None
+    assert Block.from_json(BLOCK_BRIDGE).to_json() == BLOCK_BRIDGE and e.to_json() == BLOCK_ROUTED_EMPTY
+
+
+def test_fixed_handle_format_decodes_field_by_field():
+    h = Handle.from_json(HANDLE)
+    assert (h.id, h.node, h.network, h.container_id, h.ifname) == ("net.c1.eth0", "node-a", "net", "c1", "eth0")
+    assert (h.pod, h.namespace, h.pod_uid, h.mode, h.created) == ("web-0", "shop", "0f4c", "bridge",
+                                                                 "2026-11-30T16:00:00Z")
+    (a,) = h.addresses
+    assert (a.ip, a.block, a.pool, a.prefixlen, a.gateway) == (A("10.90.0.18"), N("10.90.0.16/28"), "edge", 28,
+                                                               A("10.90.0.17"))
+    assert str(a.interface) == "10.90.0.18/28"
+
+
+def test_fixed_formats_in_etcd_are_used_by_today_engine(etcd_server, etcd_prefix, tmp_path):
+    """The fixtures stored where today's code stores them: an ADD on node-a allocates the
+    fixture block's FIFO head, CHECK and DEL find the fixture handle."""
+    from cni_ipam.ipam.keys import Keys
+    k = Keys(etcd_prefix)
+    with open_datastore(etcd_server.endpoint, timeout=5) as ds:
+        assert ds.commit([], [Put(k.pool("edge"), POOL_V4), Put(k.block(N("10.90.0.16/28")), BLOCK_BRIDGE),
+                              Put(k.affinity_key("node-a", N("10.90.0.16/28")), AFFINITY),
+                              Put(k.handles + "net.c1.eth0", HANDLE)])
+        # (the fixture pool's nodeSelector matches no label of node-a: named in the config, it is used)
+        c = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, version="1.1.0", name="net", ipv4_pools=["edge"])
+        r = exec_plugin("ADD", c, container="new")
+        assert r.rc == 0, r.stdout + r.stderr
+        assert [ip["address"] for ip in r.out["ips"]] == ["10.90.0.21/28"]
+        assert r.out["ips"][0]["gateway"] == "10.90.0.17"
+        prev = {"cniVersion": "1.1.0", "ips": [{"address": "10.90.0.18/28", "gateway": "10.90.0.17"}]}
+        r = exec_plugin("CHECK", dict(c, prevResult=prev), container="c1")
+        assert r.rc == 0, r.stdout + r.stderr
+        r = exec_plugin("DEL", c, container="c1")
+        assert r.rc == 0, r.stdout + r.stderr
+        b = Block.from_json(ds.get(k.block(N("10.90.0.16/28"))).value)
+        assert 2 not in b.allocations and b.free[-1] == 2 and b.allocations[4] == "net.c3.eth0"
+        assert ds.get(k.handles + "net.c1.eth0") is None
