@@ -546,6 +546,12 @@ HANDLE = (b'{"id":"net.c1.eth0","node":"node-a","network":"net","containerID":"c
           b'"addresses":[{"ip":"10.90.0.18","block":"10.90.0.16/28","pool":"edge","prefixlen":28,'
           b'"gateway":"10.90.0.17"}]}')
 AFFINITY = b'{"pool":"edge","mode":"bridge"}'
+# layout 2 (handles keyed <net>/<cid>/<ifname>), as written by an ADD of today's plugin
+BLOCK_L2 = (b'{"cidr":"10.90.0.80/28","pool":"edge","node":"node-a","mode":"bridge","allocations":{"2":"net/c2/eth0"},'
+            b'"free":[3,4,5,6,7,8,9,10,11,12,13,14],"seq":1}')
+HANDLE_L2 = (b'{"id":"net/c2/eth0","node":"node-a","network":"net","containerID":"c2","ifname":"eth0","pod":"web-1",'
+             b'"namespace":"shop","podUID":"1a2b","mode":"bridge","created":"2026-11-30T16:31:55Z","addresses":'
+             b'[{"ip":"10.90.0.82","block":"10.90.0.80/28","pool":"edge","prefixlen":28,"gateway":"10.90.0.81"}]}')
 
 
 def test_fixed_pool_format_decodes_field_by_field():
@@ -585,17 +591,30 @@ def test_fixed_handle_format_decodes_field_by_field():
     assert (a.ip, a.block, a.pool, a.prefixlen, a.gateway) == (A("10.90.0.18"), N("10.90.0.16/28"), "edge", 28,
                                                                A("10.90.0.17"))
     assert str(a.interface) == "10.90.0.18/28"
+    h2 = Handle.from_json(HANDLE_L2)
+    assert (h2.id, h2.node, h2.network, h2.container_id, h2.ifname) == ("net/c2/eth0", "node-a", "net", "c2", "eth0")
+    assert (h2.pod, h2.namespace, h2.pod_uid, h2.mode, h2.created) == ("web-1", "shop", "1a2b", "bridge",
+                                                                      "2026-11-30T16:31:55Z")
+    (a,) = h2.addresses
+    assert (a.ip, a.block, a.pool, a.prefixlen, a.gateway) == (A("10.90.0.82"), N("10.90.0.80/28"), "edge", 28,
+                                                               A("10.90.0.81"))
+    b = Block.from_json(BLOCK_L2)
+    assert b.allocations == {2: "net/c2/eth0"} and b.free == list(range(3, 15)) and b.seq == 1
 
 
 def test_fixed_formats_in_etcd_are_used_by_today_engine(etcd_server, etcd_prefix, tmp_path):
-    """The fixtures stored where today's code stores them: an ADD on node-a allocates the
-    fixture block's FIFO head, CHECK and DEL find the fixture handle."""
+    """The fixtures stored where their writers stored them (a store that went through the
+    layout-1 -> layout-2 upgrade holds both): an ADD on node-a allocates the lowest block's
+    FIFO head, CHECK and DEL find the handles of both layouts."""
     from cni_ipam.ipam.keys import Keys
     k = Keys(etcd_prefix)
     with open_datastore(etcd_server.endpoint, timeout=5) as ds:
         assert ds.commit([], [Put(k.pool("edge"), POOL_V4), Put(k.block(N("10.90.0.16/28")), BLOCK_BRIDGE),
                               Put(k.affinity_key("node-a", N("10.90.0.16/28")), AFFINITY),
-                              Put(k.handles + "net.c1.eth0", HANDLE)])
+                              Put(k.handles + "net.c1.eth0", HANDLE),
+                              Put(k.block(N("10.90.0.80/28")), BLOCK_L2),
+                              Put(k.affinity_key("node-a", N("10.90.0.80/28")), AFFINITY),
+                              Put(k.handles + "net/c2/eth0", HANDLE_L2)])
         # (the fixture pool's nodeSelector matches no label of node-a: named in the config, it is used)
         c = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, version="1.1.0", name="net", ipv4_pools=["edge"])
         r = exec_plugin("ADD", c, container="new")
@@ -610,3 +629,11 @@ def test_fixed_formats_in_etcd_are_used_by_today_engine(etcd_server, etcd_prefix
         b = Block.from_json(ds.get(k.block(N("10.90.0.16/28"))).value)
         assert 2 not in b.allocations and b.free[-1] == 2 and b.allocations[4] == "net.c3.eth0"
         assert ds.get(k.handles + "net.c1.eth0") is None
+        prev = {"cniVersion": "1.1.0", "ips": [{"address": "10.90.0.82/28", "gateway": "10.90.0.81"}]}
+        r = exec_plugin("CHECK", dict(c, prevResult=prev), container="c2")
+        assert r.rc == 0, r.stdout + r.stderr
+        r = exec_plugin("DEL", c, container="c2")
+        assert r.rc == 0, r.stdout + r.stderr
+        b = Block.from_json(ds.get(k.block(N("10.90.0.80/28"))).value)
+        assert b.allocations == {} and b.free[-1] == 2
+        assert ds.get(k.handles + "net/c2/eth0") is None
