@@ -299,10 +299,10 @@ def test_warm_snapshot_cannot_hand_out_addresses_after_an_etcd_restore(tmp_path)
         assert ds.get(bkey).mod_revision < r_block
         # the restored store moves on: filler writes, then another writer (an admin's tool on this
         # node, its own lock dir: no snapshot) allocates so that the block's revision is R again
-        while True:
+        ds.get("/filler")
+        while ds.last_revision < r_block - 1:
             ds.commit([], [Put("/filler", b"x")])
-            if ds.last_revision == r_block - 2:
-                break
+        assert ds.last_revision == r_block - 1, (ds.last_revision, r_block)
         other = netconf(server.endpoint, prefix, tmp_path / "other", node="node-a")
         (tmp_path / "other").mkdir()
         ip_other = add_ip(exec_plugin("ADD", other, container="restored-1"))
@@ -324,7 +324,8 @@ def test_snapshot_plan_from_stale_content_at_the_same_revision_is_refused(store,
     current revision (what a restore produces); the one-request commit must fail and re-read."""
     from cni_ipam.ipam import snapshot as snapshots
     c = conf()
-    ip1 = add_ip(exec_plugin("ADD", c, container="c1"))
+    ip1 = add_ip(exec_plugin("ADD", c, container="c1"))   # claims the block (no snapshot kept after a claim)
+    add_ip(exec_plugin("ADD", c, container="c0"))         # the usual way: the snapshot is written
     (path,) = [p for p in tmp_path.iterdir() if p.name.startswith("snapshot-")]
     d = json.loads(path.read_text())
     (row,) = [r for r in d["blocks"] if r[2] is not None]

@@ -210,8 +210,6 @@ def test_unreadable_nodename_file_is_code_7(store, conf, etcd_prefix, tmp_path, 
         assert h.node == "node-from-file"
 
 
-@pytest.mark.xfail(strict=True, reason="config.node_name catches OSError only: a nodename_file that is not "
-                   "UTF-8 raises UnicodeDecodeError, reported as code 999 (internal error)")
 def test_nodename_file_that_is_not_utf8_is_code_7(store, conf, etcd_prefix, tmp_path):
     path = tmp_path / "nodename"
     path.write_bytes(b"\xff\xfenode-a\n")
