@@ -640,3 +640,21 @@ def test_etcd_leader_loss_during_a_pass(api, etcd_cluster, tmp_path, controllers
     finally:
         ds.close()
         etcd_cluster.heal()
+
+
+def test_a_corrupt_block_is_skipped_not_fatal(api, ipam, cache):
+    """A leaked handle whose block is undecodable is reported and left alone; the others go."""
+    api.add_node("n1")
+    api.add_node("n2")
+    add(api, ipam, 0, node="n1")
+    add(api, ipam, 1, node="n2")
+    api.delete_pod("ns", "p0")
+    api.delete_pod("ns", "p1")
+    assert wait_for(lambda: not cache.pods.get(("ns", "p0")) and not cache.pods.get(("ns", "p1")))
+    b2 = next(b for b in gc.scan(ipam).blocks if b.node == "n2")
+    ipam.ds.commit([], [gc.Put(b2.key, b'{"cidr": "10.60.0.8/29", "allocations": {"3": "net.c1.eth0"}}')])
+    r = Reconciler(ipam, cache, grace=0, guard=leader_guard(ipam)).run()
+    assert r.released == ["net.c0.eth0"]
+    assert r.skipped and r.skipped[0][0] == "net.c1.eth0" and "undecodable" in r.skipped[0][1]
+    assert handles(ipam) == {"net.c1.eth0"}
+    assert ipam.ds.get(b2.key).value.startswith(b'{"cidr": "10.60.0.8/29"')      # never overwritten

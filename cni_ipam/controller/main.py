@@ -117,6 +117,10 @@ def _pass(rec, metrics, elector, kube) -> tuple[bool, str]:
         metrics.passes.labels("failed").inc()
         log.warning("controller: pass failed: %s", e.msg)
         return False, e.msg
+    except Exception as e:  # noqa: BLE001 - never end the daemon on something unexpected: log, retry later
+        metrics.passes.labels("failed").inc()
+        log.exception("controller: pass failed: internal error: %s: %s", type(e).__name__, e)
+        return False, f"internal error: {type(e).__name__}: {e}"
     _count_api_errors(metrics, kube)
     metrics.duration.observe(time.monotonic() - t0)
     metrics.set_snapshot(r.metrics)

@@ -190,8 +190,15 @@ class Reconciler:
                 r.skipped.append((h.id, "pod exists"))
             log.info("controller: kept %s: pod %s/%s exists (re-checked)", h.id, h.namespace, h.pod)
             return
-        got = gc.release_handle(self.ipam.ds, self.ipam.keys, h.id, expect_revision=h.rev, guards=[guard],
-                                key=h.key, block_keys=h.blocks)
+        from ..ipam.errors import CorruptData
+        try:
+            got = gc.release_handle(self.ipam.ds, self.ipam.keys, h.id, expect_revision=h.rev, guards=[guard],
+                                    key=h.key, block_keys=h.blocks)
+        except CorruptData as e:     # reported, never overwritten; the other handles go on
+            log.warning("controller: %s", e.msg)
+            with lock:
+                r.skipped.append((h.id, e.msg))
+            return
         with lock:
             self.candidates.pop(h.id, None)
             if got is None:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..datastore import Compare, Datastore, Delete, Put, Read
-from .block import Block, BlockError
-from .errors import IPAMError
+from .block import Block
+from .errors import CorruptData, IPAMError
 from .keys import Keys, block_from_id, escape, unescape
 from .model import Handle
 
@@ -78,7 +78,10 @@ def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision
         hkv = got[0].kvs[0] if got[0].kvs else None
         if hkv is None or (expect_revision is not None and hkv.mod_revision != expect_revision):
             return None
-        h = Handle.from_json(hkv.value)
+        try:
+            h = Handle.from_json(hkv.value)
+        except ValueError as e:
+            raise CorruptData(f"handle record {hkey} is undecodable ({e}); not touched") from None
         bkeys = list(dict.fromkeys(keys.block(a.block) for a in h.addresses))
         have = {b: (res.kvs[0] if res.kvs else None) for b, res in zip(hint, got[1:])}
         missing = [b for b in bkeys if b not in have]
@@ -92,7 +95,10 @@ def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision
             if kv is None:
                 compares.append(Compare(bkey, 0))
                 continue
-            b = Block.from_json(kv.value)
+            try:
+                b = Block.from_json(kv.value)
+            except ValueError as e:
+                raise CorruptData(f"block {bkey} is undecodable ({e}); handle {handle_id} not released") from None
             for a in h.addresses:
                 if a.ip in b.cidr and b.release(a.ip, handle_id):
                     released.append(str(a.ip))
@@ -114,7 +120,7 @@ def delete_empty_block(ds: Datastore, keys: Keys, block_key: str, *, expect_revi
         return False
     try:
         b = Block.from_json(kv.value)
-    except BlockError:
+    except ValueError:
         return False   # undecodable: never touched here (`cni-ipam check` reports it)
     if b.allocations:
         return False
@@ -148,7 +154,7 @@ def node_records(ipam, node: str) -> dict:
     for kv in ds.get_prefix(k.blocks):
         try:
             b = Block.from_json(kv.value)
-        except BlockError:
+        except ValueError:
             continue
         if b.node == node:
             blocks.append((kv, b))
@@ -174,7 +180,7 @@ def remove_node(ipam, node: str, *, guards: Sequence[Compare] = ()) -> dict:
             continue
         try:
             fb = Block.from_json(fresh.value)
-        except BlockError:
+        except ValueError:
             continue
         if fb.allocations:
             out["blocksKept"].append({"block": str(fb.cidr), "inUse": fb.in_use})
