@@ -122,7 +122,7 @@ class LeaderElector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.ttl)
-        if resign and self._lease is not None:
+        if resign and self._lease is not None and self._rev:
             try:   # a follower takes over at once instead of after the TTL
                 self.ds.lease_revoke(self._lease)
             except DatastoreError as e:
