@@ -33,8 +33,9 @@ chaos: deps
 # Packaging (issue 6): the PyInstaller binary (packaging/).  `make binary` -> dist/cni-ipam/cni-ipam
 # (onedir: what ships; rebuilt only when the sources changed), `make binary-onefile` ->
 # dist/cni-ipam-onefile (for comparison), `make install` -> bundle in $(CNI_LIB_DIR)/cni-ipam/<build>/,
-# symlink $(CNI_BIN_DIR)/cni-ipam, example conflist in $(CNI_CONF_DIR) -- an existing conflist that
-# differs is never overwritten (INSTALL_ARGS=--force keeps a .bak; INSTALL_ARGS=--no-conflist).
+# relative symlink $(CNI_BIN_DIR)/cni-ipam; no conflist unless asked
+# (INSTALL_ARGS="--conflist conf/10-cni-ipam-bridge.conflist"; an existing conflist that differs is
+# never overwritten: --force keeps a .bak).  `cni-ipam uninstall` removes what install wrote.
 CNI_BIN_DIR ?= /opt/cni/bin
 CNI_CONF_DIR ?= /etc/cni/net.d
 CNI_LIB_DIR ?= /opt/cni/lib

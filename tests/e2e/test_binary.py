@@ -84,35 +84,41 @@ def build_dir_of(plugin_binary) -> str:
     return f"{info['version']}-{info['source_digest'][:12]}"
 
 
-def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_path):
+def test_install_puts_the_bundle_in_place_and_a_conflist_only_when_asked(plugin_binary, tmp_path):
     r = _install(plugin_binary, tmp_path)
     assert r.returncode == 0, r.stderr
     link = tmp_path / "bin" / "cni-ipam"
     build = tmp_path / "lib" / "cni-ipam" / build_dir_of(plugin_binary)
-    assert link.is_symlink() and os.readlink(link) == str(build / "cni-ipam")
-    conflist = tmp_path / "net.d" / EXAMPLE.name
-    assert conflist.read_bytes() == EXAMPLE.read_bytes() and (conflist.stat().st_mode & 0o777) == 0o644
+    # a relative link: it resolves the same on the host as in an install container
+    assert link.is_symlink() and os.readlink(link) == f"../lib/cni-ipam/{build.name}/cni-ipam"
+    assert link.resolve() == build / "cni-ipam"
+    assert not (tmp_path / "net.d").exists(), "install wrote a conflist although none was asked for"
+    assert "conflist: none" in r.stdout
     v = run([str(link), "version"])                     # runs through the symlink, outside the tree
     assert v.returncode == 0 and v.stdout.startswith("cni-ipam "), v.stderr
 
-    again = _install(str(link), tmp_path)               # from the installed copy: nothing to change
+    conflist = tmp_path / "net.d" / EXAMPLE.name
+    asked = _install(plugin_binary, tmp_path, "--conflist", str(EXAMPLE))
+    assert asked.returncode == 0, asked.stderr
+    assert conflist.read_bytes() == EXAMPLE.read_bytes() and (conflist.stat().st_mode & 0o777) == 0o644
+    again = _install(str(link), tmp_path, "--conflist", str(EXAMPLE))   # from the installed copy
     assert again.returncode == 0 and "unchanged" in again.stdout, again.stdout + again.stderr
 
     # an edited conflist is never overwritten silently -- and then nothing is installed at all
     conflist.write_text('{"edited": true}\n')
     os.unlink(link)
-    refused = _install(plugin_binary, tmp_path)
+    refused = _install(plugin_binary, tmp_path, "--conflist", str(EXAMPLE))
     assert refused.returncode == 1
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cni-ipam: error: "), refused.stderr
     assert "exists and differs" in refused.stderr and "--force" in refused.stderr
     assert conflist.read_text() == '{"edited": true}\n'
     assert not os.path.lexists(link), "the binary was installed although the command refused"
 
-    only_bin = _install(plugin_binary, tmp_path, "--no-conflist")
+    only_bin = _install(plugin_binary, tmp_path)
     assert only_bin.returncode == 0 and conflist.read_text() == '{"edited": true}\n', only_bin.stderr
-    assert os.readlink(link) == str(build / "cni-ipam")
+    assert link.resolve() == build / "cni-ipam"
 
-    forced = _install(plugin_binary, tmp_path, "--force")
+    forced = _install(plugin_binary, tmp_path, "--conflist", str(EXAMPLE), "--force")
     assert forced.returncode == 0, forced.stderr
     assert conflist.read_bytes() == EXAMPLE.read_bytes()
     assert (tmp_path / "net.d" / (EXAMPLE.name + ".bak")).read_text() == '{"edited": true}\n'
@@ -127,6 +133,44 @@ def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_pa
         "type": "cni-ipam", "mode": "sideways"}}]}))
     r = _install(plugin_binary, tmp_path, "--conflist", str(bad))
     assert r.returncode == 1 and "mode" in r.stderr and not (tmp_path / "net.d" / "bad.conflist").exists()
+
+    # uninstall: exactly what install wrote goes, the operator's file comes back from .bak
+    (tmp_path / "net.d" / "99-mine.conflist").write_text("{}\n")
+    u = run([plugin_binary, "uninstall", "--bin-dir", str(tmp_path / "bin"), "--lib-dir", str(tmp_path / "lib")])
+    assert u.returncode == 0, u.stderr
+    assert not os.path.lexists(link) and not (tmp_path / "lib").exists() and not (tmp_path / "bin").exists()
+    assert sorted(p.name for p in (tmp_path / "net.d").iterdir()) == [EXAMPLE.name, "99-mine.conflist"]
+    assert conflist.read_text() == '{"edited": true}\n'
+    u = run([plugin_binary, "uninstall", "--bin-dir", str(tmp_path / "bin"), "--lib-dir", str(tmp_path / "lib")])
+    assert u.returncode == 1 and "nothing to uninstall" in u.stderr
+
+
+def test_install_conflist_from_a_configmap_dir_with_placeholders(plugin_binary, tmp_path):
+    """--conflist DIR: an empty dir (a ConfigMap mounted with optional: true) means none; one file
+    is installed with the placeholders filled in with host paths; two are refused."""
+    cm = tmp_path / "cm"
+    cm.mkdir()
+    r = _install(plugin_binary, tmp_path, "--conflist", str(cm))
+    assert r.returncode == 0 and "holds no conflist" in r.stdout and not (tmp_path / "net.d").exists(), r.stdout
+    doc = json.loads(EXAMPLE.read_text())
+    doc["plugins"][0]["ipam"].update(etcd_endpoints="__ETCD_ENDPOINTS__",
+                                     kubernetes={"kubeconfig": "__KUBECONFIG_FILEPATH__"},
+                                     etcd_ca_cert_file="__ETCD_TLS_DIR__/ca.crt")
+    (cm / "10-pods.conflist").write_text(json.dumps(doc))
+    r = _install(plugin_binary, tmp_path, "--conflist", str(cm))   # no --kubeconfig to point at
+    assert r.returncode == 1 and "kubeconfig must be a non-empty string" in r.stderr, r.stderr
+    del doc["plugins"][0]["ipam"]["kubernetes"]
+    (cm / "10-pods.conflist").write_text(json.dumps(doc))
+    r = run([plugin_binary, "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(tmp_path / "net.d"),
+             "--conflist", str(cm), "--host-conf-dir", "/etc/cni/net.d"],
+            env={**MINIMAL_ENV, "ETCD_ENDPOINTS": "https://127.0.0.1:2379"})
+    assert r.returncode == 0, r.stderr
+    ipam = json.loads((tmp_path / "net.d" / "10-pods.conflist").read_text())["plugins"][0]["ipam"]
+    assert ipam["etcd_endpoints"] == "https://127.0.0.1:2379"
+    assert ipam["etcd_ca_cert_file"] == "/etc/cni/net.d/cni-ipam/etcd-tls/ca.crt"
+    (cm / "20-other.conflist").write_text(json.dumps(doc))
+    r = _install(plugin_binary, tmp_path, "--conflist", str(cm))
+    assert r.returncode == 1 and "keep one" in r.stderr
 
 
 def test_install_upgrade_keeps_the_previous_build(plugin_binary, tmp_path):
@@ -143,10 +187,10 @@ def test_install_upgrade_keeps_the_previous_build(plugin_binary, tmp_path):
     root = tmp_path / "lib" / "cni-ipam"
     link = tmp_path / "bin" / "cni-ipam"
     for n, (b, bid) in enumerate(builds):
-        r = _install(str(b / "cni-ipam"), tmp_path, "--no-conflist")
+        r = _install(str(b / "cni-ipam"), tmp_path)
         assert r.returncode == 0, r.stderr
-        assert os.readlink(link) == str(root / bid / "cni-ipam")
-        present = sorted(p.name for p in root.iterdir())
+        assert os.readlink(link) == f"../lib/cni-ipam/{bid}/cni-ipam"
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
         assert present == sorted({bid, builds[max(n - 1, 0)][1]}), present
         v = run([str(link), "version"])
         assert v.returncode == 0, v.stderr
@@ -169,10 +213,13 @@ def test_make_install(plugin_binary, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert os.path.realpath(tmp_path / "bin" / "cni-ipam") == str(
         tmp_path / "lib" / "cni-ipam" / build_dir_of(plugin_binary) / "cni-ipam")
+    assert not (tmp_path / "net.d").exists()
+    r = make_install(f"INSTALL_ARGS=--conflist {EXAMPLE}")
+    assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "net.d" / EXAMPLE.name).read_bytes() == EXAMPLE.read_bytes()
     (tmp_path / "net.d" / EXAMPLE.name).write_text("{}\n")
-    r = make_install()
+    r = make_install(f"INSTALL_ARGS=--conflist {EXAMPLE}")
     assert r.returncode != 0 and "exists and differs" in r.stderr
     assert (tmp_path / "net.d" / EXAMPLE.name).read_text() == "{}\n"
-    r = make_install("INSTALL_ARGS=--no-conflist")
+    r = make_install()
     assert r.returncode == 0, r.stdout + r.stderr
