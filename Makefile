@@ -59,3 +59,15 @@ bench: deps
 	@$(MAKE) --no-print-directory binary || echo "bench: 'make binary' failed; benchmarking python -m cni_ipam instead" >&2
 	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore 'matplotlib>=3.6'
 	$(PYTHON) -m bench $(BENCH_ARGS)
+
+# Container image (issue 14): FROM scratch + the onedir bundle + the shared libraries ldd lists,
+# built with podman under a private config (nothing pulled from a registry), saved as
+# dist/cni-ipam-image.tar (`podman load -i` / `ctr -n k8s.io images import`), tagged
+# localhost/cni-ipam:<version> as deploy/ names it.  `make e2e-deploy`: the DaemonSet's install
+# container from that image under podman, pods through containerd, upgrade, uninstall.
+.PHONY: image e2e-deploy
+image: binary
+	$(PYTHON) packaging/image.py
+
+e2e-deploy: deps
+	$(PYTHON) -m pytest -q tests/e2e/test_deploy.py $(PYTEST_ARGS)
