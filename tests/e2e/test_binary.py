@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -194,6 +195,57 @@ def test_install_upgrade_keeps_the_previous_build(plugin_binary, tmp_path):
         assert present == sorted({bid, builds[max(n - 1, 0)][1]}), present
         v = run([str(link), "version"])
         assert v.returncode == 0, v.stderr
+    # the installed binary uninstalls itself (its own bundle included) and what install created
+    u = run([str(link), "uninstall", "--bin-dir", str(tmp_path / "bin")])
+    assert u.returncode == 0, u.stdout + u.stderr
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "bin").exists(), u.stdout
+
+
+def test_install_watch_follows_the_configmap_and_the_secret(plugin_binary, tmp_path):
+    """--watch (the DaemonSet's mode): a changed conflist ConfigMap is written again when install
+    wrote the file on the node, never over an operator's edit; the etcd TLS Secret's files are
+    copied (0600) and removed with it; SIGTERM ends it and leaves everything in place."""
+    import signal
+    cm, tls, net = tmp_path / "cm", tmp_path / "tls", tmp_path / "net.d"
+    cm.mkdir()
+    tls.mkdir()
+    doc = json.loads(EXAMPLE.read_text())
+    (cm / "10-pods.conflist").write_text(json.dumps(doc))
+    (tls / "ca.crt").write_text("ca-1\n")
+    proc = subprocess.Popen([plugin_binary, "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(net),
+                             "--conflist", str(cm), "--etcd-tls", str(tls), "--watch", "--poll-interval", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=MINIMAL_ENV)
+
+    def wait(cond, what):
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+    try:
+        dest, ca = net / "10-pods.conflist", net / "cni-ipam" / "etcd-tls" / "ca.crt"
+        wait(lambda: dest.exists() and ca.exists(), "the first install")
+        assert (ca.stat().st_mode & 0o777) == 0o600 and ca.read_text() == "ca-1\n"
+        doc["plugins"][0]["ipam"]["log_level"] = "debug"
+        (cm / "10-pods.conflist").write_text(json.dumps(doc))
+        wait(lambda: json.loads(dest.read_text())["plugins"][0]["ipam"].get("log_level") == "debug",
+             "the changed ConfigMap on the node")
+        (tls / "ca.crt").write_text("ca-2\n")
+        (tls / "tls.key").write_text("key\n")
+        wait(lambda: ca.read_text() == "ca-2\n" and (ca.parent / "tls.key").exists(), "the changed Secret")
+        (tls / "tls.key").unlink()
+        wait(lambda: not (ca.parent / "tls.key").exists(), "a key removed from the Secret")
+        dest.write_text('{"edited": "by the operator"}\n')
+        doc["plugins"][0]["ipam"]["log_level"] = "info"
+        (cm / "10-pods.conflist").write_text(json.dumps(doc))
+        time.sleep(1.0)
+        assert dest.read_text() == '{"edited": "by the operator"}\n'
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out
+    assert "not overwritten" in out and "stopped: the plugin" in out, out
+    assert (tmp_path / "bin" / "cni-ipam").exists() and ca.exists()
 
 
 def test_install_from_source_explains_itself(tmp_path):
