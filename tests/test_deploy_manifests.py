@@ -130,8 +130,15 @@ def test_container_arguments_and_environment_are_what_the_cli_takes():
     for name in _env_names(c) - {"CNI_NET_DIR", "KUBERNETES_NODE_NAME", "POD_NAMESPACE"}:
         assert name in known, name
     dep = objs[("Deployment", "cni-ipam-controller")]["spec"]["template"]["spec"]["containers"][0]
-    for name in _env_names(dep):
-        assert name in known, name
+    config = objs[("ConfigMap", "cni-ipam-config")]["data"]
+    for e in dep["env"]:
+        assert e["name"] in known, e["name"]
+        ref = e["valueFrom"]["configMapKeyRef"]
+        assert ref["name"] == "cni-ipam-config" and ref["key"] in config, ref
+    # the TLS paths the controller is given are where its Secret volume puts the files
+    tls_mount = next(m["mountPath"] for m in dep["volumeMounts"] if m["name"] == "etcd-tls")
+    for key in ("etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file"):
+        assert os.path.dirname(config[key]) == tls_mount
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "cmd")
     if "controller" in sub.choices:   # the controller command (its own module) takes these flags
