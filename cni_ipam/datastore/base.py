@@ -66,11 +66,16 @@ class Compare:
     ``"NOT_EQUAL"`` (a key's ``mod_revision`` against the given one; etcd's names).  The usual
     range guard: ``Compare(prefix, rev + 1, range_end=prefix_end(prefix), result="LESS")``
     -- nothing in the range was created or modified after revision ``rev`` (deletions are
-    not seen: guard each known key as well)."""
+    not seen: guard each known key as well).
+
+    With ``value`` (bytes): a guard on the key's CONTENT instead -- it exists and holds exactly
+    ``value`` (``mod_revision`` and ``result`` are then ignored).  Proves content where revision
+    numbers cannot (a store restored from a backup reuses them)."""
     key: str
-    mod_revision: int
+    mod_revision: int = 0
     range_end: str | None = None
     result: str = "EQUAL"
+    value: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

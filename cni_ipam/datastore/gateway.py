@@ -93,7 +93,9 @@ _RESULTS = frozenset({"EQUAL", "GREATER", "LESS", "NOT_EQUAL"})
 def _compare_json(c: Compare) -> dict:
     if c.result not in _RESULTS:
         raise ValueError(f"unknown compare result {c.result!r}")
-    if c.mod_revision == 0 and c.result == "EQUAL":
+    if c.value is not None:
+        d = {"key": _enc(c.key), "target": "VALUE", "result": "EQUAL", "value": _b64(c.value)}
+    elif c.mod_revision == 0 and c.result == "EQUAL":
         d = {"key": _enc(c.key), "target": "VERSION", "result": "EQUAL", "version": 0}
     else:
         d = {"key": _enc(c.key), "target": "MOD", "result": c.result, "mod_revision": c.mod_revision}

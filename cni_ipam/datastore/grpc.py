@@ -71,7 +71,10 @@ def _compare(c: Compare):
     result = _RESULTS.get(c.result)
     if result is None:
         raise ValueError(f"unknown compare result {c.result!r}")
-    if c.mod_revision == 0 and c.result == "EQUAL":
+    if c.value is not None:
+        out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VALUE, result=etcdrpc.Compare.EQUAL,
+                              value=bytes(c.value))
+    elif c.mod_revision == 0 and c.result == "EQUAL":
         out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VERSION,
                               result=etcdrpc.Compare.EQUAL, version=0)
     else:
