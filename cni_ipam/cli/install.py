@@ -431,7 +431,9 @@ def install(args, out=sys.stdout) -> int:
     conflist_src = find_conflist(args.conflist) if args.conflist else None
     if args.conflist and conflist_src is None:
         conflist_state = f"none ({args.conflist} holds no conflist)"
+    seen_conflist = None     # the source as read now: the watch compares with this (a change meanwhile is seen)
     if conflist_src:
+        seen_conflist = _file_sha(conflist_src)
         conflist, conflist_state = plan_conflist(conflist_src, conf_dir, values, manifest, args.force)
     keeper = None
     if kubeconfig:
@@ -505,10 +507,10 @@ def install(args, out=sys.stdout) -> int:
     manifest.save()
     if not args.watch:
         return 0
-    return _watch(args, out, manifest, keeper, conflist_src, conf_dir, values, tls_dest)
+    return _watch(args, out, manifest, keeper, seen_conflist, tls_files, conf_dir, values, tls_dest)
 
 
-def _watch(args, out, manifest, keeper, conflist_src, conf_dir, values, tls_dest) -> int:
+def _watch(args, out, manifest, keeper, last_conflist, last_tls, conf_dir, values, tls_dest) -> int:
     """The DaemonSet's long-running part: keep the kubeconfig, etcd TLS files and conflist current."""
     import signal
     import threading
@@ -517,8 +519,6 @@ def _watch(args, out, manifest, keeper, conflist_src, conf_dir, values, tls_dest
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     _say(out, f"watching: every {args.poll_interval:g}s (SIGTERM ends this; nothing is removed)", stamp=True)
-    last_conflist = _file_sha(conflist_src) if conflist_src else None
-    last_tls = read_tls_dir(args.etcd_tls)
     while not stop.is_set():
         wait = args.poll_interval
         if keeper is not None:

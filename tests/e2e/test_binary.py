@@ -212,15 +212,17 @@ def test_install_watch_follows_the_configmap_and_the_secret(plugin_binary, tmp_p
     doc = json.loads(EXAMPLE.read_text())
     (cm / "10-pods.conflist").write_text(json.dumps(doc))
     (tls / "ca.crt").write_text("ca-1\n")
-    proc = subprocess.Popen([plugin_binary, "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(net),
-                             "--conflist", str(cm), "--etcd-tls", str(tls), "--watch", "--poll-interval", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=MINIMAL_ENV)
+    log = tmp_path / "install.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([plugin_binary, "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir",
+                                 str(net), "--conflist", str(cm), "--etcd-tls", str(tls), "--watch",
+                                 "--poll-interval", "0.1"], stdout=logf, stderr=subprocess.STDOUT, env=MINIMAL_ENV)
 
     def wait(cond, what):
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not cond():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()}"
             time.sleep(0.05)
     try:
         dest, ca = net / "10-pods.conflist", net / "cni-ipam" / "etcd-tls" / "ca.crt"
@@ -242,7 +244,8 @@ def test_install_watch_follows_the_configmap_and_the_secret(plugin_binary, tmp_p
         assert dest.read_text() == '{"edited": "by the operator"}\n'
     finally:
         proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=30)[0]
+        proc.wait(timeout=30)
+    out = log.read_text()
     assert proc.returncode == 0, out
     assert "not overwritten" in out and "stopped: the plugin" in out, out
     assert (tmp_path / "bin" / "cni-ipam").exists() and ca.exists()
