@@ -11,8 +11,6 @@ certificates signed by the same CA, and the read endpoints cni-ipam uses::
     GET /api/v1/pods                            PodList (all namespaces)
     GET /api/v1/nodes                           NodeList
     GET /api/v1/nodes/{name}                    Node
-    POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token   TokenRequest (``token_requests``
-                                                on; issued tokens expire: 401 afterwards)
 
 with the real JSON shapes (``kind``, ``apiVersion``, ``metadata{name, namespace,
 uid, annotations, labels, resourceVersion, creationTimestamp}``; list items
@@ -23,6 +21,10 @@ for errors.  Every request is recorded in ``.requests`` as ``(method, path, user
         api.add_namespace("ns1", annotations={...})
         api.add_pod("ns1", "p1", node="n1")
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+
+TokenRequest: ``POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token`` issues a token for
+that service account, ``spec.expirationSeconds`` long (``token_expiry``; an expired token gets
+401); ``token_requests = False`` answers 404 like an API without it.
 """
 from __future__ import annotations
 
