@@ -12,7 +12,7 @@ from .cni.errors import CNIError
 from .cni.netconf import prev_result_ips, requested_ips
 from .cni.result import IPConfig, render_result
 from .config import ConfigError, IpamConfig, node_name, parse_ipam_config
-from .hostenv import LockTimeout, host_lock, setup_logging
+from .hostenv import LockTimeout, LockUnusable, host_lock, setup_logging
 
 from .log import log
 
@@ -140,6 +140,8 @@ class Plugin:
             raise CNIError(TRY_AGAIN, f"etcd error: {e}") from None
         except LockTimeout as e:
             raise CNIError(TRY_AGAIN, str(e)) from None
+        except LockUnusable as e:
+            raise CNIError(TRY_AGAIN if e.transient else INVALID_CONFIG, str(e)) from None
         finally:
             if ipam is not None:
                 ipam.ds.close()
@@ -227,7 +229,7 @@ class Plugin:
 
 
 def run_plugin(environ=None, stdin=None, stdout=None) -> int:
-    from .cni.skel import run
+    from .cni.skel import read_stdin, run
     environ = os.environ if environ is None else environ
-    data = sys.stdin.buffer.read() if stdin is None else stdin
+    data = read_stdin(sys.stdin.buffer) if stdin is None else stdin
     return run(environ, data, stdout or sys.stdout, Plugin())

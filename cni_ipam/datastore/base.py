@@ -29,7 +29,11 @@ class DatastoreError(Exception):
 class DatastoreUnavailable(DatastoreError):
     """No endpoint answered in time (connection refused, timeout, no leader).
 
-    The plugin maps this to CNI error code 11 ("try again later")."""
+    The plugin maps this to CNI error code 11 ("try again later").  ``commit_sent`` (set by
+    ``commit``): the txn reached an endpoint whose answer was lost, so it may have been
+    applied -- False only when no attempt got as far as sending it."""
+
+    commit_sent = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,7 +254,11 @@ class GrpcDatastore(Datastore):
 
     def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:
         req = etcdrpc.TxnRequest(compare=[_compare(c) for c in compares], success=[_op(o) for o in ops])
-        resp = self._call("Txn", req)
+        try:
+            resp = self._call("Txn", req)
+        except DatastoreUnavailable as e:
+            e.commit_sent = True   # (gRPC does not tell whether a failed call reached the server)
+            raise
         self.last_revision = resp.header.revision
         return bool(resp.succeeded)
 
