@@ -443,6 +443,7 @@ def install(args, out=sys.stdout) -> int:
         try:
             keeper.server()
             keeper._read(keeper.token_file, "token")
+            keeper._read(keeper.ca_file, "CA")
         except CredentialsError as e:
             raise InstallError(str(e)) from None
     tls_files = read_tls_dir(args.etcd_tls)
@@ -502,8 +503,12 @@ def install(args, out=sys.stdout) -> int:
         _say(out, f"etcd-tls: {tls_dest}: {', '.join(sorted(tls_files)) or 'none in ' + args.etcd_tls}")
     if keeper is not None:
         manifest.makedirs(os.path.dirname(kubeconfig))
-        keeper.write()
-        manifest.file(kubeconfig, kind="file", sha256=_file_sha(kubeconfig))
+        manifest.file(kubeconfig, kind="kubeconfig")     # rewritten while it runs: removed whatever it holds
+        manifest.save()
+        try:
+            keeper.write()
+        except CredentialsError as e:
+            raise InstallError(f"{e} (the plugin is installed; its kubeconfig is not)") from None
     manifest.save()
     if not args.watch:
         return 0
@@ -531,8 +536,6 @@ def _watch(args, out, manifest, keeper, last_conflist, last_tls, conf_dir, value
                 why = keeper.due()
                 if why:
                     keeper.write(why)
-                    manifest.file(keeper.path, kind="file", sha256=_file_sha(keeper.path))
-                    dirty = True
             if args.etcd_tls:
                 files = read_tls_dir(args.etcd_tls)
                 if files != last_tls:
@@ -575,6 +578,8 @@ def uninstall(args, out=sys.stdout) -> int:
             continue
         if e.get("kind") == "symlink":
             ok = os.path.islink(p) and os.readlink(p) == e.get("target")
+        elif e.get("kind") == "kubeconfig":
+            ok = not os.path.islink(p) and os.path.isfile(p)
         else:
             ok = not os.path.islink(p) and _file_sha(p) == e.get("sha256")
         if ok:
