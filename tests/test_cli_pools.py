@@ -29,7 +29,13 @@ def test_list_and_get(cli):
     assert r.rc == 0
     lines = r.stdout.splitlines()
     assert lines[0].split()[:2] == ["NAME", "CIDR"]
-    assert lines[1].startswith("external-pool") and "172.16.0.0/26" in lines[1] and "Always" in lines[1]
+    assert lines[1].startswith("external-pool") and "172.16.0.0/26" in lines[1] and "false" in lines[1]
+    assert all(len(ln) <= 80 for ln in lines)
+    wide = cli("pool", "list", "-o", "wide").stdout.splitlines()
+    assert "IPIP" in wide[0] and "Always" in wide[1] and "NAT OUTGOING" in wide[0]
+    # one spelling of booleans in a table: true/false (as in the manifests), never yes/no
+    assert " yes " not in " ".join(wide) and " no " not in " ".join(wide)
+    assert wide[1].split()[3] == "false" and "true" in wide[1].split()
     items = cli("pool", "ls", "-o", "json").json()["items"]
     assert [i["metadata"]["name"] for i in items] == ["external-pool", "internal-pool"]
     assert items[0]["spec"] == {"cidr": "172.16.0.0/26", "blockSize": 29, "disabled": False,

@@ -16,6 +16,8 @@ DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/cni-ipam"
 DEFAULT_TIMEOUT = 10.0
 OUTPUT_FORMATS = ("table", "json", "yaml")
+#: table output that fits 80 columns by default; ``-o wide`` (some commands) shows every column
+WIDE = "wide"
 
 # flag dest -> (env var, key in the CNI config's ipam section)
 _SETTINGS = {
@@ -64,9 +66,16 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
                         "(its cni-ipam ipam section)")
 
 
-def add_output_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table",
-                        help="output format (default: table)")
+def add_output_arg(parser: argparse.ArgumentParser, *, wide: bool = False) -> None:
+    choices = OUTPUT_FORMATS + ((WIDE,) if wide else ())
+    parser.add_argument("-o", "--output", choices=choices, default="table",
+                        help="output format (default: table" + (", which fits 80 columns; wide: every column"
+                                                                if wide else "") + "; json/yaml: see "
+                             "`cni-ipam help output`)")
+
+
+def is_wide(args) -> bool:
+    return getattr(args, "output", None) == WIDE
 
 
 # ----------------------------------------------------------------------------- settings
@@ -265,11 +274,26 @@ def kv_table(pairs: list[tuple[str, object]]) -> str:
 
 
 def bar(fraction: float, width: int = 10) -> str:
+    """``[###.......]``: one ``#`` per full 1/width (rounded down, so a full bar means full)."""
     fraction = min(max(fraction, 0.0), 1.0)
-    n = int(round(fraction * width))
-    if fraction > 0 and n == 0:
-        n = 1
+    n = int(fraction * width + 1e-9)
     return "[" + "#" * n + "." * (width - n) + "]"
+
+
+def pct(frac: float) -> str:
+    """A percentage for a table: ``<0.1%`` for a little, ``>99.9%`` for almost full, ``100.0%`` only when full."""
+    if 0 < frac < 0.0005:
+        return "<0.1%"
+    if 0.9995 <= frac < 1:
+        return ">99.9%"
+    return f"{100 * frac:.1f}%"
+
+
+def yes_no(v) -> str | None:
+    """Booleans in tables: always ``true``/``false`` (as in manifests), ``-`` when unset."""
+    if v is None:
+        return None
+    return "true" if v else "false"
 
 
 def parse_bool(s: str) -> bool:

@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-from .common import CLIError, add_connection_args, add_output_arg, emit, open_ipam, table, warn
+from .common import CLIError, add_connection_args, add_output_arg, emit, is_wide, open_ipam, table, warn, yes_no
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def register(sub) -> None:
     pool = sub.add_parser("pool", help="list, show, enable, disable, delete pools")
     ps = pool.add_subparsers(dest="pool_cmd", metavar="SUBCOMMAND")
     ls = ps.add_parser("list", aliases=["ls"], help="list pools")
-    add_output_arg(ls)
+    add_output_arg(ls, wide=True)
     add_connection_args(ls)
     ls.set_defaults(func=cmd_list)
     g = ps.add_parser("get", help="show one pool (-o yaml gives a manifest `apply` accepts)")
@@ -120,11 +120,16 @@ def cmd_list(args) -> int:
             "items": [admin.pool_manifest(p) for p in pools]}
 
     def fmt(_):
-        rows = [[p.name, p.cidr, p.block_size, "yes" if p.disabled else "no", p.node_selector,
-                 ",".join(p.allowed_uses), p.ipip_mode, p.vxlan_mode, _v(p.nat_outgoing) if p.nat_outgoing
-                 is not None else None] for p in pools]
-        return table(["NAME", "CIDR", "BLOCK SIZE", "DISABLED", "NODE SELECTOR", "ALLOWED USES", "IPIP",
-                      "VXLAN", "NAT OUTGOING"], rows) if pools else "no pools"
+        if not pools:
+            return "no pools"
+        if is_wide(args):
+            rows = [[p.name, p.cidr, p.block_size, yes_no(p.disabled), p.node_selector, ",".join(p.allowed_uses),
+                     p.ipip_mode, p.vxlan_mode, yes_no(p.nat_outgoing), yes_no(p.disable_bgp_export)]
+                    for p in pools]
+            return table(["NAME", "CIDR", "BLOCK SIZE", "DISABLED", "NODE SELECTOR", "ALLOWED USES", "IPIP",
+                          "VXLAN", "NAT OUTGOING", "DISABLE BGP EXPORT"], rows)
+        rows = [[p.name, p.cidr, p.block_size, yes_no(p.disabled), p.node_selector] for p in pools]
+        return table(["NAME", "CIDR", "BLOCK SIZE", "DISABLED", "NODE SELECTOR"], rows)
     emit(args, data, fmt)
     return 0
 
@@ -138,8 +143,10 @@ def cmd_get(args) -> int:
     def fmt(_):
         from .common import kv_table
         s = data["spec"]
+        claimed = admin.claimed_blocks(ipam, p)
         pairs = [("name", p.name), ("cidr", s["cidr"]), ("blockSize", s["blockSize"]),
-                 ("blocks", f"{p.n_blocks} of {p.block_addresses} addresses"),
+                 ("blocks", f"{p.n_blocks} \u00d7 /{p.block_size} ({p.block_addresses} address"
+                            f"{'es' if p.block_addresses != 1 else ''} each), {claimed} claimed"),
                  ("disabled", _v(p.disabled)), ("nodeSelector", p.node_selector),
                  ("allowedUses", ",".join(p.allowed_uses))]
         for k in ("ipipMode", "vxlanMode", "natOutgoing", "disableBGPExport"):

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from ..datastore import KV, Compare, Datastore, Delete, Put, Read, prefix_end, read_prefix
 from ..datastore.base import MAX_TXN_OPS
 from . import selector as _selector
-from .block import Block, BlockError
+from .block import BRIDGE, ROUTED, Block, BlockError, reserved_ordinals
 from .errors import IPAMError
 from .keys import Keys, block_from_id, unescape
 from .model import Handle, IPAMConfig
@@ -789,23 +789,65 @@ def configure(ipam, *, strict_affinity: bool | None = None, auto_allocate_blocks
 
 @dataclass
 class PoolUsage:
+    """What a pool can really hand out.
+
+    ``capacity``: claimed blocks count what they can hand out (their free + allocated
+    addresses: a bridge-mode block's network, gateway and broadcast are not capacity);
+    unclaimed blocks count as blocks of ``unclaimed_mode`` would -- the mode most of
+    the pool's claimed blocks use, or bridge (the plugin's default mode) while none is
+    claimed (routed when bridge cannot use blocks this small).  With a node filter only
+    that node's blocks count."""
     pool: Pool
     addresses: int = 0        # the pool's size (with a node filter: that node's blocks' size)
     in_use: int = 0
-    reserved: int = 0         # never handed out: network/gateway/broadcast of bridge-mode blocks
+    claimed_capacity: int = 0  # free + allocated addresses of the claimed blocks
     blocks_claimed: int = 0
     undecodable: int = 0
+    modes: dict = field(default_factory=dict)   # mode -> claimed blocks in it
+    node: str | None = None
+
+    @property
+    def unclaimed_blocks(self) -> int:
+        return 0 if self.node is not None else max(self.pool.n_blocks - self.blocks_claimed - self.undecodable, 0)
+
+    @property
+    def unclaimed_mode(self) -> str:
+        if self.modes:
+            return max(sorted(self.modes), key=lambda m: self.modes[m])
+        return BRIDGE if self.pool.usable_in(BRIDGE) else ROUTED
+
+    @property
+    def unclaimed_block_capacity(self) -> int:
+        """What one unclaimed block would hand out once claimed in ``unclaimed_mode``."""
+        p = self.pool
+        if not p.usable_in(self.unclaimed_mode):
+            return 0
+        return p.block_addresses - len(reserved_ordinals(p.block_at(0), self.unclaimed_mode))
+
+    @property
+    def capacity(self) -> int:
+        return self.claimed_capacity + self.unclaimed_blocks * self.unclaimed_block_capacity
+
+    @property
+    def reserved(self) -> int:
+        """Addresses of the pool that are not capacity (never handed out)."""
+        return max(self.addresses - self.capacity, 0)
 
     @property
     def free(self) -> int:
-        return self.addresses - self.in_use - self.reserved
+        return max(self.capacity - self.in_use, 0)
 
     def to_dict(self, node: str | None = None) -> dict:
         p = self.pool
+        cap = self.capacity
         d = {"name": p.name, "cidr": str(p.cidr), "blockSize": p.block_size, "disabled": p.disabled,
              "addresses": self.addresses, "inUse": self.in_use, "reserved": self.reserved, "free": self.free,
              "blocksClaimed": self.blocks_claimed, "blocksTotal": p.n_blocks,
-             "utilization": round(100.0 * self.in_use / self.addresses, 2) if self.addresses else 0.0}
+             "utilization": round(100.0 * self.in_use / cap, 2) if cap else (100.0 if self.addresses else 0.0),
+             "capacity": cap, "blockAddresses": p.block_addresses,
+             "unclaimedBlocks": self.unclaimed_blocks,
+             "unclaimedBlocksCountedAs": {"mode": self.unclaimed_mode,
+                                          "capacityPerBlock": self.unclaimed_block_capacity}}
         if node is not None:
             d["node"] = node
         return d
@@ -826,7 +868,7 @@ def usage(ipam, *, node: str | None = None, blocks: bool = False,
         pools, bad = read_pools(ipam)
     out, rows = [], []
     for p in pools:
-        u = PoolUsage(p, addresses=0 if node is not None else p.cidr.num_addresses)
+        u = PoolUsage(p, addresses=0 if node is not None else p.cidr.num_addresses, node=node)
         start, end = cidr_block_range(ipam.keys, p.cidr)
         for kv in iter_range(ipam.ds, start, end):
             try:
@@ -839,13 +881,32 @@ def usage(ipam, *, node: str | None = None, blocks: bool = False,
                 continue
             u.blocks_claimed += 1
             u.in_use += b.in_use
-            u.reserved += b.cidr.num_addresses - b.capacity
+            u.claimed_capacity += b.capacity
+            u.modes[b.mode] = u.modes.get(b.mode, 0) + 1
             if node is not None:
                 u.addresses += b.cidr.num_addresses
             if blocks:
                 rows.append(block_row(b))
         out.append(u)
     return out, rows, bad
+
+
+def block_nodes(ipam) -> list[str]:
+    """The nodes that hold an affinity for some block (sorted; read from the affinity keys only)."""
+    nodes = set()
+    for kv in iter_prefix(ipam.ds, ipam.keys.affinity, keys_only=True):
+        enode = kv.key[len(ipam.keys.affinity):].partition("/")[0]
+        try:
+            nodes.add(unescape(enode))
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return sorted(nodes)
+
+
+def claimed_blocks(ipam, pool: Pool) -> int:
+    """How many blocks of ``pool`` are claimed (one count request)."""
+    start, end = cidr_block_range(ipam.keys, pool.cidr)
+    return ipam.ds.count(start, end)
 
 
 def borrowed(ipam, node: str | None = None) -> list[dict]:
