@@ -83,6 +83,9 @@ def main(argv=None) -> int:
         msg = e.msg
     except DatastoreUnavailable as e:
         msg = str(e)
+        if getattr(e, "unreachable", False):
+            from .common import unreachable_hint
+            msg += unreachable_hint()
     except DatastoreError as e:
         msg = str(e) if str(e).lower().startswith("etcd") else f"etcd: {e}"
     except ConfigError as e:
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
     finally:
         close_all()
     print(f"cni-ipam: error: {_one_line(msg)}", file=sys.stderr)
-    return 1
+    return int(getattr(args, "error_exit", 1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""Operator experience: errors that say what to do, the CLI config file, safety prompts,
+`check` exit codes, typo hints (against the real etcd; refused endpoints are closed loopback ports)."""
+from __future__ import annotations
+
+import json
+import os
+
+from tests.support.etcd import free_port
+from tests.test_cli_common import SEED_POOLS, cli, cli_env, dump, ipam, run_cli, write_file  # noqa: F401
+
+
+# ----------------------------------------------------------------------------- refused endpoints
+
+def test_refused_endpoints_fail_at_once_and_say_how_to_set_them(tmp_path):
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    env = cli_env(",".join(dead), "/x")
+    # --timeout 3600: the command must not wait for it (the subprocess gets 60 s)
+    for args in (["show"], ["pool", "list"], ["apply", "-f", "-"]):
+        r = run_cli(args + ["--timeout", "3600"], env=env, stdin=SEED_POOLS, timeout=60)
+        assert r.rc == 1 and r.stdout == "", (args, r)
+        line = r.error_line
+        assert f"{dead[0]} (connection refused)" in line and f"{dead[1]} (connection refused)" in line
+        assert "(endpoints from ETCD_ENDPOINTS)" in line
+        for how in ("--etcd-endpoints", "ETCD_ENDPOINTS", "--cni-conf", "/etc/cni-ipam/cli.yaml",
+                    "CNI_IPAM_CONFIG"):
+            assert how in line, (how, line)
+        assert "Error:" not in line and "ConnectionRefusedError" not in line
+    # the same from the flag / the CLI config file: the message says where the endpoints came from
+    r = run_cli(["show", "--etcd-endpoints", dead[0]], env=cli_env(None, "/x"), timeout=60)
+    assert "(endpoints from --etcd-endpoints)" in r.error_line
+    conf = write_file(tmp_path, "cli.yaml", f"etcdEndpoints: {dead[1]}\n")
+    r = run_cli(["show"], env=cli_env(None, "/x", CNI_IPAM_CONFIG=conf), timeout=60)
+    assert f"{dead[1]} (connection refused)" in r.error_line
+    assert f"(endpoints from the CLI config file {conf})" in r.error_line
+
+
+def test_https_against_plain_etcd_hint(etcd_server):
+    if not etcd_server.endpoint.startswith("http://"):
+        return
+    env = cli_env(etcd_server.endpoint.replace("http://", "https://"), "/x")
+    r = run_cli(["show", "--timeout", "3600"], env=env, timeout=60)
+    assert r.rc == 1 and "then use an http:// URL" in r.error_line
