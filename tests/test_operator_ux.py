@@ -40,3 +40,33 @@ def test_https_against_plain_etcd_hint(etcd_server):
     env = cli_env(etcd_server.endpoint.replace("http://", "https://"), "/x")
     r = run_cli(["show", "--timeout", "3600"], env=env, timeout=60)
     assert r.rc == 1 and "then use an http:// URL" in r.error_line
+
+
+# ----------------------------------------------------------------------------- unknown ipam keys
+
+def test_unknown_ipam_key_is_warned_with_the_closest_key(etcd_server, etcd_prefix, tmp_path):
+    """A typo (`etcd_endpoint`) is ignored but said: on stderr and in the log file, never on
+    stdout (the CNI result stays valid JSON)."""
+    from tests.plugin_helpers import exec_plugin, netconf, seed_store
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, etcd_endpoint="http://127.0.0.1:1")
+    with seed_store(etcd_server.endpoint, etcd_prefix):
+        r = exec_plugin("ADD", conf)
+    assert r.rc == 0, r.stdout + r.stderr
+    assert r.out["ips"] and json.loads(r.stdout) == r.out
+    assert "unknown key 'etcd_endpoint' is ignored (did you mean 'etcd_endpoints'?)" in r.stderr
+    log = (tmp_path / "cni-ipam.log").read_text()
+    assert "WARNING" in log and "did you mean 'etcd_endpoints'?" in log
+    # a correct config says nothing on stderr
+    good = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    r = exec_plugin("ADD", good, container="c2")
+    assert r.rc == 0 and "unknown key" not in r.stderr
+    # nested sections too; the error result on stdout stays the spec's JSON
+    bad = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, kubernetes={"kubeconfg": "/nope"})
+    r = exec_plugin("ADD", bad, container="c3")
+    assert r.rc != 0 and r.out["code"] == 7
+    assert "ipam.kubernetes: unknown key 'kubeconfg' is ignored (did you mean 'kubeconfig'?)" in r.stderr
+
+
+def test_known_keys_list_matches_the_config_fields():
+    from cni_ipam import config
+    assert set(config._KNOWN_KEYS) == set(config.IpamConfig.__record_fields__)
