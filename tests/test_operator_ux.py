@@ -70,3 +70,17 @@ def test_unknown_ipam_key_is_warned_with_the_closest_key(etcd_server, etcd_prefi
 def test_known_keys_list_matches_the_config_fields():
     from cni_ipam import config
     assert set(config._KNOWN_KEYS) == set(config.IpamConfig.__record_fields__)
+
+
+def test_a_clean_config_does_not_load_difflib():
+    import subprocess
+    import sys
+    code = ("import sys; from cni_ipam.config import parse_ipam_config\n"
+            "parse_ipam_config({'type': 'cni-ipam', 'etcd_endpoints': 'http://127.0.0.1:2379'})\n"
+            "a = 'difflib' in sys.modules\n"
+            "parse_ipam_config({'type': 'cni-ipam', 'etcd_endpoint': 'http://127.0.0.1:2379'})\n"
+            "print(a, 'difflib' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == ["False", "True"], p.stderr
+    assert "did you mean 'etcd_endpoints'?" in p.stderr
