@@ -84,3 +84,26 @@ def test_a_clean_config_does_not_load_difflib():
                        capture_output=True, text=True, timeout=60)
     assert p.stdout.split() == ["False", "True"], p.stderr
     assert "did you mean 'etcd_endpoints'?" in p.stderr
+
+
+# ----------------------------------------------------------------------------- check exit codes
+
+def test_check_exit_codes(cli, ipam, tmp_path):
+    # no pools at all under the prefix: said, and "could not check" (3), not "clean"
+    r = cli("check")
+    assert r.rc == 3 and "nothing to check: no pools" in r.error_line and "prefix" in r.error_line
+    assert cli("apply", "-f", "-", stdin=SEED_POOLS).rc == 0
+    r = cli("check")
+    assert r.rc == 0 and r.stdout.startswith("clean: 2 pool(s)")
+    # a problem: 1
+    from cni_ipam.datastore import Put
+    ipam.ds.commit([], [Put(ipam.keys.handle("junk"), b"not json")])
+    r = cli("check")
+    assert r.rc == 1 and r.stdout.startswith("undecodable: ") and "  fix: " in r.stdout
+    # etcd unreachable, bad settings: 3 (distinct from "problems found")
+    r = cli("check", "--etcd-endpoints", f"http://127.0.0.1:{free_port()}")
+    assert r.rc == 3 and "connection refused" in r.error_line
+    r = cli("check", ETCD_USERNAME="root")
+    assert r.rc == 3 and "needs both a user name" in r.error_line
+    # usage errors stay argparse's 2
+    assert cli("check", "--no-such").rc == 2

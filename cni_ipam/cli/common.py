@@ -354,6 +354,11 @@ def open_ipam(args):
     return IPAM(ds, c.prefix)
 
 
+def last_prefix() -> str:
+    """The etcd prefix of the last ``open_ipam``."""
+    return _last[0].prefix if _last else DEFAULT_PREFIX
+
+
 def unreachable_hint() -> str:
     """What to add to an 'etcd unreachable' error: where the endpoints came from, how to set them."""
     src = f" (endpoints from {_last[0].endpoints_from})" if _last else ""
@@ -434,6 +439,22 @@ def parse_bool(s: str) -> bool:
     if v in ("false", "no", "off", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {s!r}")
+
+
+def confirm(prompt: str, *, yes: bool, what: str) -> bool:
+    """Ask on stderr, answer from stdin (like `release --leaked`).  ``yes`` skips the question;
+    no answer at all (stdin at end: not a terminal, e.g. cron or a pipe from /dev/null) is an
+    error telling to add --yes -- a destructive command never proceeds unasked."""
+    if yes:
+        return True
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline() if sys.stdin else ""
+    if not line:
+        sys.stderr.write("\n")
+        raise CLIError(f"{what}: no answer on stdin (not a terminal?): add --yes to go ahead without asking, "
+                       f"or --dry-run to only show what it would do")
+    return line.strip().lower() in ("y", "yes")
 
 
 def warn(msg: str) -> None:

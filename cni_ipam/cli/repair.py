@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from .common import CLIError, add_connection_args, add_output_arg, emit, open_ipam
+from .common import CLIError, add_connection_args, add_output_arg, emit, last_prefix, open_ipam
 
 
 def register(sub) -> None:
@@ -24,18 +24,26 @@ def register(sub) -> None:
     add_connection_args(r)
     r.set_defaults(func=cmd_release)
 
-    c = sub.add_parser("check", help="consistency report over the whole store (exit 1 when anything is found)",
+    c = sub.add_parser("check", help="consistency report over the whole store (exit 0 clean, 1 problems, "
+                                     "3 could not check)",
                        description="Cross-checks blocks, handles, affinities and pools: addresses whose handle "
                                    "record is missing or disagrees, handles pointing at addresses they do not "
                                    "hold, blocks outside every pool or of the wrong size, missing / foreign / "
-                                   "duplicate / orphan affinities, undecodable values. One line per finding; "
-                                   "exit 0 when clean, 1 otherwise. With --kubeconfig, also addresses whose "
-                                   "Kubernetes pod no longer exists (kind 'leaked').")
+                                   "duplicate / orphan affinities, undecodable values. One line per finding, "
+                                   "each with how to fix it. With --kubeconfig, also addresses whose "
+                                   "Kubernetes pod no longer exists (kind 'leaked').",
+                       epilog="exit status: 0 clean; 1 problems found (also after --fix when some remain); "
+                              "3 could not check (etcd unreachable, bad credentials, no pools under the prefix).")
     c.add_argument("--kubeconfig", metavar="PATH",
                    help="also list addresses whose pod no longer exists in this Kubernetes cluster")
+    c.add_argument("--fix", action="store_true",
+                   help="repair what `check` can repair itself (missing/stale affinity records, undecodable "
+                        "blocks and affinity records); shows the repairs and asks first")
+    c.add_argument("-y", "--yes", action="store_true", help="--fix: repair without asking")
+    c.add_argument("--dry-run", action="store_true", help="--fix: show the repairs, change nothing")
     add_output_arg(c)
     add_connection_args(c)
-    c.set_defaults(func=cmd_check)
+    c.set_defaults(func=cmd_check, error_exit=3)
 
 
 def cmd_release(args) -> int:
@@ -73,8 +81,17 @@ def cmd_release(args) -> int:
 
 def cmd_check(args) -> int:
     from ..ipam import admin
+    if (args.yes or args.dry_run) and not args.fix:
+        raise CLIError("--yes and --dry-run go with --fix")
     ipam = open_ipam(args)
     rep = admin.check(ipam)
+    s = rep["scanned"]
+    if not s["pools"] and not rep["findings"] and not s["blocks"] and not s["handles"]:
+        raise CLIError(f"nothing to check: no pools, blocks or handles under etcd prefix {last_prefix()} "
+                       f"-- is that the right prefix? (--etcd-prefix, CNI_IPAM_ETCD_PREFIX, etcdPrefix in the "
+                       f"CLI config file)")
+    if args.fix:
+        return _check_fix(args, ipam, rep)
     if getattr(args, "kubeconfig", None):     # pods that no longer exist (ipam/leaks.py)
         from ..ipam import leaks
         found = leaks.findings(ipam, args.kubeconfig, getattr(args, "timeout", None) or 10.0)
@@ -88,7 +105,8 @@ def cmd_check(args) -> int:
             s = d["scanned"]
             return (f'clean: {s["pools"]} pool(s), {s["blocks"]} block(s), {s["affinities"]} affinity record(s), '
                     f'{s["handles"]} handle(s), {s["allocations"]} allocated address(es) checked')
-        return "\n".join(f'{f["kind"]}: {f["message"]}' for f in d["findings"])
+        return "\n".join(f'{f["kind"]}: {f["message"]}' + (f'\n  fix: {f["fix"]}' if f.get("fix") else "")
+                         for f in d["findings"])
     emit(args, rep, fmt)
     if not rep["clean"]:
         if (getattr(args, "output", None) or "table") == "table":
@@ -96,6 +114,39 @@ def cmd_check(args) -> int:
             print(f"cni-ipam: check: {n} problem(s) found", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_fix(args, ipam, rep) -> int:
+    from ..ipam import admin
+    from .common import confirm
+    todo = [f for f in rep["findings"] if f.get("fixable")]
+    rest = [f for f in rep["findings"] if not f.get("fixable")]
+    res = {"dryRun": bool(args.dry_run), "fixes": [], "remaining": rest, "confirmed": False}
+    if not todo:
+        print("nothing `check --fix` can repair" + (f"; {len(rest)} finding(s) need the fix shown with "
+                                                   f"each (`cni-ipam check`)" if rest else ": clean"),
+              file=sys.stderr)
+        emit(args, res, lambda d: "")
+        return 1 if rest else 0
+    print(f"{len(todo)} finding(s) will be repaired:", file=sys.stderr)
+    for f in todo:
+        print(f'  {f["kind"]}: {f["message"]}\n    -> {f["fix"]}', file=sys.stderr)
+    if args.dry_run:
+        print("dry run: nothing changed", file=sys.stderr)
+        emit(args, res, lambda d: "")
+        return 1
+    if not confirm("repair them? [y/N] ", yes=args.yes, what="check --fix"):
+        print("nothing repaired", file=sys.stderr)
+        emit(args, res, lambda d: "")
+        return 1
+    res["confirmed"] = True
+    res["fixes"] = admin.fix_findings(ipam, todo)
+    after = admin.check(ipam)
+    res["remaining"] = after["findings"]
+    emit(args, res, lambda d: "\n".join(
+        [(f'fixed: {x["action"]}' if x["done"] else f'not fixed: {x["kind"]} {x["key"]}: {x.get("why", "")}')
+         for x in d["fixes"]] + [f'remaining: {f["kind"]}: {f["message"]}' for f in d["remaining"]]))
+    return 1 if after["findings"] else 0
 
 
 def cmd_release_leaked(args) -> int:

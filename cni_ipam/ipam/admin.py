@@ -1301,8 +1301,13 @@ def check(ipam, *, verify: bool = True) -> dict:
     counts: dict[str, int] = {}
     for f in findings:
         counts[f.kind] = counts.get(f.kind, 0) + 1
-    return {"clean": not findings, "findings": [f.to_dict() for f in findings], "summary": counts,
-            "scanned": dict(c.counts)}
+    out = []
+    for f in findings:
+        d = f.to_dict()
+        d["fix"] = fix_hint(k, d)
+        d["fixable"] = fixable(k, d)
+        out.append(d)
+    return {"clean": not findings, "findings": out, "summary": counts, "scanned": dict(c.counts)}
 
 
 def _reverify(ipam, findings: list[Finding]) -> list[Finding]:
@@ -1324,3 +1329,191 @@ def _reverify(ipam, findings: list[Finding]) -> list[Finding]:
             c.feed(kv)
     still = {f.ident for f in c.finish()}
     return [f for f in findings if f.ident in still]
+
+
+# ============================================================================= fixes for check findings
+
+def _kind_of_key(k: Keys, key: str) -> str:
+    for what, prefix in (("block", k.blocks), ("affinity", k.affinity), ("handle", k.handles),
+                         ("pool", k.pools)):
+        if key.startswith(prefix):
+            return what
+    return "config" if key == k.config else "other"
+
+
+def _affinity_bid(k: Keys, key: str) -> tuple[str, str] | None:
+    """(node, block id) of an affinity key, or None."""
+    rest = key[len(k.affinity):]
+    enode, _, bid = rest.partition("/")
+    try:
+        node = unescape(enode)
+        block_from_id(bid)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return node, bid
+
+
+def fixable(k: Keys, f: dict) -> bool:
+    """Findings ``check --fix`` repairs: a missing affinity (written from the block), an
+    affinity without a block (deleted), an undecodable block (rebuilt from the handles that
+    hold its addresses) or affinity record (rewritten from its block, or deleted)."""
+    kind = f["kind"]
+    if kind in ("block-without-affinity", "affinity-without-block"):
+        return True
+    if kind == "undecodable":
+        what = _kind_of_key(k, f["key"])
+        if what == "block":
+            try:
+                block_from_id(f["key"][len(k.blocks):])
+                return True
+            except (ValueError, IndexError):
+                return False
+        return what == "affinity" and _affinity_bid(k, f["key"]) is not None
+    return False
+
+
+def fix_hint(k: Keys, f: dict) -> str:
+    """What repairs a finding: ``cni-ipam check --fix``, or the exact command."""
+    kind, key = f["kind"], f["key"]
+    if fixable(k, f):
+        what = {"block-without-affinity": "writes the missing affinity record from the block",
+                "affinity-without-block": "deletes the stale affinity record"}.get(kind)
+        if what is None:
+            what = ("rebuilds the block from the handles that hold its addresses"
+                    if _kind_of_key(k, key) == "block" else "rewrites the record from its block (or deletes it "
+                                                            "when the block is gone)")
+        return f"`cni-ipam check --fix` {what}"
+    ip, handle = f.get("ip"), f.get("handle")
+    if kind in ("allocation-without-handle", "allocation-handle-mismatch"):
+        return f"once no pod uses {ip}: `cni-ipam release --ip {ip}`"
+    if kind == "handle-not-held":
+        return f"once its pod is gone: `cni-ipam release --handle {handle}`"
+    if kind == "undecodable":
+        what = _kind_of_key(k, key)
+        if what == "config":
+            return "`cni-ipam apply -f` an IPAMConfig manifest replaces it"
+        if what == "pool":
+            name = unescape(key[len(k.pools):])
+            return (f"inspect it (`etcdctl get {key}`), then `cni-ipam pool delete {name} --force` and "
+                    f"apply its manifest again")
+        if what == "handle":
+            return (f"inspect it (`etcdctl get {key}`); `etcdctl del {key}` removes it, then `cni-ipam check` "
+                    f"lists its addresses, which `cni-ipam release --ip` frees once their pods are gone")
+        return f"a key no cni-ipam version writes: inspect it, then `etcdctl del {key}`"
+    if kind in ("handle-key-mismatch", "block-key-mismatch"):
+        return f"inspect it (`etcdctl get {key}`), then `etcdctl del {key}`"
+    if kind == "block-outside-pools":
+        return ("apply the pool that held it again, or, once no pod uses its addresses, "
+                f"`etcdctl del {key}` (and its affinity record)")
+    if kind in ("block-pool-mismatch", "block-wrong-size"):
+        return "once no pod uses its addresses: `cni-ipam release --ip` them, then `etcdctl del` the block"
+    if kind in ("affinity-other-node", "duplicate-affinity"):
+        return (f"`etcdctl del` the affinity record(s) of the node(s) that do not own the block "
+                f"({', '.join(f.get('affinityNodes') or [])})")
+    return "inspect the key with `etcdctl get`"
+
+
+def _rebuild_block(ipam, net, pools: list[Pool]) -> tuple[list[Compare], list] | str:
+    """A block value from the handles that list addresses in ``net`` (the block's own value is
+    undecodable): owner from its affinity record, mode from the handles."""
+    k = ipam.keys
+    pool = next((p for p in pools if p.version == net.version and net.subnet_of(p.cidr)), None)
+    if pool is None:
+        return f"block {net} lies in no pool; cannot rebuild it"
+    holders: list[tuple] = []
+    modes = set()
+    for kv in iter_prefix(ipam.ds, k.handles):
+        try:
+            h = Handle.from_json(kv.value)
+        except ValueError:
+            continue
+        for a in h.addresses:
+            if a.block == net:
+                holders.append((a.ip, h.id))
+                modes.add(h.mode)
+    nodes = [n for n, bid in (_affinity_bid(k, kv.key) or (None, None)
+                              for kv in iter_prefix(ipam.ds, k.affinity, keys_only=True)) if bid == block_id_of(net)]
+    if len(modes) > 1:
+        return f"block {net}: its handles disagree on the mode ({', '.join(sorted(modes))}); cannot rebuild it"
+    mode = modes.pop() if modes else BRIDGE
+    node = nodes[0] if len(nodes) == 1 else None
+    try:
+        b = Block.new(net, pool.name, node, mode if pool.usable_in(mode) else ROUTED)
+        for ip, hid in holders:
+            b.allocate(hid, ip)
+    except BlockError as e:
+        return f"block {net}: cannot rebuild it from its handles: {e}"
+    return [], [Put(k.block(net), b.to_json())]
+
+
+def block_id_of(net) -> str:
+    from .keys import block_id
+    return block_id(net)
+
+
+def fix_findings(ipam, findings: list[dict]) -> list[dict]:
+    """Repair the fixable findings, each with one compare-and-swap on the keys it read.
+    Returns one entry per finding: {kind, key, action, done, why?}."""
+    ds, k = ipam.ds, ipam.keys
+    pools, _ = read_pools(ipam)
+    out = []
+    for f in findings:
+        if not fixable(k, f):
+            continue
+        kind, key = f["kind"], f["key"]
+        entry = {"kind": kind, "key": key, "action": "", "done": False}
+        out.append(entry)
+        kv = ds.get(key)
+        compares = [Compare(key, kv.mod_revision if kv else 0)]
+        ops: list = []
+        if kind == "block-without-affinity" or (kind == "undecodable" and _kind_of_key(k, key) == "affinity"):
+            if kind == "block-without-affinity":
+                bkv = kv
+            else:
+                node, bid = _affinity_bid(k, key)
+                bkv = ds.get(k.blocks + bid)
+            try:
+                b = Block.from_json(bkv.value) if bkv else None
+            except BlockError:
+                b = None
+            if b is None or not b.node:
+                if kind == "undecodable":
+                    entry["action"] = f"delete {key} (its block is gone or has no owner)"
+                    if bkv is not None:
+                        compares.append(Compare(bkv.key, bkv.mod_revision))
+                    else:
+                        compares.append(Compare(k.blocks + bid, 0))
+                    ops = [Delete(key)]
+                else:
+                    entry["why"] = "the block changed or has no owner; run check again"
+            else:
+                akey = k.affinity_key(b.node, b.cidr)
+                entry["action"] = f"write {akey} (node {b.node}, block {b.cidr})"
+                akv = kv if akey == key else ds.get(akey)
+                compares = [Compare(bkv.key, bkv.mod_revision), Compare(akey, akv.mod_revision if akv else 0)]
+                if kind == "undecodable" and akey != key:   # an undecodable record under another node's name
+                    compares.append(Compare(key, kv.mod_revision if kv else 0))
+                    ops.append(Delete(key))
+                ops.append(Put(akey, json.dumps({"pool": b.pool, "mode": b.mode}, separators=(",", ":")).encode()))
+        elif kind == "affinity-without-block":
+            node, bid = _affinity_bid(k, key)
+            entry["action"] = f"delete {key}"
+            compares.append(Compare(k.blocks + bid, 0))
+            ops = [Delete(key)]
+        else:   # undecodable block
+            net = block_from_id(key[len(k.blocks):])
+            got = _rebuild_block(ipam, net, pools)
+            if isinstance(got, str):
+                entry["why"] = got
+            else:
+                entry["action"] = f"rebuild block {net} from the handles holding its addresses"
+                compares += got[0]
+                ops = got[1]
+        if ops:
+            if kv is None and kind != "affinity-without-block" and kind != "block-without-affinity":
+                entry["why"] = "the key is gone; run check again"
+            elif ds.commit(compares, ops):
+                entry["done"] = True
+            else:
+                entry["why"] = "changed while fixing; run check again"
+    return out
