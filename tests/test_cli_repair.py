@@ -47,7 +47,7 @@ def test_release_by_ip(cli, ipam):
     dual = ipam.assign(req("dual", assign_v6=True, v4_pools=["external-pool"])).handle
     ip1 = str(one.addresses[0].ip)
     v4, v6 = (str(a.ip) for a in dual.addresses)
-    r = cli("release", "--ip", ip1, "--ip", v4)
+    r = cli("release", "--ip", ip1, "--ip", v4, "--yes")
     assert r.rc == 0, r.stderr
     assert sorted(r.stdout.splitlines()) == sorted([f"released {ip1} (handle one)", f"released {v4} (handle dual)"])
     assert ipam.get_handle("one") is None
@@ -57,7 +57,7 @@ def test_release_by_ip(cli, ipam):
     assert blk.holder(A(ip1)) is None and blk.holder(A(v4)) is None
     assert cli("check").rc == 0
     # not allocated: one error line, non-zero; what could be released still is
-    r = cli("release", "--ip", v6, "--ip", ip1, "-o", "json")
+    r = cli("release", "--ip", v6, "--ip", ip1, "-o", "json", "--yes")
     assert r.rc == 1 and f"{ip1} is not allocated" in r.error_line
     assert json.loads(r.stdout)["released"] == [{"ip": v6, "handle": "dual"}]
     assert ipam.get_handle("dual") is None
@@ -68,7 +68,7 @@ def test_release_by_ip(cli, ipam):
 def test_release_by_handle(cli, ipam):
     assert cli("apply", "-f", "-", stdin=DUAL).rc == 0
     h = ipam.assign(req("net.abc.eth0", assign_v6=True, v4_pools=["internal-pool"])).handle
-    r = cli("release", "--handle", "net.abc.eth0", "-o", "json")
+    r = cli("release", "--handle", "net.abc.eth0", "-o", "json", "-y")
     assert r.rc == 0, r.stderr
     assert sorted(x["ip"] for x in json.loads(r.stdout)["released"]) == sorted(str(a.ip) for a in h.addresses)
     assert ipam.get_handle("net.abc.eth0") is None
@@ -78,7 +78,7 @@ def test_release_by_handle(cli, ipam):
     lost = ipam.assign(req("lost", v4_pools=["external-pool"])).handle
     ipam.ds.commit([], [Delete(ipam.keys.handle("lost"))])
     assert cli("check").rc == 1
-    r = cli("release", "--handle", "lost")
+    r = cli("release", "--handle", "lost", "--yes")
     assert r.rc == 0 and r.stdout.strip() == f"released {lost.addresses[0].ip} (handle lost)"
     assert cli("check").rc == 0
 

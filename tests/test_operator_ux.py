@@ -107,3 +107,57 @@ def test_check_exit_codes(cli, ipam, tmp_path):
     assert r.rc == 3 and "needs both a user name" in r.error_line
     # usage errors stay argparse's 2
     assert cli("check", "--no-such").rc == 2
+
+
+# ----------------------------------------------------------------------------- destructive commands ask
+
+def _req(hid, node="node-a", **kw):
+    from cni_ipam.ipam.engine import AssignRequest
+    return AssignRequest(handle_id=hid, node=node, network="net", container_id=hid, ifname="eth0", **kw)
+
+
+def test_release_shows_asks_and_needs_yes_without_a_terminal(cli, ipam):
+    assert cli("apply", "-f", "-", stdin=SEED_POOLS).rc == 0
+    h = ipam.assign(_req("net.web.eth0", pod="web-1", namespace="shop", v4_pools=["external-pool"])).handle
+    ip = str(h.addresses[0].ip)
+    before = dump(ipam)
+    # --dry-run: shows, changes nothing
+    r = cli("release", "--ip", ip, "--dry-run")
+    assert r.rc == 0 and "would release 1 address(es)" in r.stderr and "shop/web-1 on node-a" in r.stderr
+    assert "dry run: nothing released" in r.stdout
+    d = cli("release", "--ip", ip, "--dry-run", "-o", "json").json()
+    assert d["dryRun"] is True and d["wouldRelease"][0]["ip"] == ip and d["wouldRelease"][0]["pod"] == "web-1"
+    # no terminal, no answer: refused with the way out (--yes)
+    r = cli("release", "--ip", ip)
+    assert r.rc == 1 and "will release 1 address(es)" in r.stderr
+    assert "add --yes" in r.stderr.splitlines()[-1] and r.stderr.splitlines()[-1].startswith("cni-ipam: error:")
+    # "n": nothing
+    r = cli("release", "--handle", "net.web.eth0", stdin="n\n")
+    assert r.rc == 0 and "nothing released" in r.stderr
+    assert dump(ipam) == before
+    # "y" (or --yes): released
+    r = cli("release", "--ip", ip, stdin="y\n")
+    assert r.rc == 0 and r.stdout.strip() == f"released {ip} (handle net.web.eth0)"
+    assert ipam.get_handle("net.web.eth0") is None
+
+
+def test_pool_delete_force_shows_asks_dry_run(cli, ipam):
+    assert cli("apply", "-f", "-", stdin=SEED_POOLS).rc == 0
+    h = ipam.assign(_req("net.db.eth0", pod="db-0", namespace="data", v4_pools=["external-pool"])).handle
+    ip = str(h.addresses[0].ip)
+    before = dump(ipam)
+    r = cli("pool", "delete", "external-pool", "--force", "--dry-run")
+    assert r.rc == 0 and "1 address(es) in use" in r.stderr and "data/db-0 on node-a" in r.stderr and ip in r.stderr
+    assert 'dry run: pool "external-pool" not deleted' in r.stdout
+    d = cli("pool", "delete", "external-pool", "--dry-run", "-o", "json").json()
+    assert d["refusedWithoutForce"] is True and d["wouldRelease"][0]["inPool"] == [ip]
+    r = cli("pool", "delete", "external-pool", "--force")
+    assert r.rc == 1 and "add --yes" in r.stderr.splitlines()[-1]
+    r = cli("pool", "delete", "external-pool", "--force", stdin="no\n")
+    assert r.rc == 0 and "nothing deleted" in r.stderr
+    assert dump(ipam) == before
+    r = cli("pool", "delete", "external-pool", "--force", stdin="y\n")
+    assert r.rc == 0 and "deleted" in r.stdout and "released 1 handle(s)" in r.stdout
+    assert {p.name for p in ipam.pools()} == {"internal-pool"}
+    # an empty pool is deleted without a question (nothing to release)
+    assert cli("pool", "delete", "internal-pool").rc == 0

@@ -44,7 +44,9 @@ def register(sub) -> None:
                                   "Then deletes the pool's blocks and affinities and the pool; never leaves "
                                   "orphan blocks.")
     d.add_argument("name")
-    d.add_argument("--force", action="store_true", help="release allocated addresses first")
+    d.add_argument("--force", action="store_true", help="release allocated addresses first (shows them and asks)")
+    d.add_argument("-y", "--yes", action="store_true", help="--force: release without asking")
+    d.add_argument("--dry-run", action="store_true", help="show what would be released and deleted; change nothing")
     add_output_arg(d)
     add_connection_args(d)
     d.set_defaults(func=cmd_delete)
@@ -168,7 +170,37 @@ def cmd_enable_disable(args) -> int:
 
 def cmd_delete(args) -> int:
     from ..ipam import admin
+    from .common import confirm
     ipam = open_ipam(args)
+    holders = []
+    try:
+        holders = admin.pool_holders(ipam, args.name)
+    except admin.NotFound:
+        raise
+    except admin.AdminError:
+        pass   # an undecodable pool record: delete_pool says what to do
+    n_addr = sum(len(h["inPool"]) for h in holders)
+    if holders and (args.force or args.dry_run) and not args.yes:
+        verb = "would release" if args.dry_run else "will release"
+        print(f'pool "{args.name}": {n_addr} address(es) in use; --force {verb} the {len(holders)} handle(s) '
+              f'holding them (with every address they hold):', file=sys.stderr)
+        for h in holders[:50]:
+            pod = f'{h["namespace"]}/{h["pod"]}' if h["pod"] else "no pod recorded"
+            print(f'  {",".join(h["inPool"]):<18} {pod} on {h["node"] or "?"} (handle {h["handle"]})',
+                  file=sys.stderr)
+        if len(holders) > 50:
+            print(f"  ... and {len(holders) - 50} more (-o json --dry-run lists all)", file=sys.stderr)
+    if args.dry_run:
+        emit(args, {"dryRun": True, "pool": args.name, "wouldRelease": holders,
+                    "refusedWithoutForce": bool(holders) and not args.force},
+             lambda d: f'dry run: pool "{args.name}" not deleted' + (
+                 "; without --force the delete would be refused (addresses in use)"
+                 if d["refusedWithoutForce"] else ""))
+        return 0
+    if holders and args.force and not confirm(f'delete pool "{args.name}" and release them? [y/N] ',
+                                              yes=args.yes, what="pool delete --force"):
+        print("nothing deleted", file=sys.stderr)
+        return 0
     rep = admin.delete_pool(ipam, args.name, force=args.force)
 
     def fmt(r):

@@ -11,7 +11,8 @@ def register(sub) -> None:
     r = sub.add_parser("release", help="release addresses by IP or by handle (repair)",
                        description="Release single addresses (--ip; a handle holding other addresses keeps "
                                    "them) or everything a handle holds (--handle). A handle whose record is "
-                                   "missing is found in the blocks.")
+                                   "missing is found in the blocks. Shows what it will release (pod, node) and "
+                                   "asks; without a terminal it needs --yes; --dry-run only shows.")
     r.add_argument("--ip", action="append", default=[], metavar="ADDR", help="an address (repeatable)")
     r.add_argument("--handle", action="append", default=[], metavar="ID",
                    help="a handle id, <network>.<container id>.<ifname> (repeatable)")
@@ -19,7 +20,8 @@ def register(sub) -> None:
                    help="release every address whose Kubernetes pod no longer exists (needs --kubeconfig; "
                         "shows them and asks first)")
     r.add_argument("--kubeconfig", metavar="PATH", help="the cluster's kubeconfig (for --leaked)")
-    r.add_argument("-y", "--yes", action="store_true", help="--leaked: release without asking")
+    r.add_argument("-y", "--yes", action="store_true", help="release without asking")
+    r.add_argument("--dry-run", action="store_true", help="show what would be released; change nothing")
     add_output_arg(r)
     add_connection_args(r)
     r.set_defaults(func=cmd_release)
@@ -59,6 +61,22 @@ def cmd_release(args) -> int:
         except ValueError:
             raise CLIError(f"--ip: {s!r} is not an IP address") from None
     ipam = open_ipam(args)
+    from .common import confirm
+    preview, missing_pre = admin.release_preview(ipam, ips, args.handle)
+    if preview and not args.yes:
+        print(f"{'would release' if args.dry_run else 'will release'} {len(preview)} address(es):", file=sys.stderr)
+        for r in preview:
+            pod = f'{r["namespace"]}/{r["pod"]}' if r["pod"] else "no pod recorded"
+            print(f'  {r["ip"]:<18} {pod} on {r["node"] or "?"} (handle {r["handle"]})', file=sys.stderr)
+    if args.dry_run:
+        emit(args, {"dryRun": True, "wouldRelease": preview, "notFound": missing_pre},
+             lambda d: "dry run: nothing released")
+        if missing_pre:
+            raise CLIError("; ".join(missing_pre))
+        return 0
+    if preview and not confirm("release them? [y/N] ", yes=args.yes, what="release"):
+        print("nothing released", file=sys.stderr)
+        return 0
     released: list[dict] = []
     missing: list[str] = []
     if ips:
@@ -156,6 +174,8 @@ def cmd_release_leaked(args) -> int:
         raise CLIError("--leaked and --kubeconfig go together")
     if args.ip or args.handle:
         raise CLIError("--leaked does not combine with --ip/--handle")
+    if args.dry_run:
+        raise CLIError("--leaked --dry-run: use `cni-ipam check --kubeconfig PATH` to list leaked addresses")
     res = leaks.release_command(open_ipam(args), args.kubeconfig, yes=args.yes,
                                 timeout=getattr(args, "timeout", None) or 10.0)
     emit(args, res, lambda d: "\n".join(

@@ -1517,3 +1517,68 @@ def fix_findings(ipam, findings: list[dict]) -> list[dict]:
             else:
                 entry["why"] = "changed while fixing; run check again"
     return out
+
+
+# ============================================================================= previews (before asking)
+
+def _describe_handle(ipam, hid: str, cache: dict) -> dict:
+    if hid not in cache:
+        try:
+            h = ipam.get_handle(hid)
+        except IPAMError:
+            h = None
+        cache[hid] = ({"handle": hid, "node": h.node, "namespace": h.namespace or None, "pod": h.pod or None,
+                       "addresses": [str(a.ip) for a in h.addresses]} if h is not None else
+                      {"handle": hid, "node": None, "namespace": None, "pod": None, "addresses": []})
+    return cache[hid]
+
+
+def pool_holders(ipam, name: str) -> list[dict]:
+    """Who holds addresses in a pool (what ``pool delete --force`` would release): one entry per
+    handle with its pod and the addresses it holds in the pool."""
+    _, pool = get_pool(ipam, name)
+    start, end = cidr_block_range(ipam.keys, pool.cidr)
+    held: dict[str, list[str]] = {}
+    for kv in iter_range(ipam.ds, start, end):
+        try:
+            b = Block.from_json(kv.value)
+        except BlockError:
+            continue
+        for o, hid in sorted(b.allocations.items()):
+            held.setdefault(hid, []).append(str(b.ip(o)))
+    cache: dict = {}
+    out = []
+    for hid, ips in held.items():
+        d = dict(_describe_handle(ipam, hid, cache))
+        d["inPool"] = ips
+        out.append(d)
+    return out
+
+
+def release_preview(ipam, ips, handles) -> tuple[list[dict], list[str]]:
+    """What ``release --ip/--handle`` would release: ([{ip, handle, node, namespace, pod}], [not found])."""
+    out, missing = [], []
+    cache: dict = {}
+    for ip in dict.fromkeys(ipaddress.ip_address(i) for i in ips):
+        d = ip_info(ipam, ip)
+        if not d["allocated"]:
+            missing.append(f"{ip} is not allocated")
+            continue
+        out.append({"ip": str(ip), "handle": d["handle"], "node": d["node"], "namespace": d["namespace"],
+                    "pod": d["pod"]})
+    for hid in handles:
+        h = _describe_handle(ipam, hid, cache)
+        addrs = list(h["addresses"])
+        if not addrs:   # no record: the blocks may still record addresses for it
+            for kv in iter_prefix(ipam.ds, ipam.keys.blocks):
+                try:
+                    b = Block.from_json(kv.value)
+                except BlockError:
+                    continue
+                addrs += [str(b.ip(o)) for o, x in b.allocations.items() if x == hid]
+        if not addrs:
+            missing.append(f"handle {hid!r} does not exist and no block records an address for it")
+            continue
+        out += [{"ip": a, "handle": hid, "node": h["node"], "namespace": h["namespace"], "pod": h["pod"]}
+                for a in addrs]
+    return out, missing
