@@ -161,3 +161,51 @@ def test_pool_delete_force_shows_asks_dry_run(cli, ipam):
     assert {p.name for p in ipam.pools()} == {"internal-pool"}
     # an empty pool is deleted without a question (nothing to release)
     assert cli("pool", "delete", "internal-pool").rc == 0
+
+
+# ----------------------------------------------------------------------------- apply: every problem at once
+
+FOUR_MISTAKES = """\
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: pods}
+spec:
+  cidr: 10.20.0.0/16
+  blockSize: 40
+  nodeSelectr: all()
+  disabled: "true"
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: more}
+spec:
+  cidr: 10.30.0.1/16
+"""
+
+
+def test_apply_reports_every_problem_at_once(cli, ipam):
+    r = cli("apply", "-f", "-", stdin=FOUR_MISTAKES)
+    assert r.rc == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == "cni-ipam: error: 4 problems in the manifests; nothing was applied"
+    body = lines[1:]
+    assert len(body) == 4 and all(ln.startswith("  <stdin> document ") for ln in body)
+    text = "\n".join(body)
+    assert "spec.nodeSelectr: unknown field (did you mean spec.nodeSelector?)" in text
+    assert "spec.blockSize: 40 is out of range 20-32" in text
+    # a quoted boolean: said to be a quoted string, with the fix
+    assert ("spec.disabled: must be a YAML boolean, not the quoted string 'true' (write disabled: true, "
+            "without quotes)") in text
+    assert 'IPPool "more": spec.cidr: \'10.30.0.1/16\' has host bits set (did you mean 10.30.0.0/16?)' in text
+    assert ipam.pools() == []
+    # one problem: still exactly one line
+    r = cli("apply", "-f", "-", stdin=FOUR_MISTAKES.split("---")[1])
+    assert r.rc == 1 and "host bits set" in r.error_line
+    # problems against the stored pools are all reported too (overlap + cidr change)
+    assert cli("apply", "-f", "-", stdin="apiVersion: cni-ipam/v1\nkind: IPPool\nmetadata: {name: a}\n"
+                                        "spec: {cidr: 10.40.0.0/24}\n").rc == 0
+    r = cli("apply", "-f", "-", stdin="apiVersion: cni-ipam/v1\nkind: IPPool\nmetadata: {name: a}\n"
+                                     "spec: {cidr: 10.41.0.0/24}\n---\napiVersion: cni-ipam/v1\nkind: IPPool\n"
+                                     "metadata: {name: b}\nspec: {cidr: 10.40.0.0/25}\n")
+    assert r.rc == 1 and r.stderr.splitlines()[0].endswith("2 problems in the manifests; nothing was applied")
+    assert "cannot change on an existing pool" in r.stderr and 'overlaps pool "a"' in r.stderr

@@ -81,6 +81,15 @@ def main(argv=None) -> int:
         msg = str(e)
     except IPAMError as e:
         msg = e.msg
+        problems = getattr(e, "problems", None)
+        if problems and len(problems) > 1:   # `apply`: every problem of the manifests, one line each
+            print(f"cni-ipam: error: {_one_line(msg)}", file=sys.stderr)
+            for prob in problems[:100]:
+                print(f"  {_one_line(prob)}", file=sys.stderr)
+            if len(problems) > 100:
+                print(f"  ... and {len(problems) - 100} more", file=sys.stderr)
+            close_all()
+            return int(getattr(args, "error_exit", 1))
     except DatastoreUnavailable as e:
         msg = str(e)
         if getattr(e, "unreachable", False):

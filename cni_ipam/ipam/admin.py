@@ -42,6 +42,42 @@ class AdminError(IPAMError):
 class ManifestError(AdminError):
     """A manifest is invalid; nothing from it was applied."""
 
+    @property
+    def problems(self) -> list[str]:
+        return [self.msg]
+
+
+class ManifestErrors(ManifestError):
+    """Several problems, all reported at once (``problems``); nothing was applied."""
+
+    def __init__(self, problems: list[str]):
+        self._problems = list(problems)
+        n = len(self._problems)
+        super().__init__(self._problems[0] if n == 1 else
+                         f"{n} problems in the manifests; nothing was applied")
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+
+class _Problems:
+    """Collects ManifestErrors so that every problem of a manifest is reported in one run."""
+
+    def __init__(self):
+        self.msgs: list[str] = []
+
+    def run(self, fn, *args, default=None):
+        try:
+            return fn(*args)
+        except ManifestError as e:
+            self.msgs.extend(e.problems)
+            return default
+
+    def raise_any(self) -> None:
+        if self.msgs:
+            raise ManifestErrors(self.msgs)
+
 
 class NotFound(AdminError):
     pass
@@ -249,18 +285,25 @@ def load_documents(data: bytes, source: str) -> list[Doc]:
 
 
 def _check_fields(where: str, path: str, obj: dict, known: Sequence[str], ctx: str) -> None:
+    """Every unknown field of ``obj`` (all of them, each with its 'did you mean')."""
+    problems = _Problems()
     for k in obj:
-        if not isinstance(k, str):
-            raise ManifestError(f"{where}: {ctx}: {path}{_short(k)}: field names must be strings")
-        if k not in known:
-            hint = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
-            if not hint:
-                hint = [n for n in known if n.lower() == k.lower()]
-            did = f" (did you mean {path}{hint[0]}?)" if hint else f" (known: {', '.join(known)})"
-            shown = k if len(k) <= 40 else k[:37] + "..."
-            if not shown.isprintable():
-                shown = repr(shown)
-            raise ManifestError(f"{where}: {ctx}: {path}{shown}: unknown field{did}")
+        problems.run(_check_field, where, path, k, known, ctx)
+    problems.raise_any()
+
+
+def _check_field(where: str, path: str, k, known: Sequence[str], ctx: str) -> None:
+    if not isinstance(k, str):
+        raise ManifestError(f"{where}: {ctx}: {path}{_short(k)}: field names must be strings")
+    if k not in known:
+        hint = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
+        if not hint:
+            hint = [n for n in known if n.lower() == k.lower()]
+        did = f" (did you mean {path}{hint[0]}?)" if hint else f" (known: {', '.join(known)})"
+        shown = k if len(k) <= 40 else k[:37] + "..."
+        if not shown.isprintable():
+            shown = repr(shown)
+        raise ManifestError(f"{where}: {ctx}: {path}{shown}: unknown field{did}")
 
 
 def _check_api_version(where: str, doc: dict) -> None:
@@ -278,18 +321,24 @@ def parse_resources(docs: Iterable[Doc]) -> list[Resource]:
     out: list[Resource] = []
     names: dict[str, str] = {}
     config_where = None
+    problems = _Problems()
     for d in docs:
-        r = parse_resource(d)
+        r = problems.run(parse_resource, d)
+        if r is None:
+            continue
         if r.kind == POOL_KIND:
             if r.name in names:
-                raise ManifestError(f"{d.where}: {r.label}: metadata.name: defined twice "
-                                    f"(also in {names[r.name]})")
+                problems.msgs.append(f"{d.where}: {r.label}: metadata.name: defined twice "
+                                     f"(also in {names[r.name]})")
+                continue
             names[r.name] = d.where
         else:
             if config_where:
-                raise ManifestError(f"{d.where}: IPAMConfig: defined twice (also in {config_where})")
+                problems.msgs.append(f"{d.where}: IPAMConfig: defined twice (also in {config_where})")
+                continue
             config_where = d.where
         out.append(r)
+    problems.raise_any()
     return out
 
 
@@ -304,30 +353,39 @@ def parse_resource(doc: Doc) -> Resource:
         raise ManifestError(f"{where}: kind: {_short(kind)} is not supported (use {POOL_KIND} or IPAMConfig)")
     _check_api_version(where, body)
     ctx = str(kind)
-    _check_fields(where, "", body, TOP_FIELDS, ctx)
+    problems = _Problems()
+    problems.run(_check_fields, where, "", body, TOP_FIELDS, ctx)
     meta = body.get("metadata")
     if kind == POOL_KIND or meta is not None:
         if meta is None:
-            raise ManifestError(f"{where}: {ctx}: metadata.name: missing")
-        if not isinstance(meta, dict):
-            raise ManifestError(f"{where}: {ctx}: metadata: must be a mapping")
-        _check_fields(where, "metadata.", meta, METADATA_FIELDS, ctx)
+            problems.msgs.append(f"{where}: {ctx}: metadata.name: missing")
+        elif not isinstance(meta, dict):
+            problems.msgs.append(f"{where}: {ctx}: metadata: must be a mapping")
+            meta = None
+        else:
+            problems.run(_check_fields, where, "metadata.", meta, METADATA_FIELDS, ctx)
     name = (meta or {}).get("name")
     if kind == POOL_KIND:
         if name is None:
-            raise ManifestError(f"{where}: {ctx}: metadata.name: missing")
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
-            raise ManifestError(f"{where}: {ctx}: metadata.name: {_short(name)} is not a valid name "
-                                f"(lower-case letters, digits, '-' and '.', at most {MAX_NAME} characters, "
-                                f"starting and ending with a letter or digit)")
-        ctx = f'{kind} "{name}"'
-        spec = _spec(where, ctx, body, POOL_SPEC_FIELDS)
-        return Resource(POOL_KIND, name, where, pool=parse_pool_spec(where, ctx, name, spec))
+            if meta is not None:
+                problems.msgs.append(f"{where}: {ctx}: metadata.name: missing")
+        elif not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
+            problems.msgs.append(f"{where}: {ctx}: metadata.name: {_short(name)} is not a valid name "
+                                 f"(lower-case letters, digits, '-' and '.', at most {MAX_NAME} characters, "
+                                 f"starting and ending with a letter or digit)")
+        else:
+            ctx = f'{kind} "{name}"'
+        spec = problems.run(_spec, where, ctx, body, POOL_SPEC_FIELDS)
+        pool = problems.run(parse_pool_spec, where, ctx, str(name), spec) if spec is not None else None
+        problems.raise_any()
+        return Resource(POOL_KIND, name, where, pool=pool)
     if name is not None and name != CONFIG_NAME:
-        raise ManifestError(f"{where}: {ctx}: metadata.name: must be {CONFIG_NAME!r} "
-                            f"(there is one global IPAM config), not {_short(name)}")
-    spec = _spec(where, ctx, body, CONFIG_SPEC_FIELDS)
-    return Resource("IPAMConfig", CONFIG_NAME, where, config=parse_config_spec(where, ctx, spec))
+        problems.msgs.append(f"{where}: {ctx}: metadata.name: must be {CONFIG_NAME!r} "
+                             f"(there is one global IPAM config), not {_short(name)}")
+    spec = problems.run(_spec, where, ctx, body, CONFIG_SPEC_FIELDS)
+    cfg = problems.run(parse_config_spec, where, ctx, spec) if spec is not None else None
+    problems.raise_any()
+    return Resource("IPAMConfig", CONFIG_NAME, where, config=cfg)
 
 
 def _spec(where, ctx, body, known) -> dict:
@@ -336,8 +394,19 @@ def _spec(where, ctx, body, known) -> dict:
         raise ManifestError(f"{where}: {ctx}: spec: missing")
     if not isinstance(spec, dict):
         raise ManifestError(f"{where}: {ctx}: spec: must be a mapping, not {type(spec).__name__}")
-    _check_fields(where, "spec.", spec, known, ctx)
-    return spec
+    problems = _Problems()
+    problems.run(_check_fields, where, "spec.", spec, known, ctx)
+    # the fields that are known are still validated (and their problems reported with these)
+    known_part = {k: v for k, v in spec.items() if k in known}
+    return _SpecWithProblems(known_part, problems.msgs)
+
+
+class _SpecWithProblems(dict):
+    """A spec (its known fields) carrying the unknown-field problems found so far."""
+
+    def __init__(self, d: dict, problems: list[str]):
+        super().__init__(d)
+        self.problems = problems
 
 
 def _bool_field(where, ctx, spec, k, default):
@@ -345,6 +414,10 @@ def _bool_field(where, ctx, spec, k, default):
     if v is None:
         return default
     if not isinstance(v, bool):
+        if isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            b = "true" if v.strip().lower() in ("true", "yes", "on") else "false"
+            raise ManifestError(f"{where}: {ctx}: spec.{k}: must be a YAML boolean, not the quoted string "
+                                f"{_short(v)} (write {k}: {b}, without quotes)")
         raise ManifestError(f"{where}: {ctx}: spec.{k}: must be true or false, not {_short(v)}")
     return v
 
@@ -358,7 +431,7 @@ def _enum_field(where, ctx, spec, k, allowed):
     return v
 
 
-def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
+def _pool_cidr(where: str, ctx: str, spec: dict):
     raw = spec.get("cidr")
     if raw is None:
         raise ManifestError(f"{where}: {ctx}: spec.cidr: missing")
@@ -377,16 +450,26 @@ def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
     for what, bad in FORBIDDEN[net.version]:
         if net.overlaps(bad):
             raise ManifestError(f"{where}: {ctx}: spec.cidr: {net} overlaps the {what} range {bad}")
+    return net
+
+
+def _pool_block_size(where: str, ctx: str, spec: dict, net) -> int:
     bs = spec.get("blockSize")
+    if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int)):
+        raise ManifestError(f"{where}: {ctx}: spec.blockSize: must be an integer, not {_short(bs)}")
+    if net is None:       # the cidr has its own problem: the size cannot be checked against it
+        return bs
     if bs is None:
         bs = DEFAULT_BLOCK_SIZE[net.version]
-    elif isinstance(bs, bool) or not isinstance(bs, int):
-        raise ManifestError(f"{where}: {ctx}: spec.blockSize: must be an integer, not {_short(bs)}")
     lo, hi = BLOCK_SIZE_RANGE[net.version]
     if not lo <= bs <= hi:
         raise ManifestError(f"{where}: {ctx}: spec.blockSize: {bs} is out of range {lo}-{hi} for IPv{net.version}")
     if bs < net.prefixlen:
         raise ManifestError(f"{where}: {ctx}: spec.blockSize: /{bs} is larger than the pool {net}")
+    return bs
+
+
+def _pool_selector(where: str, ctx: str, spec: dict) -> str:
     sel = spec.get("nodeSelector")
     if sel is None:
         sel = "all()"
@@ -398,6 +481,10 @@ def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
         raise ManifestError(f"{where}: {ctx}: spec.nodeSelector: {e} in {_short(sel, 80)}") from None
     if not sel.strip():
         sel = "all()"
+    return sel
+
+
+def _pool_uses(where: str, ctx: str, spec: dict) -> list:
     uses = spec.get("allowedUses")
     if uses is None:
         uses = ["Workload", "Tunnel"]
@@ -410,30 +497,55 @@ def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
                                 f"{', '.join(ALLOWED_USES)}")
     if len(set(uses)) != len(uses):
         raise ManifestError(f"{where}: {ctx}: spec.allowedUses: lists a use twice")
-    ipip = _enum_field(where, ctx, spec, "ipipMode", ENCAP_MODES)
-    vxlan = _enum_field(where, ctx, spec, "vxlanMode", ENCAP_MODES)
-    if net.version == 6 and ipip not in (None, "Never"):
+    return list(uses)
+
+
+def _pool_encap(where: str, ctx: str, spec: dict, net) -> tuple:
+    problems = _Problems()
+    ipip = problems.run(_enum_field, where, ctx, spec, "ipipMode", ENCAP_MODES)
+    vxlan = problems.run(_enum_field, where, ctx, spec, "vxlanMode", ENCAP_MODES)
+    problems.raise_any()
+    if net is not None and net.version == 6 and ipip not in (None, "Never"):
         raise ManifestError(f"{where}: {ctx}: spec.ipipMode: IPIP is not supported on an IPv6 pool (use Never)")
     if ipip not in (None, "Never") and vxlan not in (None, "Never"):
         raise ManifestError(f"{where}: {ctx}: spec.vxlanMode: IPIP and VXLAN cannot both be enabled")
-    return Pool(name=name, cidr=net, block_size=bs,
-                disabled=_bool_field(where, ctx, spec, "disabled", False),
-                node_selector=sel, allowed_uses=list(uses), ipip_mode=ipip, vxlan_mode=vxlan,
-                nat_outgoing=_bool_field(where, ctx, spec, "natOutgoing", None),
-                disable_bgp_export=_bool_field(where, ctx, spec, "disableBGPExport", None))
+    return ipip, vxlan
+
+
+def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
+    """Validate every field of a pool's spec; ALL problems are reported together."""
+    problems = _Problems()
+    problems.msgs.extend(getattr(spec, "problems", ()))
+    net = problems.run(_pool_cidr, where, ctx, spec)
+    bs = problems.run(_pool_block_size, where, ctx, spec, net)
+    sel = problems.run(_pool_selector, where, ctx, spec)
+    uses = problems.run(_pool_uses, where, ctx, spec)
+    encap = problems.run(_pool_encap, where, ctx, spec, net)
+    disabled = problems.run(_bool_field, where, ctx, spec, "disabled", False)
+    nat = problems.run(_bool_field, where, ctx, spec, "natOutgoing", None)
+    bgp = problems.run(_bool_field, where, ctx, spec, "disableBGPExport", None)
+    problems.raise_any()
+    ipip, vxlan = encap
+    return Pool(name=name, cidr=net, block_size=bs, disabled=disabled, node_selector=sel, allowed_uses=uses,
+                ipip_mode=ipip, vxlan_mode=vxlan, nat_outgoing=nat, disable_bgp_export=bgp)
 
 
 def parse_config_spec(where: str, ctx: str, spec: dict) -> IPAMConfig:
     d = IPAMConfig()
-    cfg = IPAMConfig(strict_affinity=_bool_field(where, ctx, spec, "strictAffinity", d.strict_affinity),
-                     auto_allocate_blocks=_bool_field(where, ctx, spec, "autoAllocateBlocks",
-                                                      d.auto_allocate_blocks))
+    problems = _Problems()
+    problems.msgs.extend(getattr(spec, "problems", ()))
+    cfg = IPAMConfig(strict_affinity=problems.run(_bool_field, where, ctx, spec, "strictAffinity",
+                                                  d.strict_affinity, default=d.strict_affinity),
+                     auto_allocate_blocks=problems.run(_bool_field, where, ctx, spec, "autoAllocateBlocks",
+                                                       d.auto_allocate_blocks, default=d.auto_allocate_blocks))
     m = spec.get("maxBlocksPerHost")
     if m is not None:
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 1_000_000:
-            raise ManifestError(f"{where}: {ctx}: spec.maxBlocksPerHost: must be an integer "
-                                f"from 0 (no limit) to 1000000, not {_short(m)}")
-        cfg.max_blocks_per_host = m
+            problems.msgs.append(f"{where}: {ctx}: spec.maxBlocksPerHost: must be an integer "
+                                 f"from 0 (no limit) to 1000000, not {_short(m)}")
+        else:
+            cfg.max_blocks_per_host = m
+    problems.raise_any()
     problem = config_problem(cfg)
     if problem:
         raise ManifestError(f"{where}: {ctx}: spec: {problem}")
@@ -498,25 +610,18 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     compares: list[Compare] = []
     ops: list = []
     created = False
+    problems = _Problems()
     for r in resources:
         if r.kind != POOL_KIND:
             continue
+        ok = problems.run(_plan_pool_checks, keys, r, current, final, default=False)
         p = r.pool
         key = keys.pool(r.name)
         kv, old = current.get(r.name, (None, None))
-        if kv is not None and old is None:
-            raise ManifestError(f"{r.where}: {r.label}: the stored pool at etcd key {key} is undecodable; "
-                                f"it is not overwritten blindly -- inspect it, then `cni-ipam pool delete "
-                                f"{r.name} --force`")
-        if old is not None and (old.cidr != p.cidr or old.block_size != p.block_size):
-            fld = "cidr" if old.cidr != p.cidr else "blockSize"
-            was, now = (old.cidr, p.cidr) if fld == "cidr" else (old.block_size, p.block_size)
-            raise ManifestError(f"{r.where}: {r.label}: spec.{fld}: cannot change on an existing pool "
-                                f"({was} -> {now}); create a new pool, move workloads, then delete this one")
-        for other in final.values():
-            if other.version == p.version and other.cidr.overlaps(p.cidr):
-                raise ManifestError(f'{r.where}: {r.label}: spec.cidr: {p.cidr} overlaps pool '
-                                    f'"{other.name}" ({other.cidr})')
+        if not ok:
+            if old is not None:    # refused: the stored pool stays, and later pools must not overlap it
+                final[old.name] = old
+            continue
         final[p.name] = p
         compares.append(Compare(key, kv.mod_revision if kv else 0))
         if old is None:
@@ -528,6 +633,7 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
             changes.append(Change(POOL_KIND, r.name, "configured", _diff(old.to_dict(), p.to_dict())))
         else:
             changes.append(Change(POOL_KIND, r.name, "unchanged"))
+    problems.raise_any()
     for r in resources:
         if r.kind == POOL_KIND:
             continue
@@ -549,6 +655,28 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     if created:
         ops.append(Put(mk, json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()))
     return changes, compares, ops
+
+
+def _plan_pool_checks(keys: Keys, r: Resource, current: dict, final: dict) -> bool:
+    """A pool of the file against the stored state: undecodable stored record, cidr/blockSize
+    change, overlaps (raises ManifestError)."""
+    p = r.pool
+    key = keys.pool(r.name)
+    kv, old = current.get(r.name, (None, None))
+    if kv is not None and old is None:
+        raise ManifestError(f"{r.where}: {r.label}: the stored pool at etcd key {key} is undecodable; "
+                            f"it is not overwritten blindly -- inspect it, then `cni-ipam pool delete "
+                            f"{r.name} --force`")
+    if old is not None and (old.cidr != p.cidr or old.block_size != p.block_size):
+        fld = "cidr" if old.cidr != p.cidr else "blockSize"
+        was, now = (old.cidr, p.cidr) if fld == "cidr" else (old.block_size, p.block_size)
+        raise ManifestError(f"{r.where}: {r.label}: spec.{fld}: cannot change on an existing pool "
+                            f"({was} -> {now}); create a new pool, move workloads, then delete this one")
+    for other in final.values():
+        if other.version == p.version and other.cidr.overlaps(p.cidr):
+            raise ManifestError(f'{r.where}: {r.label}: spec.cidr: {p.cidr} overlaps pool '
+                                f'"{other.name}" ({other.cidr})')
+    return True
 
 
 def apply(ipam, resources: Sequence[Resource], *, dry_run: bool = False,
