@@ -209,3 +209,16 @@ def test_apply_reports_every_problem_at_once(cli, ipam):
                                      "metadata: {name: b}\nspec: {cidr: 10.40.0.0/25}\n")
     assert r.rc == 1 and r.stderr.splitlines()[0].endswith("2 problems in the manifests; nothing was applied")
     assert "cannot change on an existing pool" in r.stderr and 'overlaps pool "a"' in r.stderr
+
+
+def test_annotate_warns_about_unknown_keys_and_pools(cli, ipam):
+    assert cli("apply", "-f", "-", stdin=SEED_POOLS).rc == 0
+    r = cli("namespace", "annotate", "shop", "cni.projectcalico.org/ipv4pool=[\"external-pool\"]")
+    assert r.rc == 0 and "namespace/shop annotated" in r.stdout
+    assert ("annotation 'cni.projectcalico.org/ipv4pool' is not one the plugin reads (did you mean "
+            "cni.projectcalico.org/ipv4pools?)") in r.stderr
+    r = cli("namespace", "annotate", "shop", "cni.projectcalico.org/ipv4pools=[\"externl-pool\"]")
+    assert r.rc == 0 and "IPv4 pool 'externl-pool' does not exist (yet) (did you mean 'external-pool'?)" in r.stderr
+    # an unrelated annotation is nobody's typo: no warning
+    r = cli("namespace", "annotate", "shop", "team=payments")
+    assert r.rc == 0 and r.stderr == ""
