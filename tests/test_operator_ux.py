@@ -222,3 +222,90 @@ def test_annotate_warns_about_unknown_keys_and_pools(cli, ipam):
     # an unrelated annotation is nobody's typo: no warning
     r = cli("namespace", "annotate", "shop", "team=payments")
     assert r.rc == 0 and r.stderr == ""
+
+
+# ----------------------------------------------------------------------------- discoverability
+
+def test_mistyped_commands_get_did_you_mean():
+    env = cli_env(f"http://127.0.0.1:{free_port()}", "/x")
+    for args, want in ((["shwo"], "did you mean 'show'?"), (["pools"], "did you mean 'pool'?"),
+                       (["pool", "lsit"], "did you mean 'list'?"), (["chek"], "did you mean 'check'?")):
+        r = run_cli(args, env=env)
+        assert r.rc == 2 and want in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_help_shows_examples_environment_and_topics():
+    env = cli_env(f"http://127.0.0.1:{free_port()}", "/x")
+    top = run_cli(["--help"], env=env).stdout
+    assert "examples:" in top and "ETCD_ENDPOINTS" in top and "CNI_IPAM_CONFIG" in top
+    assert "cni-ipam help connection" in top
+    show = run_cli(["show", "--help"], env=env).stdout
+    # the connection block is short in every command's help; the rest is one topic away
+    assert "--etcd-endpoints" in show and "--etcd-key-file" not in show and "help connection" in show
+    conn = run_cli(["help", "connection"], env=env)
+    assert conn.rc == 0 and "--etcd-key-file" in conn.stdout and "etcdCACertFile" in conn.stdout
+    assert run_cli(["help", "exit-codes"], env=env).stdout.count("could not check") == 1
+    # hidden flags still work
+    r = run_cli(["show", "--etcd-key-file", "/nope", "--etcd-cert-file", "/nope"], env=env)
+    assert r.rc == 1 and "is not readable" in r.error_line
+
+
+def test_output_shapes_are_documented():
+    """`cni-ipam help output` and docs/cli-output.md are the same text."""
+    from cni_ipam.cli.helptext import OUTPUT
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "cli-output.md")) as f:
+        assert f.read() == OUTPUT
+    env = cli_env(f"http://127.0.0.1:{free_port()}", "/x")
+    assert run_cli(["help", "output"], env=env).stdout == OUTPUT
+
+
+def test_json_fields_documented_are_present(cli, ipam):
+    """Every field docs/cli-output.md names for show / check exists in the real output."""
+    assert cli("apply", "-f", "-", stdin=SEED_POOLS).rc == 0
+    ipam.assign(_req("h1", v4_pools=["external-pool"]))
+    pool = cli("show", "--blocks", "-o", "json").json()
+    assert set(pool["pools"][0]) >= {"name", "cidr", "blockSize", "disabled", "addresses", "capacity", "reserved",
+                                     "inUse", "free", "utilization", "blocksClaimed", "blocksTotal",
+                                     "blockAddresses", "unclaimedBlocks", "unclaimedBlocksCountedAs"}
+    assert set(pool["blocks"][0]) == {"cidr", "pool", "node", "mode", "inUse", "capacity", "free"}
+    chk = cli("check", "-o", "json").json()
+    assert set(chk) == {"clean", "findings", "summary", "scanned"}
+    assert set(cli("config", "show", "-o", "json").json()) == {"strictAffinity", "autoAllocateBlocks",
+                                                               "maxBlocksPerHost"}
+
+
+def test_config_set_is_configure(cli):
+    r = cli("config", "set", "--max-blocks-per-host", "4", "-o", "json")
+    assert r.rc == 0 and r.json()["maxBlocksPerHost"] == 4
+    assert cli("config", "show", "-o", "json").json()["maxBlocksPerHost"] == 4
+    assert cli("configure", "--max-blocks-per-host", "0", "-o", "json").json()["maxBlocksPerHost"] == 0
+
+
+def test_cli_config_file_sets_endpoints_prefix(etcd_server, etcd_prefix, tmp_path, ipam):
+    pools = write_file(tmp_path, "pools.yaml", SEED_POOLS)
+    env = cli_env(None, None)
+    # calicoctl.cfg's shape (apiVersion/kind/spec) ...
+    conf = write_file(tmp_path, "cli.yaml", f"apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\n"
+                                            f"metadata: {{}}\nspec:\n  datastoreType: etcdv3\n"
+                                            f"  etcdEndpoints: {etcd_server.endpoint}\n  etcdPrefix: {etcd_prefix}\n")
+    r = run_cli(["apply", "-f", pools], env=dict(env, CNI_IPAM_CONFIG=conf))
+    assert r.rc == 0, r.stderr
+    assert {p.name for p in ipam.pools()} == {"external-pool", "internal-pool"}
+    # ... or a bare mapping; the environment and flags win over the file
+    bare = write_file(tmp_path, "bare.yaml", f"etcdEndpoints: [{etcd_server.endpoint}]\n"
+                                             f"etcdPrefix: {etcd_prefix}\ntimeoutSeconds: 5\n")
+    r = run_cli(["pool", "list", "-o", "json"], env=dict(env, CNI_IPAM_CONFIG=bare))
+    assert r.rc == 0 and len(r.json()["items"]) == 2
+    r = run_cli(["pool", "list", "-o", "json"], env=dict(env, CNI_IPAM_CONFIG=bare,
+                                                         CNI_IPAM_ETCD_PREFIX=etcd_prefix + "-env"))
+    assert r.rc == 0 and r.json()["items"] == []
+    r = run_cli(["pool", "list", "-o", "json", "--etcd-prefix", etcd_prefix + "-flag"],
+                env=dict(env, CNI_IPAM_CONFIG=bare))
+    assert r.rc == 0 and r.json()["items"] == []
+    # mistakes in the file: one line, with the key it probably meant
+    typo = write_file(tmp_path, "typo.yaml", f"etcdEndpoint: {etcd_server.endpoint}\n")
+    r = run_cli(["show"], env=dict(env, CNI_IPAM_CONFIG=typo))
+    assert "unknown setting 'etcdEndpoint' (did you mean etcdEndpoints?)" in r.error_line
+    r = run_cli(["show"], env=dict(env, CNI_IPAM_CONFIG=str(tmp_path / "missing.yaml")))
+    assert "no such file" in r.error_line

@@ -27,18 +27,21 @@ def register(sub) -> None:
     add_connection_args(show)
     show.set_defaults(func=cmd_config_show)
 
-    conf = sub.add_parser("configure", help="change the global IPAM settings",
-                          description="Change some of the global IPAM settings (the others keep their "
-                                      "values). Combinations that make no sense are refused.")
-    conf.add_argument("--strict-affinity", type=parse_bool, metavar="true|false",
-                      help="never borrow addresses from other nodes' blocks")
-    conf.add_argument("--auto-allocate-blocks", type=parse_bool, metavar="true|false",
-                      help="let nodes claim new blocks when theirs are full")
-    conf.add_argument("--max-blocks-per-host", type=_nonneg_int, metavar="N",
-                      help="blocks one node may claim (0: no limit)")
-    add_output_arg(conf)
-    add_connection_args(conf)
-    conf.set_defaults(func=cmd_configure)
+    desc = ("Change some of the global IPAM settings (the others keep their values). Combinations that "
+            "make no sense are refused. `cni-ipam configure` and `cni-ipam config set` are the same command.")
+    for conf in (sub.add_parser("configure", help="change the global IPAM settings (also: config set)",
+                                description=desc),
+                 cs.add_parser("set", help="change the global IPAM settings (same as configure)",
+                               description=desc)):
+        conf.add_argument("--strict-affinity", type=parse_bool, metavar="true|false",
+                          help="never borrow addresses from other nodes' blocks")
+        conf.add_argument("--auto-allocate-blocks", type=parse_bool, metavar="true|false",
+                          help="let nodes claim new blocks when theirs are full")
+        conf.add_argument("--max-blocks-per-host", type=_nonneg_int, metavar="N",
+                          help="blocks one node may claim (0: no limit)")
+        add_output_arg(conf)
+        add_connection_args(conf)
+        conf.set_defaults(func=cmd_configure)
 
 
 def _nonneg_int(s: str) -> int:
