@@ -200,6 +200,8 @@ def parse_ipam_config(ipam: dict) -> IpamConfig:
                    "etcd_password", "etcd_password_file", "nodename", "nodename_file", "lock_file",
                    "log_file"):
             setattr(c, k, _str(k, v))
+            if k == "lock_file" and (not c.lock_file.strip() or c.lock_file.endswith("/")):
+                raise ConfigError(f"ipam.lock_file must be a file path, not {c.lock_file!r}")
         elif k in ("assign_ipv4", "assign_ipv6"):
             setattr(c, k, _bool(k, v))
         elif k in ("ipv4_pools", "ipv6_pools"):

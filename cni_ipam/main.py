@@ -10,7 +10,7 @@ def _version() -> int:
     from .cni.version import version_response
     import json
     try:
-        data = sys.stdin.buffer.read()
+        data = sys.stdin.buffer.read(4 * 1024 * 1024 + 1)   # (cni.skel.MAX_STDIN, not imported here)
     except (OSError, ValueError):
         data = b""
     try:

@@ -12,7 +12,7 @@ from .cni.errors import CNIError
 from .cni.netconf import prev_result_ips, requested_ips
 from .cni.result import IPConfig, render_result
 from .config import ConfigError, IpamConfig, node_name, parse_ipam_config
-from .hostenv import LockTimeout, host_lock, setup_logging
+from .hostenv import LockTimeout, LockUnusable, host_lock, setup_logging
 
 from .log import log
 
@@ -22,7 +22,14 @@ CHECK_MISMATCH = 114
 
 
 def handle_id(network: str, container_id: str, ifname: str) -> str:
-    return f"{network}.{container_id}.{ifname}"
+    """The attachment's handle id (ipam/keys.py: ``<network>/<containerID>/<ifname>``)."""
+    from .ipam.keys import handle_id as hid
+    return hid(network, container_id, ifname)
+
+
+def legacy_handle_id(network: str, container_id: str, ifname: str) -> str:
+    from .ipam.keys import legacy_handle_id as lid
+    return lid(network, container_id, ifname)
 
 
 class Plugin:
@@ -62,14 +69,18 @@ class Plugin:
         path = snapshots.file_path(ic.lock_file, ident)
 
         def run(ipam):
+            from .ipam import reclaim
             ipam.use_snapshot = True
             ipam.snapshot = before = snapshots.load(path, ident)
+            watch_path = reclaim.file_path(ic.lock_file)
+            ipam.empty_watch = reclaim.load(watch_path)
             n0, hits0 = ipam.ds.requests, ipam.snapshot_hits
             try:
                 return fn(ipam)
             finally:
                 if ipam.snapshot is not None or before is not None:
                     snapshots.save(path, ipam.snapshot, ident)
+                reclaim.save(watch_path, ipam.empty_watch)
                 log.debug("etcd requests=%d (snapshot: %s)", ipam.ds.requests - n0,
                           "used" if ipam.snapshot_hits > hits0 else "warm" if before is not None else "none")
         return run
@@ -79,6 +90,7 @@ class Plugin:
         args = env.args or {}
         return AssignRequest(
             handle_id=handle_id(conf.name, env.container_id or "", env.ifname or ""), node=node,
+            legacy_handle_id=legacy_handle_id(conf.name, env.container_id or "", env.ifname or ""),
             network=conf.name, container_id=env.container_id or "", ifname=env.ifname or "",
             pod=args.get("K8S_POD_NAME", ""), namespace=args.get("K8S_POD_NAMESPACE", ""), pod_uid=args.get("K8S_POD_UID", ""),
             mode=ic.mode, assign_v4=ic.assign_ipv4, assign_v6=ic.assign_ipv6,
@@ -128,6 +140,8 @@ class Plugin:
             raise CNIError(TRY_AGAIN, f"etcd error: {e}") from None
         except LockTimeout as e:
             raise CNIError(TRY_AGAIN, str(e)) from None
+        except LockUnusable as e:
+            raise CNIError(TRY_AGAIN if e.transient else INVALID_CONFIG, str(e)) from None
         finally:
             if ipam is not None:
                 ipam.ds.close()
@@ -152,17 +166,20 @@ class Plugin:
 
     def delete(self, env, conf) -> None:
         ic, node = self._setup(env, conf)
-        hid = handle_id(conf.name, env.container_id or "", env.ifname or "")
-        h = self._run(ic, self._with_snapshot(ic, node, conf.name, lambda ipam: ipam.release(hid)))
+        att = (conf.name, env.container_id or "", env.ifname or "")
+        hid = handle_id(*att)
+        h = self._run(ic, self._with_snapshot(ic, node, conf.name, lambda ipam: ipam.release(
+            hid, legacy_id=legacy_handle_id(*att), attachment=att)))
         log.info("DEL %s -> %s", hid, ", ".join(str(a.ip) for a in h.addresses) if h else "nothing held")
 
     def check(self, env, conf) -> None:
         ic, node = self._setup(env, conf)
-        hid = handle_id(conf.name, env.container_id or "", env.ifname or "")
+        att = (conf.name, env.container_id or "", env.ifname or "")
+        hid = handle_id(*att)
         want = prev_result_ips(conf)
 
         def verify(ipam):
-            h = ipam.get_handle(hid)
+            h = ipam.find_attachment(*att)
             if h is None:
                 raise CNIError(UNKNOWN_CONTAINER, f"no addresses are allocated to {hid}")
             problems = ipam.verify_handle(h)
@@ -178,7 +195,7 @@ class Plugin:
         if conf.valid_attachments is None:
             # never read a missing list as "nothing is valid": that would free the whole network
             raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments (or cni.dev/attachments)")
-        keep = {handle_id(conf.name, cid, ifn) for cid, ifn in conf.valid_attachments}
+        keep = set(conf.valid_attachments)   # (containerID, ifname): handles are matched by their records
         released, failed = self._run(ic, self._with_snapshot(ic, node, conf.name,
                                                              lambda ipam: ipam.gc(conf.name, node, keep)))
         log.info("GC %s on %s: released %d handle(s), %d failure(s)", conf.name, node, len(released), len(failed))
@@ -212,7 +229,7 @@ class Plugin:
 
 
 def run_plugin(environ=None, stdin=None, stdout=None) -> int:
-    from .cni.skel import run
+    from .cni.skel import read_stdin, run
     environ = os.environ if environ is None else environ
-    data = sys.stdin.buffer.read() if stdin is None else stdin
+    data = read_stdin(sys.stdin.buffer) if stdin is None else stdin
     return run(environ, data, stdout or sys.stdout, Plugin())

@@ -65,7 +65,7 @@ def test_disable_stops_new_allocations_through_the_plugin(cli, ipam, etcd_server
     assert r2.rc != 0 and r2.out["code"] == 7, r2.stdout
     assert "no enabled IPv4 pool" in r2.out["msg"]
     # existing addresses stay
-    assert ipam.get_handle("testnet.before.eth0").addresses[0].ip == ipaddress.ip_address(ip1)
+    assert ipam.get_handle("testnet/before/eth0").addresses[0].ip == ipaddress.ip_address(ip1)
     assert cli("show", "--ip", ip1, "-o", "json").json()["allocated"] is True
     assert cli("pool", "get", "external-pool", "-o", "json").json()["spec"]["disabled"] is True
     # a requested address in the disabled pool is refused too

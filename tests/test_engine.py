@@ -159,8 +159,9 @@ def test_gc_releases_only_this_network_and_node(ipam):
     ipam.create_pool(make_pool("p", "10.80.0.0/24", 28))
     for hid, node, net in [("net.c1.eth0", "n1", "net"), ("net.c2.eth0", "n1", "net"),
                            ("net.c3.eth0", "n2", "net"), ("other.c4.eth0", "n1", "other")]:
-        ipam.assign(AssignRequest(handle_id=hid, node=node, network=net))
-    released, failed = ipam.gc("net", "n1", keep={"net.c1.eth0"})
+        ipam.assign(AssignRequest(handle_id=hid, node=node, network=net, container_id=hid.split(".")[1],
+                                  ifname="eth0"))
+    released, failed = ipam.gc("net", "n1", keep={("c1", "eth0")})
     assert released == ["net.c2.eth0"] and failed == []
     assert {h.id for h in ipam.handles()} == {"net.c1.eth0", "net.c3.eth0", "other.c4.eth0"}
 
@@ -243,19 +244,28 @@ def test_empty_blocks_of_gone_nodes_are_reclaimed_when_the_pool_is_out_of_blocks
     b = ipam.assign(req("old-b", node="gone-2")).handle.addresses[0]
     ipam.release("old-a")
     ipam.release("old-b")
-    # gone-1's block has been empty for two minutes, gone-2's only just
+    # n3 first sees both blocks empty (by its own clock): nothing is taken yet
+    clock = [1000.0]
+    ipam.empty_watch = eng.EmptyBlockWatch(clock=lambda: clock[0])
     key_a = ipam.keys.block(a.block)
-    blk = Block.from_json(ipam.ds.get(key_a).value)
-    assert blk.empty_since > 0
-    blk.empty_since -= 2 * eng.RECLAIM_EMPTY_AFTER
-    ipam.ds.commit([], [Put(key_a, blk.to_json())])
+    with pytest.raises(PoolExhausted):
+        ipam.assign(req("new", node="n3"))
+    # gone-2's block changes meanwhile (written again: a new revision); gone-1's stays as it was
+    key_b = ipam.keys.block(b.block)
+    ipam.ds.commit([], [Put(key_b, ipam.ds.get(key_b).value)])
+    clock[0] += eng.RECLAIM_EMPTY_AFTER
     got = ipam.assign(req("new", node="n3")).handle.addresses[0]
     assert got.block == a.block
     taken = Block.from_json(ipam.ds.get(key_a).value)
     assert taken.node == "n3" and taken.holder(got.ip) == "new"
     assert ipam.ds.get(ipam.keys.affinity_key("gone-1", a.block)) is None
     assert ipam.ds.get(ipam.keys.affinity_key("n3", a.block)) is not None
-    # gone-2's block was emptied just now: not taken; the pool is exhausted for n4
+    # gone-2's block was seen empty at its new revision only just now: not taken
     with pytest.raises(PoolExhausted):
         ipam.assign(req("other", node="n4"))
-    assert Block.from_json(ipam.ds.get(ipam.keys.block(b.block)).value).node == "gone-2"
+    clock[0] += eng.RECLAIM_EMPTY_AFTER - 1
+    with pytest.raises(PoolExhausted):
+        ipam.assign(req("other", node="n4"))
+    clock[0] += 1
+    assert ipam.assign(req("other", node="n4")).handle.addresses[0].block == b.block
+    assert Block.from_json(ipam.ds.get(ipam.keys.block(b.block)).value).node == "n4"

@@ -125,7 +125,7 @@ def test_corrupt_handle_fails_add_check_del_and_gc_goes_on(store, conf, etcd_ser
     c = conf()
     for cid in ("bad", "other"):
         assert exec_plugin("ADD", c, container=cid).rc == 0
-    hkey = store.keys.handle("testnet.bad.eth0")
+    hkey = store.keys.handle("testnet/bad/eth0")
     corrupt(store, hkey, b"{garbage")
     before = snapshot(store)
     assert_error(exec_plugin("ADD", c, container="bad"), 113, names=hkey)
@@ -138,7 +138,7 @@ def test_corrupt_handle_fails_add_check_del_and_gc_goes_on(store, conf, etcd_ser
     r = exec_plugin("GC", dict(c, **{"cni.dev/valid-attachments": []}), container=None, ifname=None, netns=None)
     assert "Traceback" not in r.stderr
     assert store.ds.get(hkey).value == b"{garbage"
-    assert store.get_handle("testnet.other.eth0") is None, "GC gave up on the good handle"
+    assert store.get_handle("testnet/other/eth0") is None, "GC gave up on the good handle"
     assert r.rc != 0 and hkey in r.stdout, r.stdout
     assert json.loads(r.stdout)["code"] == 113
 
@@ -172,7 +172,7 @@ def test_handle_and_block_disagree(store, conf):
     c = conf()
     assert exec_plugin("ADD", c, container="a").rc == 0
     assert exec_plugin("ADD", c, container="b").rc == 0
-    ha, hb = store.get_handle("testnet.a.eth0"), store.get_handle("testnet.b.eth0")
+    ha, hb = store.get_handle("testnet/a/eth0"), store.get_handle("testnet/b/eth0")
     akey = store.keys.handle(ha.id)
     value = json.loads(store.ds.get(akey).value)
     value["addresses"][0]["ip"] = str(hb.addresses[0].ip)
@@ -181,8 +181,8 @@ def test_handle_and_block_disagree(store, conf):
     assert_error(exec_plugin("ADD", c, container="a"), 113, names=akey)
     assert snapshot(store) == before
     assert exec_plugin("DEL", c, container="a").rc == 0
-    assert store.get_handle("testnet.b.eth0") is not None
-    assert store.verify_handle(store.get_handle("testnet.b.eth0")) == []
+    assert store.get_handle("testnet/b/eth0") is not None
+    assert store.verify_handle(store.get_handle("testnet/b/eth0")) == []
 
 
 # --------------------------------------------------------------------------- corrupt pools, config, affinity keys
@@ -264,12 +264,14 @@ def test_etcd_unreachable(conf, kind, blackhole):
         out = assert_error(r, 11)
         for ep in eps:
             assert ep in out["msg"], out
-        # the deadline is per etcd call; one call fails here, plus interpreter start-up
-        assert took < timeout + 4, f"{verb} took {took:.1f}s"
+        # the deadline is per etcd call and an unavailable etcd ends the verb (no CAS retry loop:
+        # 100 attempts would take minutes).  Not a speed assertion (that is `make bench`): a bound
+        # far above one deadline plus start-up on a loaded machine, far below a retry loop.
+        assert took < 10 * timeout + 20, f"{verb} took {took:.1f}s"
     t0 = time.monotonic()
     r = exec_plugin("STATUS", c, container=None, ifname=None, netns=None)
     assert_error(r, 50)
-    assert time.monotonic() - t0 < timeout + 4
+    assert time.monotonic() - t0 < 10 * timeout + 20
 
 
 def test_no_quorum_add_and_del_fail_with_11_then_recover(etcd_cluster, tmp_path):
@@ -302,13 +304,13 @@ def test_no_quorum_add_and_del_fail_with_11_then_recover(etcd_cluster, tmp_path)
     etcd_cluster.wait_healthy()
     deadline = time.monotonic() + 20
     while True:   # a new election may take a moment
-        h = ipam.get_handle("testnet.live.eth0")
+        h = ipam.get_handle("testnet/live/eth0")
         if h is not None or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert h is not None and ipam.verify_handle(h) == [], "the failed DEL released the address"
     r = exec_plugin("DEL", c, container="live")
     assert r.rc == 0, r.stdout
-    assert ipam.get_handle("testnet.live.eth0") is None
+    assert ipam.get_handle("testnet/live/eth0") is None
     exec_plugin("DEL", c, container="new")
     ds.close()

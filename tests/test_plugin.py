@@ -67,7 +67,7 @@ def test_add_result_format_for_every_version(store, conf, version):
         assert ip["gateway"] == str(addr.network.network_address + 1)
         assert out["routes"] == [{"dst": "0.0.0.0/0"}]
     assert addr.network.prefixlen == 29 and addr.ip in ipaddress.ip_network("10.200.0.0/24")
-    assert held(store)[str(addr.ip)] == f"testnet.ctr-{version.replace('.', '')}.eth0"
+    assert held(store)[str(addr.ip)] == f"testnet/ctr-{version.replace('.', '')}/eth0"
 
 
 def test_add_idempotent_del_idempotent(store, conf):
@@ -107,11 +107,11 @@ def test_gc_releases_all_but_valid_attachments(store, conf):
     gc = dict(c, **{"cni.dev/valid-attachments": [{"containerID": "keep1", "ifname": "eth0"}]})
     r = exec_plugin("GC", gc, container=None, ifname=None, netns=None)
     assert r.rc == 0, r.stdout
-    assert set(held(store).values()) == {"testnet.keep1.eth0", "testnet.elsewhere.eth0"}
+    assert set(held(store).values()) == {"testnet/keep1/eth0", "testnet/elsewhere/eth0"}
     # the older key is accepted too
     gc = dict(c, **{"cni.dev/attachments": []})
     assert exec_plugin("GC", gc, container=None, ifname=None, netns=None).rc == 0
-    assert set(held(store).values()) == {"testnet.elsewhere.eth0"}
+    assert set(held(store).values()) == {"testnet/elsewhere/eth0"}
 
 
 def test_status(store, conf, etcd_prefix):
@@ -209,7 +209,7 @@ def test_stdout_is_protocol_only_and_log_file_is_private(store, conf, tmp_path):
     json.loads(r.stdout)  # exactly one JSON document
     log = tmp_path / "cni-ipam.log"
     assert log.exists() and (os.stat(log).st_mode & 0o777) == 0o600
-    assert "ADD testnet.c1.eth0" in log.read_text()
+    assert "ADD testnet/c1/eth0" in log.read_text()
 
 
 def test_two_nodes_thirty_parallel_adds_each(store, conf, etcd_prefix):
@@ -230,7 +230,7 @@ def test_two_nodes_thirty_parallel_adds_each(store, conf, etcd_prefix):
     hs = {h.id: h for h in store.handles()}
     assert len(hs) == 60
     for (node, i), r in results:
-        h = hs[f"testnet.{node}-{i}.eth0"]
+        h = hs[f"testnet/{node}-{i}/eth0"]
         assert str(h.addresses[0].ip) == r.out["ips"][0]["address"].split("/")[0]
         assert store.verify_handle(h) == []
         blk = Block.from_json(store.ds.get(store.keys.block(h.addresses[0].block)).value)

@@ -234,7 +234,7 @@ def test_hostile_names_stay_under_the_prefix(etcd_server, etcd_prefix, tmp_path)
         runs.append((conf, f"c{i}", ifname, args, r))
     kvs = ds.get_prefix(etcd_prefix + "/")
     root = etcd_prefix + "/v1/"
-    shapes = {"pools": 1, "blocks": 2, "affinity": 3, "handles": 1, "config": 0}
+    shapes = {"pools": 1, "blocks": 2, "affinity": 3, "handles": 3, "config": 0, "schema": 0}
     for kv in kvs:
         assert kv.key.startswith(root), kv.key
         rest = kv.key[len(root):]
@@ -242,13 +242,13 @@ def test_hostile_names_stay_under_the_prefix(etcd_server, etcd_prefix, tmp_path)
         assert kind in shapes, kv.key
         parts = rest.split("/")[1:]
         assert len(parts) == shapes[kind], kv.key          # a name is ONE path segment
-        assert all(p == escape(unescape(p)) for p in parts[:1]), kv.key
+        assert all(p == escape(unescape(p)) for p in parts[:shapes[kind] if kind == "handles" else 1]), kv.key
     nodes = {unescape(kv.key[len(root + "affinity/"):].split("/")[0]) for kv in kvs if "/affinity/" in kv.key}
     assert nodes == set(HOSTILE_NAMES)
     handles = {json.loads(kv.value)["id"]: kv.key for kv in kvs if "/handles/" in kv.key}
     for conf, cid, ifname, args, r in runs:
-        hid = f"testnet.{cid}.{ifname}"
-        assert handles[hid] == root + "handles/" + escape(hid)
+        hid = f"testnet/{cid}/{ifname}"
+        assert handles[hid] == root + "handles/testnet/" + escape(cid) + "/" + escape(ifname)
     for conf, cid, ifname, args, r in runs:
         assert exec_plugin("DEL", conf, container=cid, ifname=ifname, args=args).rc == 0
     assert not [kv for kv in ds.get_prefix(root + "handles/")]

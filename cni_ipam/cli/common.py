@@ -351,7 +351,9 @@ def open_ipam(args):
     except (ValueError, OSError) as e:
         raise CLIError(f"cannot set up the etcd client: {e}") from None
     _opened.append(ds)
-    return IPAM(ds, c.prefix)
+    ipam = IPAM(ds, c.prefix)
+    ipam.check_schema()   # a store written in a layout this binary is too old for: refuse, say so
+    return ipam
 
 
 def last_prefix() -> str:

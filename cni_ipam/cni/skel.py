@@ -66,6 +66,16 @@ def _serialise(doc: dict) -> str:
     return json.dumps(doc) + "\n"
 
 
+#: the most stdin a plugin reads: a network configuration is a few KiB; a bigger one is refused
+#: at once (code 7) instead of being parsed (a 46 MB ``routes`` list took 18 s and 1.4 GB)
+MAX_STDIN = 4 * 1024 * 1024
+
+
+def read_stdin(stream) -> bytes:
+    """At most MAX_STDIN + 1 bytes of ``stream`` (run() refuses more than MAX_STDIN)."""
+    return stream.read(MAX_STDIN + 1)
+
+
 def run(environ: Mapping[str, str], stdin: bytes | None, stdout: TextIO,
         handlers: Any) -> int:
     """Handle one CNI invocation; return the process exit code (0 or 1)."""
@@ -76,6 +86,11 @@ def run(environ: Mapping[str, str], stdin: bytes | None, stdout: TextIO,
         if command == "VERSION":
             out = _serialise(version_response(stdin))
         else:
+            if stdin is not None and len(stdin) > MAX_STDIN:
+                stdin = None   # never parsed (not even for its cniVersion)
+                raise CNIError(7, f"the network configuration on stdin is larger than "
+                                  f"{MAX_STDIN // (1024 * 1024)} MiB",
+                               "refused without parsing it; a network configuration is normally a few KiB")
             env = parse_env(environ)
             conf = parse_netconf(stdin if stdin is not None else b"", env.command)
             conf_version = conf.cni_version

@@ -29,10 +29,14 @@ class DatastoreError(Exception):
 class DatastoreUnavailable(DatastoreError):
     """No endpoint answered in time (connection refused, timeout, no leader).
 
-    The plugin maps this to CNI error code 11 ("try again later").  ``unreachable``: every
+    The plugin maps this to CNI error code 11 ("try again later").  ``commit_sent`` (set by
+    ``commit``): the txn reached an endpoint whose answer was lost, so it may have been
+    applied -- False only when no attempt got as far as sending it.  ``unreachable``: every
     endpoint failed at once in a way waiting does not mend (connection refused, a host
     name that does not resolve, not an etcd client URL), so the endpoints are probably
     wrong -- the CLI then says how to set them."""
+
+    commit_sent = False
     unreachable = False
 
 
@@ -76,11 +80,16 @@ class Compare:
     ``"NOT_EQUAL"`` (a key's ``mod_revision`` against the given one; etcd's names).  The usual
     range guard: ``Compare(prefix, rev + 1, range_end=prefix_end(prefix), result="LESS")``
     -- nothing in the range was created or modified after revision ``rev`` (deletions are
-    not seen: guard each known key as well)."""
+    not seen: guard each known key as well).
+
+    With ``value`` (bytes): a guard on the key's CONTENT instead -- it exists and holds exactly
+    ``value`` (``mod_revision`` and ``result`` are then ignored).  Proves content where revision
+    numbers cannot (a store restored from a backup reuses them)."""
     key: str
-    mod_revision: int
+    mod_revision: int = 0
     range_end: str | None = None
     result: str = "EQUAL"
+    value: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,9 @@ _RESULTS = frozenset({"EQUAL", "GREATER", "LESS", "NOT_EQUAL"})
 def _compare_json(c: Compare) -> dict:
     if c.result not in _RESULTS:
         raise ValueError(f"unknown compare result {c.result!r}")
-    if c.mod_revision == 0 and c.result == "EQUAL":
+    if c.value is not None:
+        d = {"key": _enc(c.key), "target": "VALUE", "result": "EQUAL", "value": _b64(c.value)}
+    elif c.mod_revision == 0 and c.result == "EQUAL":
         d = {"key": _enc(c.key), "target": "VERSION", "result": "EQUAL", "version": 0}
     else:
         d = {"key": _enc(c.key), "target": "MOD", "result": c.result, "mod_revision": c.mod_revision}
@@ -341,6 +343,7 @@ class GatewayDatastore(Datastore):
         self._ssl_ctx: ssl.SSLContext | None = None
         self._username, self._password = username, password
         self._token: str | None = None
+        self._posted = False   # whether a request got as far as being sent (commit_sent)
 
     @property
     def endpoints(self) -> list[str]:
@@ -378,6 +381,7 @@ class GatewayDatastore(Datastore):
                     ep.conn = conn
                 else:
                     conn.settimeout(timeout)
+                self._posted = True
                 status, data, will_close = conn.post(ep.prefix + path, payload, token)
             except (BrokenPipeError, ConnectionResetError) + _ssl_eof() as e:
                 ep.close()
@@ -491,7 +495,12 @@ class GatewayDatastore(Datastore):
             body["compare"] = [_compare_json(c) for c in compares]
         if ops:
             body["success"] = [_op_json(op) for op in ops]
-        resp = self._call("/v3/kv/txn", body)
+        self._posted = False
+        try:
+            resp = self._call("/v3/kv/txn", body)
+        except DatastoreUnavailable as e:
+            e.commit_sent = self._posted
+            raise
         self.last_revision = int((resp.get("header") or {}).get("revision", 0))
         return bool(resp.get("succeeded", False))
 

@@ -71,7 +71,10 @@ def _compare(c: Compare):
     result = _RESULTS.get(c.result)
     if result is None:
         raise ValueError(f"unknown compare result {c.result!r}")
-    if c.mod_revision == 0 and c.result == "EQUAL":
+    if c.value is not None:
+        out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VALUE, result=etcdrpc.Compare.EQUAL,
+                              value=bytes(c.value))
+    elif c.mod_revision == 0 and c.result == "EQUAL":
         out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VERSION,
                               result=etcdrpc.Compare.EQUAL, version=0)
     else:
@@ -270,7 +273,11 @@ class GrpcDatastore(Datastore):
 
     def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:
         req = etcdrpc.TxnRequest(compare=[_compare(c) for c in compares], success=[_op(o) for o in ops])
-        resp = self._call("Txn", req)
+        try:
+            resp = self._call("Txn", req)
+        except DatastoreUnavailable as e:
+            e.commit_sent = True   # (gRPC does not tell whether a failed call reached the server)
+            raise
         self.last_revision = resp.header.revision
         return bool(resp.succeeded)
 

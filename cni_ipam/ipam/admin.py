@@ -116,7 +116,10 @@ FORBIDDEN = {4: [("link-local", ipaddress.ip_network("169.254.0.0/16")),
                  ("multicast", ipaddress.ip_network("224.0.0.0/4"))],
              6: [("link-local", ipaddress.ip_network("fe80::/10")),
                  ("loopback", ipaddress.ip_network("::1/128")),
-                 ("multicast", ipaddress.ip_network("ff00::/8"))]}
+                 ("multicast", ipaddress.ip_network("ff00::/8")),
+                 # IPv4 addresses written as IPv6 (::ffff:a.b.c.d): the same addresses as an IPv4
+                 # pool could hold, and no IPv6 stack routes them as IPv6
+                 ("IPv4-mapped", ipaddress.ip_network("::ffff:0:0/96"))]}
 
 PAGE = 500  # keys per range request when streaming
 
@@ -1249,7 +1252,7 @@ class Checker:
     def feed_handle(self, kv: KV) -> None:
         self.counts["handles"] += 1
         try:
-            hid = unescape(kv.key[len(self.k.handles):])
+            hid = self.k.handle_of_key(kv.key)
         except (ValueError, UnicodeDecodeError):
             self.add("undecodable", kv.key, f"handle key {kv.key} is not a valid name")
             return

@@ -21,28 +21,29 @@ TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); ann
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable, Iterable
 
-from ..datastore import (Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete, Put, Read,
+from ..datastore import (KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete, Put, Read,
                          prefix_end, read_prefix)
 from ..datastore.base import MAX_TXN_OPS
 from .block import BRIDGE, ROUTED, Block, BlockError
-from .errors import (AddressUnavailable, CorruptData, InvalidRequest, IPAMError, PoolExhausted,
-                     TryAgain)
-from .keys import Keys, block_from_id, block_id
-from .model import Assignment, Handle, IPAMConfig
+from .errors import (AddressUnavailable, CorruptData, IncompatibleStore, InvalidRequest, IPAMError,
+                     PoolExhausted, TryAgain)
+from .keys import LAYOUT, Keys, block_from_id, block_id
+from .model import Assignment, Handle, IPAMConfig, Schema
 from .pool import Pool, PoolError, find_free_block, pool_of_ip, select_pools, start_index
 from .snapshot import Snapshot
 
 from ..log import log
 
-#: a block of another node that has been empty this long may be taken over when a pool
-#: has no unclaimed block left (Calico reclaims empty blocks of other hosts likewise)
-RECLAIM_EMPTY_AFTER = 60.0
+from .reclaim import RECLAIM_EMPTY_AFTER, EmptyBlockWatch  # noqa: F401 (RECLAIM_EMPTY_AFTER: re-exported)
 
 
 @dataclass
 class AssignRequest:
     handle_id: str
     node: str
+    #: the id an older layout gave this attachment (keys.legacy_handle_id): a record there is
+    #: this attachment's only when its network/containerID/ifname fields match this request's
+    legacy_handle_id: str = ""
     network: str = ""
     container_id: str = ""
     ifname: str = ""
@@ -112,6 +113,11 @@ def _decode_value(key: str, value: bytes, decoder):
     return out
 
 
+def _same(key: str, value: bytes | None) -> Compare:
+    """A guard that ``key`` holds exactly ``value`` (None: that it does not exist)."""
+    return Compare(key, 0) if value is None else Compare(key, value=value)
+
+
 def _affinity_block(key: str, prefix: str):
     try:
         return block_from_id(key[len(prefix):])
@@ -126,7 +132,8 @@ class IPAM:
     node (the plugin persists it per node under the host lock) turn it on."""
 
     def __init__(self, ds: Datastore, prefix: str = "/cni-ipam", max_retries: int = 100, *,
-                 use_snapshot: bool = False, snapshot: Snapshot | None = None):
+                 use_snapshot: bool = False, snapshot: Snapshot | None = None,
+                 empty_watch: EmptyBlockWatch | None = None):
         self.ds = ds
         self.keys = Keys(prefix)
         self.max_retries = max_retries
@@ -135,6 +142,8 @@ class IPAM:
         self.snapshot: Snapshot | None = snapshot
         self.snapshot_hits = 0     # ADDs done in one txn from the snapshot
         self.snapshot_misses = 0   # snapshot txns refused (something changed): re-read
+        #: this node's observations of other nodes' empty blocks (ipam/reclaim.py)
+        self.empty_watch = empty_watch if empty_watch is not None else EmptyBlockWatch()
 
     # ------------------------------------------------------------------ helpers
     def _retry(self, what: str, attempt_fn):
@@ -142,6 +151,10 @@ class IPAM:
             try:
                 out = attempt_fn()
             except DatastoreUnavailable as e:
+                if getattr(e, "commit_sent", False):
+                    done = "allocation" if what.startswith("assign") else "change"
+                    raise TryAgain(f"etcd did not answer the commit of {what} ({e}): the {done} may have been "
+                                   f"recorded; a retried ADD returns what was allocated and a DEL releases it") from None
                 raise TryAgain(f"etcd unavailable during {what}: {e}") from None
             if out is not None:
                 return out, attempt
@@ -163,10 +176,32 @@ class IPAM:
         return got.__getitem__
 
     def _record_keys(self, req: AssignRequest) -> list[str]:
-        """The namespace/node records the pool choice reads from etcd (without Kubernetes)."""
-        if not req.labels_from_etcd:
-            return []
-        return [self.keys.node(req.node)] + ([self.keys.namespace(req.namespace)] if req.namespace else [])
+        """Single records an ADD plans from: the schema record, and the namespace/node records
+        the pool choice reads from etcd (without Kubernetes)."""
+        out = [self.keys.schema]
+        if req.labels_from_etcd:
+            out += [self.keys.node(req.node)] + ([self.keys.namespace(req.namespace)] if req.namespace else [])
+        return out
+
+    def _schema_guard(self, value: bytes | None, rev: int, txn: _Txn | None = None) -> None:
+        """Refuse a store whose layout needs a newer binary; with ``txn``: raise the record to
+        this binary's LAYOUT with the attempt's writes (guarded by ``rev``, the record as read)."""
+        schema = _decode_value(self.keys.schema, value, Schema.from_json)
+        if schema.min_layout > LAYOUT:
+            raise IncompatibleStore(
+                f"the data under {self.keys.root} needs cni-ipam data layout {schema.min_layout} or newer "
+                f"(written by {schema.written_by or 'a newer version'}); this binary knows layout {LAYOUT}: "
+                f"upgrade it")
+        if txn is not None and schema.layout < LAYOUT:
+            from .. import __version__
+            txn.compares[self.keys.schema] = rev
+            txn.puts[self.keys.schema] = Schema(LAYOUT, LAYOUT, f"cni-ipam {__version__}").to_json()
+
+    def check_schema(self) -> Schema:
+        """Read the schema record; IncompatibleStore when this binary is too old for the store."""
+        kv = self.ds.get(self.keys.schema)
+        self._schema_guard(kv.value if kv else None, 0)
+        return _decode_value(self.keys.schema, kv.value, Schema.from_json) if kv else Schema()
 
     # ------------------------------------------------------------------ reads
     def pools(self) -> list[Pool]:
@@ -183,8 +218,7 @@ class IPAM:
                 errors: list | None = None) -> list[Handle]:
         """Handle records (of ``network`` / ``node``).  An undecodable one raises CorruptData,
         or, with ``errors``, is appended there as ``(key, message)`` and skipped."""
-        prefix = self.keys.handles + (self.keys.handle(network)[len(self.keys.handles):] + "."
-                                      if network else "")
+        prefix = self.keys.network_handles(network) if network else self.keys.handles
         out = []
         for kv in self.ds.get_prefix(prefix):
             try:
@@ -197,6 +231,19 @@ class IPAM:
             if (network is None or h.network == network) and (node is None or h.node == node):
                 out.append(h)
         return out
+
+    def find_attachment(self, network: str, container_id: str, ifname: str) -> Handle | None:
+        """The handle record of an attachment, in this layout or (made by an older version)
+        under its layout-1 id when the record's own fields name the attachment."""
+        from .keys import handle_id, legacy_handle_id
+        hkey, lkey = self.keys.handle(handle_id(network, container_id, ifname)), \
+            self.keys.handle(legacy_handle_id(network, container_id, ifname))
+        for key, kv in zip((hkey, lkey), self.ds.get_many([hkey, lkey])):
+            if kv is not None:
+                h = _decode(key, kv, Handle.from_json)
+                if key == hkey or h.is_attachment(network, container_id, ifname):
+                    return h
+        return None
 
     def verify_handle(self, h: Handle) -> list[str]:
         """Problems with a handle: addresses its blocks do not record as held by it."""
@@ -247,6 +294,7 @@ class IPAM:
             (res, attempts) = self._retry(f"assign {req.handle_id}", lambda: self._assign_once(req))
             res.attempts = attempts
         if res.existing:
+            self._check_repeat(req, res.handle)
             # a repeated ADD returns what the handle lists: those addresses must really be its own
             # (one that its block does not record could be handed to someone else: a duplicate)
             problems = self.verify_handle(res.handle)
@@ -255,15 +303,41 @@ class IPAM:
                                   f"with its blocks: {'; '.join(problems)}")
         return res
 
+    @staticmethod
+    def _check_repeat(req: AssignRequest, h: Handle) -> None:
+        """A repeated ADD returns the handle's addresses only when they fit this request."""
+        why = []
+        if h.node != req.node:
+            why.append(f"they were allocated for node {h.node!r}, this ADD is for node {req.node!r}")
+        if h.mode != req.mode:
+            why.append(f"they were allocated in {h.mode} mode, this network now uses {req.mode} mode")
+        held = {a.ip for a in h.addresses}
+        missing = [str(ip) for ip in req.requested if ip not in held]
+        if missing:
+            why.append(f"this ADD requests {', '.join(missing)}, which the attachment does not hold")
+        if why:
+            raise InvalidRequest(f"attachment {h.id} already holds {', '.join(str(a.ip) for a in h.addresses)} "
+                                 f"but {'; '.join(why)}: DEL it first (or fix the configuration)")
+
     def _assign_once(self, req: AssignRequest) -> AssignResult | None:
         k = self.keys
         hkey = k.handle(req.handle_id)
         rec_keys = self._record_keys(req)
+        lkey = k.handle(req.legacy_handle_id) if req.legacy_handle_id else None
         reads = [Read(hkey), read_prefix(k.pools), Read(k.config), read_prefix(k.node_affinity(req.node))]
         reads += [Read(key) for key in rec_keys]
+        if lkey:
+            reads.append(Read(lkey))
         snap = self.ds.read(reads)
         if snap[0].kvs:
             return AssignResult(_decode(hkey, snap[0].kvs[0], Handle.from_json), existing=True)
+        if lkey and snap[-1].kvs:
+            old = _decode(lkey, snap[-1].kvs[0], Handle.from_json)
+            if old.is_attachment(req.network, req.container_id, req.ifname):
+                return AssignResult(old, existing=True)   # made by an older version: still this attachment's
+        snap_has_legacy = bool(lkey and snap[-1].kvs)   # another attachment's layout-1 record: not ours
+        if lkey:
+            snap = snap[:-1]
         cfg = snap[2].kvs[0] if snap[2].kvs else None
         # what was read, kept as a Snapshot (the next ADD may plan from it: _assign_from_snapshot)
         view = Snapshot(req.node, self.ds.last_revision,
@@ -285,6 +359,8 @@ class IPAM:
         handle, txn = self._plan(req, view, load, record, fast_only=False)
         compares, puts = txn.ops()
         compares.append(Compare(hkey, 0))
+        if lkey and not snap_has_legacy:
+            compares.append(Compare(lkey, 0))   # (an older version's ADD of the same attachment meanwhile)
         puts.append(Put(hkey, handle.to_json()))
         # the pools allocated from must be as read: a pool disabled or being deleted
         # meanwhile (admin.delete_pool disables it first) gets nothing new
@@ -313,6 +389,8 @@ class IPAM:
         ``record(key)`` a namespace/node record).  The same code for a fresh read and a snapshot;
         ``fast_only``: only an allocation from the node's own blocks (else _Fallback)."""
         k = self.keys
+        txn = _Txn()
+        self._schema_guard(record(k.schema), view.records.get(k.schema, (0, None))[0], txn)
         pools = [_decode_value(key, value, Pool.from_json) for key, (_, value) in view.pools.items()]
         cfg = _decode_value(k.config, view.config[1], IPAMConfig.from_json) if view.config[1] is not None \
             else IPAMConfig()
@@ -347,14 +425,13 @@ class IPAM:
                 want.append(bkey)
         loaded = load(want)
 
-        txn = _Txn()
         handle = Handle(id=req.handle_id, node=req.node, network=req.network, container_id=req.container_id,
                         ifname=req.ifname, pod=req.pod, namespace=req.namespace, pod_uid=req.pod_uid, mode=req.mode,
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         n_affine = len(affine)
         for fam in families:
             if fam in requested:
-                a = self._assign_requested(req, requested[fam], req_pool[fam], loaded, txn)
+                a = self._assign_requested(req, requested[fam], req_pool[fam], cfg, loaded, txn)
             else:
                 a, claimed = self._assign_auto(req, fam, eligible[fam], cfg, n_affine, loaded, txn, fast_only)
                 n_affine += claimed
@@ -418,22 +495,27 @@ class IPAM:
         except (_Fallback, IPAMError) as e:
             log.debug("assign %s: snapshot not used (%s)", req.handle_id, getattr(e, "msg", e))
             return None
-        compares, puts = txn.ops()
-        compares += [Compare(key, snap.blocks[key][0]) for key in dict.fromkeys(looked_at)
-                     if key not in txn.compares]
+        _, puts = txn.ops()
+        # CONTENT compares (the values the plan was made from), not revision numbers: a store
+        # restored from a backup reuses revisions for other content (issue: duplicates after a
+        # restore), so only "this key still holds exactly these bytes" proves the plan
+        values = {**{key: v for key, (_, v) in snap.records.items()}, **{key: v for key, (_, v) in snap.blocks.items()}}
+        compares = [_same(key, values[key]) for key in dict.fromkeys([*txn.compares, *looked_at])]
         hkey = k.handle(req.handle_id)
         compares.append(Compare(hkey, 0))
+        if req.legacy_handle_id:   # nor a record of an older layout under the attachment's old id
+            compares.append(Compare(k.handle(req.legacy_handle_id), 0))
         r = snap.revision
         aff = k.node_affinity(req.node)
         for prefix, known in ((k.pools, snap.pools), (aff, snap.affinities)):
             end = prefix_end(prefix)
             compares.append(Compare(prefix, r + 1, range_end=end, result="LESS"))
-            compares += [Compare(key, v if isinstance(v, int) else v[0]) for key, v in known.items()]
+            compares += [Compare(key, v) if isinstance(v, int) else _same(key, v[1]) for key, v in known.items()]
         # fail-closed canary: an etcd that ignored range_end (< 3.3) would read this as "the key
         # '<prefix>/v1/pools/' has mod revision > 0", which is false (no such key): the txn fails
         compares.append(Compare(k.pools, 0, range_end=prefix_end(k.pools), result="GREATER"))
-        compares.append(Compare(k.config, snap.config[0]))
-        compares += [Compare(key, snap.records[key][0]) for key in dict.fromkeys(records_used)]
+        compares.append(_same(k.config, snap.config[1]))
+        compares += [_same(key, snap.records[key][1]) for key in dict.fromkeys(records_used) if key not in txn.compares]
         if len(compares) > MAX_TXN_OPS:
             self.snapshot = None
             return None
@@ -479,7 +561,7 @@ class IPAM:
         plen = block.cidr.prefixlen if req.routed_prefix == "block" else (32 if ip.version == 4 else 128)
         return Assignment(ip, block.cidr, block.pool, plen, req.gateways.get(ip.version))
 
-    def _assign_requested(self, req, ip, pool: Pool, loaded, txn: _Txn) -> Assignment:
+    def _assign_requested(self, req, ip, pool: Pool, cfg: IPAMConfig, loaded, txn: _Txn) -> Assignment:
         k = self.keys
         net = pool.block_of(ip)
         key = k.block(net)
@@ -496,6 +578,16 @@ class IPAM:
         elif block.mode != req.mode:
             raise AddressUnavailable(f"requested address {ip} is in block {net}, claimed in {block.mode} mode; "
                                      f"this network uses {req.mode} mode")
+        elif block.node != req.node:
+            # the same borrowing rules as for automatic addresses
+            owner = f"node {block.node!r}" if block.node else "no node (its affinity was released)"
+            if req.mode != ROUTED:
+                raise AddressUnavailable(f"requested address {ip} is in block {net} of {owner}; bridge mode never "
+                                         f"borrows from another node's block (its gateway is on that node)")
+            if cfg.strict_affinity:
+                raise AddressUnavailable(f"requested address {ip} is in block {net} of {owner}; strict affinity "
+                                         f"forbids borrowing from other nodes' blocks")
+            log.info("requested address %s borrowed from block %s of %s", ip, net, owner)
         try:
             block.allocate(req.handle_id, ip)
         except BlockError as e:
@@ -584,17 +676,22 @@ class IPAM:
     def _reclaim(self, req, p: Pool, txn: _Txn) -> Assignment | None:
         """When a pool has no unclaimed block left: take over a block of another node that has
         been empty for RECLAIM_EMPTY_AFTER seconds (a node that went away, or scaled down),
-        so that node churn cannot exhaust a small pool.  One txn: the block is compared on its
-        mod revision (still empty, still that node's), the other node's affinity is deleted and
-        ours written.  Only scanned when the pool is out of unclaimed blocks."""
-        now = time.time()
+        so that node churn cannot exhaust a small pool.  "Empty that long" is measured by this
+        node's clock alone (``self.empty_watch``: seen empty at the same mod revision twice,
+        that far apart), never by comparing the block's ``emptySince`` (another node's clock)
+        with ours.  One txn: the block is compared on its mod revision (still empty, still that
+        node's), the other node's affinity is deleted and ours written.  Only scanned when the
+        pool is out of unclaimed blocks."""
+        if not p.usable_in(req.mode):
+            return None
         s, e = self._pool_key_range(p, 0, p.n_blocks)
         for kv in self.ds.range(s, e):
             if kv.key in txn.blocks:
                 continue
             b = _decode(kv.key, kv, Block.from_json)
-            if (b.node == req.node or b.allocations or not b.empty_since
-                    or now - b.empty_since < RECLAIM_EMPTY_AFTER or not p.usable_in(req.mode)):
+            if b.node == req.node or b.allocations:
+                continue
+            if not self.empty_watch.ripe(kv.key, kv.mod_revision):
                 continue
             fresh = Block.new(b.cidr, p.name, req.node, req.mode)
             self._claim(req.node, fresh, txn)
@@ -602,8 +699,8 @@ class IPAM:
                 txn.deletes.append(self.keys.affinity_key(b.node, b.cidr))
             ip = fresh.allocate(req.handle_id)
             txn.touch(kv.key, kv.mod_revision, fresh)
-            log.info("reclaimed block %s of pool %s from node %s (empty for %ds) for node %s",
-                     b.cidr, p.name, b.node, now - b.empty_since, req.node)
+            log.info("reclaimed block %s of pool %s from node %s (seen empty for %ds) for node %s",
+                     b.cidr, p.name, b.node, self.empty_watch.waited(kv.key), req.node)
             return self._assignment(req, fresh, ip)
         return None
 
@@ -619,30 +716,44 @@ class IPAM:
         return None
 
     # ------------------------------------------------------------------ release
-    def release(self, handle_id: str) -> Handle | None:
-        """Release everything a handle holds.  None when the handle does not exist."""
-        out, _ = self._retry(f"release {handle_id}", lambda: self._release_once(handle_id))
+    def release(self, handle_id: str, *, legacy_id: str = "",
+                attachment: tuple[str, str, str] | None = None) -> Handle | None:
+        """Release everything a handle holds.  None when the handle does not exist.
+        ``legacy_id``/``attachment``: the id an older layout gave the same attachment
+        ``(network, containerID, ifname)``; a record there is released too when its own
+        fields name that attachment (a DEL after an upgrade)."""
+        out, _ = self._retry(f"release {handle_id}",
+                             lambda: self._release_once(handle_id, legacy_id, attachment))
         return out or None
 
-    def _release_once(self, handle_id: str):
-        hkey = self.keys.handle(handle_id)
-        hkv = self.ds.get(hkey)
-        if hkv is None:
+    def _release_once(self, handle_id: str, legacy_id: str = "", attachment=None):
+        k = self.keys
+        hkeys = [k.handle(handle_id)] + ([k.handle(legacy_id)] if legacy_id else [])
+        got = self.ds.read([Read(key) for key in hkeys] + [Read(k.schema)])
+        schema = got[-1].kvs[0].value if got[-1].kvs else None
+        self._schema_guard(schema, 0)
+        mine: list[tuple[str, KV, Handle]] = []
+        for i, (hkey, res) in enumerate(zip(hkeys, got)):
+            if res.kvs:
+                h = _decode(hkey, res.kvs[0], Handle.from_json)
+                if i == 0 or attachment is None or h.is_attachment(*attachment):
+                    mine.append((hkey, res.kvs[0], h))
+        if not mine:
             return False  # nothing to do (falsy but not None: not a conflict)
-        h = _decode(hkey, hkv, Handle.from_json)
-        bkeys = list(dict.fromkeys(self.keys.block(a.block) for a in h.addresses))
-        compares = [Compare(hkey, hkv.mod_revision)]
-        ops: list = [Delete(hkey)]
+        compares = [Compare(hkey, hkv.mod_revision) for hkey, hkv, _ in mine]
+        ops: list = [Delete(hkey) for hkey, _, _ in mine]
+        addrs = [(a, h.id) for _, _, h in mine for a in h.addresses]
+        bkeys = list(dict.fromkeys(k.block(a.block) for a, _ in addrs))
         for key, kv in zip(bkeys, self.ds.get_many(bkeys) if bkeys else []):
             if kv is None:
                 log.warning("release %s: block %s no longer exists", handle_id, key)
                 compares.append(Compare(key, 0))
                 continue
             b = _decode(key, kv, Block.from_json)
-            for a in h.addresses:
-                if a.ip in b.cidr and not b.release(a.ip, handle_id):
+            for a, hid in addrs:
+                if a.ip in b.cidr and not b.release(a.ip, hid):
                     log.warning("release %s: %s in block %s is not held by this handle (holder: %s)",
-                                handle_id, a.ip, b.cidr, b.holder(a.ip))
+                                hid, a.ip, b.cidr, b.holder(a.ip))
             compares.append(Compare(key, kv.mod_revision))
             ops.append(Put(key, b.to_json()))
         if not self.ds.commit(compares, ops):
@@ -656,6 +767,9 @@ class IPAM:
                         snap.blocks[op.key] = (rev, op.value)
                     else:
                         del snap.blocks[op.key]
+        h = mine[0][2]
+        for _, _, other in mine[1:]:
+            h.addresses += other.addresses
         return h
 
     def release_ips(self, ips: Iterable) -> list[tuple[str, str]]:
@@ -697,13 +811,14 @@ class IPAM:
         return True if self.ds.commit(compares, ops) else None
 
     # ------------------------------------------------------------------ gc
-    def gc(self, network: str, node: str, keep: set[str]) -> tuple[list[str], list[tuple[str, str, int]]]:
-        """Release every handle of ``network`` on ``node`` whose id is not in ``keep``.
+    def gc(self, network: str, node: str, keep: set[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str, int]]]:
+        """Release every handle of ``network`` on ``node`` whose attachment ``(containerID, ifname)``
+        (as its record says: both layouts) is not in ``keep``.
         Goes on past individual failures; returns (released ids, [(id or key, error, code)])."""
         released, failed = [], []
         corrupt: list[tuple[str, str]] = []   # never decoded, never touched: reported
         for h in self.handles(network=network, node=node, errors=corrupt):
-            if h.id in keep:
+            if (h.container_id, h.ifname) in keep:
                 continue
             try:
                 self.release(h.id)

@@ -35,3 +35,9 @@ class CorruptData(IPAMError):
 class TryAgain(IPAMError):
     """Out of CAS retries, or etcd unavailable: CNI code 11."""
     code = 11
+
+
+class IncompatibleStore(IPAMError):
+    """The store was written in a data layout this binary is too old to use safely
+    (``<prefix>/v1/schema``'s ``minLayout`` is above ``keys.LAYOUT``): upgrade the binary."""
+    code = 115

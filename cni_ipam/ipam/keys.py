@@ -4,7 +4,9 @@
     <prefix>/v1/pools/<name>                   one IP pool
     <prefix>/v1/blocks/v4/<hex addr>-<plen>    one block (hex so that keys sort numerically)
     <prefix>/v1/affinity/<node>/v4/<hex>-<plen> the node's claim on a block
-    <prefix>/v1/handles/<handle id>            what one attachment holds (the release index)
+    <prefix>/v1/handles/<net>/<cid>/<ifname>   what one attachment holds (the release index)
+    <prefix>/v1/handles/<net>.<cid>.<ifname>   the same, as layout 1 (before 0.2) wrote it: still read
+    <prefix>/v1/schema                         the data layout version (LAYOUT) and the oldest one that may use it
     <prefix>/v1/namespaces/<ns>                namespace annotations (without Kubernetes)
     <prefix>/v1/nodes/<node>                   node labels (without Kubernetes)
 """
@@ -52,6 +54,26 @@ def block_from_id(bid: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     raise ValueError(f"bad block id {bid!r}")
 
 
+#: the data layout this code writes.  1: handles at ``handles/<esc(net.cid.ifname)>``;
+#: 2: handles at ``handles/<esc(net)>/<esc(cid)>/<esc(ifname)>`` (layout-1 handles are still
+#: read, released and reported), plus the ``schema`` record itself.
+LAYOUT = 2
+
+
+def handle_id(network: str, container_id: str, ifname: str) -> str:
+    """The id of the attachment (network, container ID, interface): ``<net>/<cid>/<ifname>``.
+    None of the three may contain ``/`` (network names and container IDs are
+    ``[A-Za-z0-9][A-Za-z0-9_.-]*``, interface names exclude ``/``), so the id is unambiguous."""
+    return f"{network}/{container_id}/{ifname}"
+
+
+def legacy_handle_id(network: str, container_id: str, ifname: str) -> str:
+    """The id layout 1 gave the same attachment: ``<net>.<cid>.<ifname>``.  Ambiguous (each part
+    may contain dots), so a record found under it belongs to this attachment only when its own
+    ``network``/``containerID``/``ifname`` fields say so (``Handle.is_attachment``)."""
+    return f"{network}.{container_id}.{ifname}"
+
+
 class Keys:
     def __init__(self, prefix: str = "/cni-ipam"):
         prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
@@ -63,6 +85,7 @@ class Keys:
         self.handles = self.root + "handles/"
         self.namespaces = self.root + "namespaces/"
         self.nodes = self.root + "nodes/"
+        self.schema = self.root + "schema"
 
     def pool(self, name: str) -> str:
         return self.pools + escape(name)
@@ -80,7 +103,25 @@ class Keys:
         return self.node_affinity(node) + block_id(net)
 
     def handle(self, handle_id: str) -> str:
+        """The key of a handle id: ``<net>/<cid>/<ifname>`` (layout 2) -> each part escaped,
+        joined by ``/``; any other id (layout 1, or a name without two ``/``) -> escaped whole,
+        so it holds no ``/`` and the two forms never meet."""
+        parts = handle_id.split("/")
+        if len(parts) == 3:
+            return self.handles + "/".join(escape(p) for p in parts)
         return self.handles + escape(handle_id)
+
+    def handle_of_key(self, key: str) -> str:
+        """The handle id a key under ``handles/`` stands for (the inverse of ``handle``)."""
+        rest = key[len(self.handles):]
+        if "/" in rest:
+            return "/".join(unescape(p) for p in rest.split("/"))
+        return unescape(rest)
+
+    def network_handles(self, network: str) -> str:
+        """A prefix holding every handle of ``network`` in both layouts (and those of networks
+        whose name starts with it: filter on the record's ``network``)."""
+        return self.handles + escape(network)
 
     def namespace(self, ns: str) -> str:
         return self.namespaces + escape(ns)

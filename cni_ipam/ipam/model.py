@@ -46,6 +46,11 @@ class Handle:
     created: str = ""
     addresses: list[Assignment] = field(default_factory=list)
 
+    def is_attachment(self, network: str, container_id: str, ifname: str) -> bool:
+        """Whether this record is the one of that attachment (its own fields say so; a layout-1
+        id alone cannot, see keys.legacy_handle_id)."""
+        return (self.network, self.container_id, self.ifname) == (network, container_id, ifname)
+
     def to_json(self) -> bytes:
         d = {"id": self.id, "node": self.node, "network": self.network, "containerID": self.container_id,
              "ifname": self.ifname, "pod": self.pod, "namespace": self.namespace, "podUID": self.pod_uid, "mode": self.mode,
@@ -91,3 +96,31 @@ class IPAMConfig:
                        max_blocks_per_host=int(d.get("maxBlocksPerHost", 0)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"undecodable IPAM config: {e}") from None
+
+
+@dataclass
+class Schema:
+    """``<prefix>/v1/schema``: the data layout the store holds (``layout``: the newest any writer
+    used) and the oldest layout a binary must understand to use it (``minLayout``).  A binary
+    whose ``keys.LAYOUT`` is below ``minLayout`` refuses to work on the store (IncompatibleStore);
+    one whose LAYOUT is above ``layout`` raises it with its next write.  Absent: layout 1."""
+    layout: int = 1
+    min_layout: int = 1
+    written_by: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps({"layout": self.layout, "minLayout": self.min_layout, "writtenBy": self.written_by},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | None) -> "Schema":
+        if not data:
+            return cls()
+        try:
+            d = json.loads(data)
+            layout, min_layout = d["layout"], d.get("minLayout", 1)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (layout, min_layout)):
+                raise ValueError("layout and minLayout must be positive integers")
+            return cls(layout=layout, min_layout=min_layout, written_by=str(d.get("writtenBy", "")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"undecodable schema record: {e}") from None

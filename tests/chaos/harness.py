@@ -182,7 +182,7 @@ def parse_state(kvs: dict[str, bytes], prefix: str = PREFIX) -> Snapshot:
                 s.blocks[bid] = {"net": net, "node": d.get("node"), "alloc": alloc}
             elif rest.startswith("handles/"):
                 d = json.loads(value)
-                hid = _unescape(rest[len("handles/"):])
+                hid = "/".join(_unescape(p) for p in rest[len("handles/"):].split("/"))   # keys.handle_of_key
                 if d["id"] != hid:
                     s.problems.append(f"handle key {key} holds id {d['id']!r}")
                 ips = {}
@@ -246,7 +246,7 @@ class Container:
 
     @property
     def hid(self) -> str:
-        return f"{self.net}.{self.cid}.eth0"
+        return f"{self.net}/{self.cid}/eth0"   # keys.handle_id
 
 
 @dataclass
