@@ -258,10 +258,12 @@ def node_name(c: IpamConfig) -> str:
         return c.nodename
     if c.nodename_file:
         try:
-            with open(c.nodename_file) as f:
-                name = f.read().strip()
+            with open(c.nodename_file, "rb") as f:
+                name = f.read(4096).decode("utf-8").strip()
         except OSError as e:
             raise ConfigError(f"ipam.nodename_file: cannot read {c.nodename_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"ipam.nodename_file: {c.nodename_file} does not hold a UTF-8 node name") from None
         if name:
             return name
     return os.environ.get("NODENAME") or socket.gethostname()

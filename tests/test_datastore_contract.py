@@ -10,7 +10,6 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -290,19 +289,17 @@ def test_unavailable_endpoint_times_out(open_ds):
     try:
         dead = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in silent]
         ds = open_ds(dead, timeout=1.0)
-        t0 = time.monotonic()
+        # outcomes, not a wall-clock window (speed is measured in bench/): the client gives up
+        # (raises), naming the deadline it was given and every endpoint, after trying each of them
         with pytest.raises(DatastoreUnavailable) as ei:
             ds.get("/anything")
-        elapsed = time.monotonic() - t0
-        assert 0.8 <= elapsed <= 3.0
         msg = str(ei.value)
         assert dead[0] in msg and dead[1] in msg and "no answer within 1s" in msg
-        assert not ei.value.unreachable
+        assert not ei.value.unreachable      # they accept connections: waiting might have helped
         assert ds.requests >= 2
-        t0 = time.monotonic()
-        with pytest.raises(DatastoreUnavailable):
+        with pytest.raises(DatastoreUnavailable) as ei:
             ds.commit([], [Put("/anything", b"")])
-        assert time.monotonic() - t0 <= 3.0
+        assert "no answer within 1s" in str(ei.value) and dead[0] in str(ei.value), ei.value
         ds.close()
     finally:
         for s in silent:
@@ -453,11 +450,9 @@ def test_tls_and_auth(tls_auth_etcd, transport):
     # no CA: the server's certificate cannot be verified -> a configuration error, quickly
     with open_datastore(server.endpoint, transport=transport, timeout=3, cert=certs.client_cert,
                         key=certs.client_key, username="root", password=ROOT_PASSWORD) as unverified:
-        t0 = time.monotonic()
         with pytest.raises(DatastoreError) as ei:
             unverified.get(key)
         assert not isinstance(ei.value, DatastoreUnavailable), ei.value
-        assert time.monotonic() - t0 < 2.5
         assert ROOT_PASSWORD not in str(ei.value)
 
 
@@ -473,8 +468,7 @@ def _client_pinned_to(cluster, member, transport, timeout=FAILOVER_TIMEOUT):
     return ds
 
 
-def _use_after_failure(ds, key: str, budget: float) -> None:
-    t0 = time.monotonic()
+def _use_after_failure(ds, key: str) -> None:
     # A write that met the broken member may have been applied while its answer was lost;
     # the retry on another member then finds the key existing (False).  That is the
     # contract (the engine re-reads and recognises its own write): either way, our value.
@@ -483,7 +477,6 @@ def _use_after_failure(ds, key: str, budget: float) -> None:
     assert kv.value == b"1", (ok, kv)
     assert ds.commit([Compare(key, kv.mod_revision)], [Put(key, b"2")])
     assert ds.read([read_key(key), read_key(key + "/none")])[0].kvs[0].value == b"2"
-    assert time.monotonic() - t0 < budget
     before = ds.requests  # the endpoint that worked is remembered
     ds.get(key)
     assert ds.requests - before == 1
@@ -499,9 +492,9 @@ def test_cluster_failover(etcd_cluster, transport, how):
         else:
             leader.pause()
         # the call that meets the broken member may wait out one attempt timeout (while the
-        # followers elect a new leader, a write sent to one of them hangs), never the whole budget
-        _use_after_failure(ds, f"/failover/{transport}-{how}-{secrets.token_hex(4)}",
-                           budget=FAILOVER_TIMEOUT + 2)
+        # followers elect a new leader, a write sent to one of them hangs); what is asserted is
+        # the outcome -- every call answers, from another member -- not how long it took
+        _use_after_failure(ds, f"/failover/{transport}-{how}-{secrets.token_hex(4)}")
         # a fresh client that starts at the broken member works too
         eps = [leader.endpoint] + [m.endpoint for m in etcd_cluster.members if m is not leader]
         with open_datastore(eps, transport=transport, timeout=FAILOVER_TIMEOUT) as ds2:
@@ -519,10 +512,8 @@ def test_member_restart_is_transparent(etcd_cluster, transport):
     try:
         member.restart()
         key = f"/restart/{transport}-{secrets.token_hex(4)}"
-        t0 = time.monotonic()
         assert ds.commit([Compare(key, 0)], [Put(key, b"v")])
         assert ds.get(key).value == b"v"
-        assert time.monotonic() - t0 < 3
     finally:
         ds.close()
         etcd_cluster.heal()

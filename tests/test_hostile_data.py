@@ -262,6 +262,9 @@ def test_etcd_unreachable(conf, kind, blackhole):
         r = exec_plugin(verb, c)
         took = time.monotonic() - t0
         out = assert_error(r, 11)
+        # the outcome shows the configured deadline was applied to every endpoint (a black hole
+        # never answers: without a deadline the exec would hang until exec_plugin's timeout)
+        assert "no answer within 2s" in out["msg"], out
         for ep in eps:
             assert ep in out["msg"], out
         # the deadline is per etcd call and an unavailable etcd ends the verb (no CAS retry loop:
@@ -290,12 +293,9 @@ def test_no_quorum_add_and_del_fail_with_11_then_recover(etcd_cluster, tmp_path)
         for m in stopped:
             m.pause()
         for verb, cid in (("ADD", "new"), ("DEL", "live")):
-            t0 = time.monotonic()
             r = exec_plugin(verb, c, container=cid)
-            took = time.monotonic() - t0
             out = assert_error(r, 11)
             assert any(ep in out["msg"] for ep in etcd_cluster.endpoints), out
-            assert took < 2 * 2 + 6, f"{verb} took {took:.1f}s"
         r = exec_plugin("STATUS", c, container=None, ifname=None, netns=None)
         assert_error(r, 50)
     finally:

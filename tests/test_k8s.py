@@ -4,7 +4,6 @@ import ipaddress
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -77,10 +76,10 @@ def test_not_found_server_error_timeout_and_unreachable(api, tmp_path):
     api.fail_status = None
     api.delay = 2
     with KubeClient.from_kubeconfig(kc, timeout=0.3) as c:
-        t = time.monotonic()
+        # the outcome proves the 0.3 s deadline was applied (the answer would come after 2 s)
         with pytest.raises(K8sError, match=r"no answer within 0.3s") as ei:
             c.get_namespace("ns1")
-        assert time.monotonic() - t < 1.5 and ei.value.transient
+        assert ei.value.transient
     api.delay = 0
     port = api.port
     api.stop()
@@ -377,11 +376,11 @@ def test_status_with_selector_pools_reads_the_node(api, etcd_server, etcd_prefix
 
 def test_kubernetes_api_timeout_comes_from_timeout_seconds(api, ipam, kconf):
     seed(api)
-    api.delay = 3
-    t = time.monotonic()
+    # the API answers after 4 s: with the default timeout (10 s) the ADD would succeed; with
+    # timeout_seconds=1 it must fail saying so (an outcome, not a wall-clock budget)
+    api.delay = 4
     r = add(kconf(timeout_seconds=1), "external-ns", "web-0")
-    assert time.monotonic() - t < 3
-    assert r.out["code"] == 11 and "no answer within 1s" in r.out["msg"], r.stdout
+    assert r.out is not None and r.out["code"] == 11 and "no answer within 1s" in r.out["msg"], r.stdout
     assert ipam.handles() == []
 
 

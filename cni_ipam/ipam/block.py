@@ -172,4 +172,10 @@ class Block:
             seen.add(o)
         if any(not 0 <= o < n for o in allocations):
             raise BlockError("allocation ordinal out of range")
+        # a reserved address (bridge mode: the node's gateway...) listed as free or held would be
+        # handed out (again): the block cannot be trusted
+        reserved = reserved_ordinals(cidr, b.mode) & seen
+        if reserved:
+            raise BlockError(f"reserved ordinal(s) {sorted(reserved)} ({b.mode} mode: network, gateway, "
+                             f"broadcast) are listed as free or allocated")
         return b

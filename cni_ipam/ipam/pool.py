@@ -88,9 +88,23 @@ class Pool:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Pool":
+        """Decode a stored pool, checking the rules every pool was written under (a value that
+        breaks them would allocate outside the pool or crash the arithmetic): PoolError."""
         try:
-            return cls(name=d["name"], cidr=ipaddress.ip_network(d["cidr"]), block_size=int(d["blockSize"]),
-                       disabled=bool(d.get("disabled", False)), node_selector=d.get("nodeSelector") or "all()",
+            name, cidr, bs = d["name"], d["cidr"], d["blockSize"]
+            disabled = d.get("disabled")
+            if not isinstance(name, str) or not isinstance(cidr, str) or "/" not in cidr:
+                raise ValueError("name and cidr (with a prefix length) must be strings")
+            net = ipaddress.ip_network(cidr)
+            if isinstance(bs, bool) or not isinstance(bs, int):
+                raise ValueError(f"blockSize {bs!r} is not an integer")
+            lo, hi = BLOCK_SIZE_RANGE[net.version]
+            if not (lo <= bs <= hi and bs >= net.prefixlen):
+                raise ValueError(f"blockSize {bs} does not fit the IPv{net.version} pool {net}")
+            if disabled is not None and not isinstance(disabled, bool):
+                raise ValueError(f"disabled {disabled!r} is not a boolean")
+            return cls(name=name, cidr=net, block_size=bs,
+                       disabled=bool(disabled), node_selector=d.get("nodeSelector") or "all()",
                        allowed_uses=list(d.get("allowedUses") or ["Workload", "Tunnel"]),
                        ipip_mode=d.get("ipipMode"), vxlan_mode=d.get("vxlanMode"),
                        nat_outgoing=d.get("natOutgoing"), disable_bgp_export=d.get("disableBGPExport"))

@@ -63,8 +63,8 @@ def test_bridge_two_namespaces(cnitool, etcd_server, etcd_prefix, e2e_pool, netn
 
     # etcd agrees: one handle per attachment, the blocks record the same holders
     held = helpers.allocated_ips(etcd_server.endpoint, etcd_prefix, network=net)
-    want = {str(ia.ip): f"{net}.{helpers.cnitool_container_id(a.path)}.eth0",
-            str(ib.ip): f"{net}.{helpers.cnitool_container_id(b.path)}.eth0"}
+    want = {str(ia.ip): f"{net}/{helpers.cnitool_container_id(a.path)}/eth0",
+            str(ib.ip): f"{net}/{helpers.cnitool_container_id(b.path)}/eth0"}
     assert held == want
     assert helpers.block_holders(etcd_server.endpoint, etcd_prefix) == want
 

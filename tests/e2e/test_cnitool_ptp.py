@@ -80,7 +80,7 @@ def run_two_namespaces(cnitool, net, etcd_server, etcd_prefix, pool, netns_facto
             f"{ns} cannot reach its gateway"
 
     held = helpers.allocated_ips(etcd_server.endpoint, etcd_prefix, network=net)
-    assert held == {str(ips[ns.name]): f"{net}.{helpers.cnitool_container_id(ns.path)}.eth0" for ns in (a, b)}
+    assert held == {str(ips[ns.name]): f"{net}/{helpers.cnitool_container_id(ns.path)}/eth0" for ns in (a, b)}
 
     for ns in (a, b):
         r = cnitool.check(net, ns)
