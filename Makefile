@@ -52,7 +52,7 @@ install: binary
 
 # Benchmarks (issue 7): all six (engine vs bare CAS, exec vs Go host-local, burst, claim vs pool size,
 # 20 nodes on a 3-member etcd, peak RSS), each starting its own etcd; tables + bench/results/*.json/png
-# and the README's "## Performance" table.  Builds the binary first if stale (falls back to
+# and the table in docs/performance.md.  Builds the binary first if stale (falls back to
 # `python -m cni_ipam` if that fails).  BENCH_ARGS="exec burst" runs some; "--quick" fewer repetitions.
 .PHONY: bench
 bench: deps
