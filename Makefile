@@ -40,12 +40,17 @@ CNI_BIN_DIR ?= /opt/cni/bin
 CNI_CONF_DIR ?= /etc/cni/net.d
 CNI_LIB_DIR ?= /opt/cni/lib
 INSTALL_ARGS ?=
-.PHONY: binary binary-onefile install
+.PHONY: binary binary-onefile binary-controller install
 binary: deps
 	$(PYTHON) packaging/build.py --if-stale -q
 
 binary-onefile: deps
 	$(PYTHON) packaging/build.py --mode onefile --if-stale -q
+
+# dist/cni-ipam-controller/cni-ipam: the same CLI plus grpc/etcd3/kubernetes/prometheus_client, for
+# `cni-ipam controller` (the image's /opt/cni-ipam-controller/, what deploy/controller.yaml runs)
+binary-controller: deps
+	$(PYTHON) packaging/build.py --flavor controller --if-stale -q
 
 install: binary
 	dist/cni-ipam/cni-ipam install --bin-dir $(CNI_BIN_DIR) --conf-dir $(CNI_CONF_DIR) --lib-dir $(CNI_LIB_DIR) $(INSTALL_ARGS)
@@ -60,13 +65,14 @@ bench: deps
 	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore 'matplotlib>=3.6'
 	$(PYTHON) -m bench $(BENCH_ARGS)
 
-# Container image (issue 14): FROM scratch + the onedir bundle + the shared libraries ldd lists,
+# Container image (issue 14): FROM scratch + the onedir bundles (plugin at /opt/cni-ipam/, controller at
+# /opt/cni-ipam-controller/) + the shared libraries ldd lists,
 # built with podman under a private config (nothing pulled from a registry), saved as
 # dist/cni-ipam-image.tar (`podman load -i` / `ctr -n k8s.io images import`), tagged
 # localhost/cni-ipam:<version> as deploy/ names it.  `make e2e-deploy`: the DaemonSet's install
 # container from that image under podman, pods through containerd, upgrade, uninstall.
 .PHONY: image e2e-deploy
-image: binary
+image: binary binary-controller
 	$(PYTHON) packaging/image.py
 
 e2e-deploy: deps

@@ -3,6 +3,9 @@
 
     python packaging/build.py                    # onedir  -> dist/cni-ipam/cni-ipam  (what ships)
     python packaging/build.py --mode onefile     # onefile -> dist/cni-ipam-onefile
+    python packaging/build.py --flavor controller  # -> dist/cni-ipam-controller/cni-ipam: the same CLI
+                                                 # plus grpc/etcd3/kubernetes/prometheus_client, for
+                                                 # `cni-ipam controller` (the image's second bundle)
     python packaging/build.py --if-stale         # rebuild only if the sources changed
     python packaging/build.py --check            # exit 0 if the build is up to date, 1 if not
 
@@ -31,12 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "packaging", "cni-ipam.spec")
 
 
-def outputs(mode: str, dist: str) -> tuple[str, str, str]:
+FLAVOR_DIRS = {"plugin": "cni-ipam", "controller": "cni-ipam-controller"}
+
+
+def outputs(mode: str, dist: str, flavor: str = "plugin") -> tuple[str, str, str]:
     """(what to move into dist, the executable, the stamp file) for a mode."""
     if mode == "onefile":
         exe = os.path.join(dist, "cni-ipam-onefile")
         return exe, exe, exe + ".build-info.json"
-    d = os.path.join(dist, "cni-ipam")
+    d = os.path.join(dist, FLAVOR_DIRS[flavor])
     return d, os.path.join(d, "cni-ipam"), os.path.join(d, "build-info.json")
 
 
@@ -75,9 +81,9 @@ def git_commit() -> str:
 
 
 def stale_reason(mode: str = "onedir", dist: str | None = None, with_grpc: bool = False,
-                 spec_args=()) -> str | None:
+                 spec_args=(), flavor: str = "plugin") -> str | None:
     """Why the build in ``dist`` must be redone (None: it is up to date)."""
-    _, exe, stamp = outputs(mode, dist or os.path.join(ROOT, "dist"))
+    _, exe, stamp = outputs(mode, dist or os.path.join(ROOT, "dist"), flavor)
     if not os.access(exe, os.X_OK):
         return f"{exe} does not exist"
     try:
@@ -121,24 +127,28 @@ def smoke_test(exe: str) -> str:
     return p.stdout.strip()
 
 
-def build(mode: str, dist: str, work: str, with_grpc: bool, quiet: bool, spec_args=()) -> str:
+def build(mode: str, dist: str, work: str, with_grpc: bool, quiet: bool, spec_args=(),
+          flavor: str = "plugin") -> str:
     commit = git_commit()
     digest = source_digest()
     gen_dir = os.path.join(work, "gen")
     info = write_build_info(gen_dir, mode, commit)
-    stage = os.path.join(work, f"stage-{mode}")
+    kind = mode if flavor == "plugin" else f"{mode}-{flavor}"
+    stage = os.path.join(work, f"stage-{kind}")
     shutil.rmtree(stage, ignore_errors=True)
     cmd = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--distpath", stage,
-           "--workpath", os.path.join(work, f"pyinstaller-{mode}"),
+           "--workpath", os.path.join(work, f"pyinstaller-{kind}"),
            "--log-level", "WARN" if quiet else "INFO", SPEC, "--", "--mode", mode, "--gen-dir", gen_dir]
     if with_grpc:
         cmd.append("--with-grpc")
+    if flavor != "plugin":
+        cmd += ["--flavor", flavor]
     cmd += list(spec_args)
     t0 = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
-    staged, _, _ = outputs(mode, stage)
-    final, exe, stamp = outputs(mode, dist)
+    staged, _, _ = outputs(mode, stage, flavor)
+    final, exe, stamp = outputs(mode, dist, flavor)
     os.makedirs(dist, exist_ok=True)
     old = None
     if os.path.lexists(final):  # move the old build aside first: running copies keep their files
@@ -148,6 +158,8 @@ def build(mode: str, dist: str, work: str, with_grpc: bool, quiet: bool, spec_ar
     if old:
         shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
     shutil.rmtree(stage, ignore_errors=True)
+    if flavor != "plugin":
+        info["flavor"] = flavor
     info.update(source_digest=digest, with_grpc=with_grpc, spec_args=list(spec_args),
                 build_seconds=round(time.monotonic() - t0, 1))
     with open(stamp, "w") as f:
@@ -166,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=os.path.join(ROOT, "build"), help="work dir (default build/)")
     ap.add_argument("--with-grpc", action="store_true",
                     help="also bundle python3-etcd3/grpc/protobuf (measurements only)")
+    ap.add_argument("--flavor", choices=sorted(FLAVOR_DIRS), default="plugin",
+                    help="plugin (default): dist/cni-ipam/; controller: dist/cni-ipam-controller/ with the "
+                         "controller's dependencies (grpc, etcd3, kubernetes, prometheus_client)")
     ap.add_argument("--spec-arg", action="append", default=[], metavar="ARG",
                     help="pass ARG to the spec (e.g. --spec-arg=--archive, --spec-arg=--importtime)")
     ap.add_argument("--if-stale", action="store_true", help="do nothing if the build is up to date")
@@ -173,21 +188,23 @@ def main(argv=None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true", help="PyInstaller log level WARN")
     args = ap.parse_args(argv)
     dist, work = os.path.abspath(args.dist), os.path.abspath(args.work)
+    if args.flavor != "plugin" and args.mode != "onedir":
+        ap.error("--flavor controller builds a onedir bundle only")
     if args.check:
-        why = stale_reason(args.mode, dist, args.with_grpc, args.spec_arg)
-        print(f"build: {why}" if why else f"build: {outputs(args.mode, dist)[1]} is up to date")
+        why = stale_reason(args.mode, dist, args.with_grpc, args.spec_arg, args.flavor)
+        print(f"build: {why}" if why else f"build: {outputs(args.mode, dist, args.flavor)[1]} is up to date")
         return 1 if why else 0
     os.makedirs(work, exist_ok=True)
     with open(os.path.join(work, ".build.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (two test sessions may ask at once)
         if args.if_stale:
-            why = stale_reason(args.mode, dist, args.with_grpc, args.spec_arg)
+            why = stale_reason(args.mode, dist, args.with_grpc, args.spec_arg, args.flavor)
             if why is None:
-                print(f"build: {outputs(args.mode, dist)[1]} is up to date")
+                print(f"build: {outputs(args.mode, dist, args.flavor)[1]} is up to date")
                 return 0
             print(f"build: rebuilding: {why}")
-        exe = build(args.mode, dist, work, args.with_grpc, args.quiet, args.spec_arg)
-    size = sum(os.path.getsize(os.path.join(b, n)) for b, _, ns in os.walk(outputs(args.mode, dist)[0])
+        exe = build(args.mode, dist, work, args.with_grpc, args.quiet, args.spec_arg, args.flavor)
+    size = sum(os.path.getsize(os.path.join(b, n)) for b, _, ns in os.walk(outputs(args.mode, dist, args.flavor)[0])
                for n in ns) if args.mode == "onedir" else os.path.getsize(exe)
     print(f"build: {exe} ({size / 1e6:.1f} MB on disk)")
     return 0

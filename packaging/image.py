@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Build the cni-ipam container image (``make image``): nothing is pulled from a registry.
 
-    python packaging/image.py [--bundle dist/cni-ipam] [--tag localhost/cni-ipam:0.1.0]
-                              [--output dist/cni-ipam-image.tar]
+    python packaging/image.py [--bundle dist/cni-ipam] [--controller-bundle dist/cni-ipam-controller]
+                              [--tag localhost/cni-ipam:0.1.0] [--output dist/cni-ipam-image.tar]
 
 The image is ``FROM scratch`` with
 
 * the PyInstaller onedir bundle (``make binary``) at ``/opt/cni-ipam/`` -- the entrypoint is
-  ``/opt/cni-ipam/cni-ipam`` (``install`` for the node DaemonSet, ``controller`` for the
-  Deployment, any CLI command);
+  ``/opt/cni-ipam/cni-ipam`` (``install`` for the node DaemonSet, any CLI command); it is the
+  plugin's bundle, without grpc/kubernetes/prometheus_client;
+* the controller's bundle (``make binary-controller``, ``build.py --flavor controller``: the same
+  CLI plus grpc, etcd3, kubernetes, prometheus_client) at ``/opt/cni-ipam-controller/`` -- the
+  Deployment runs ``/opt/cni-ipam-controller/cni-ipam controller``;
 * the shared libraries that ``ldd`` lists for the executable and every ``.so`` of the bundle and
   that are not in the bundle itself (libc, ld-linux, libz, ...), copied from this machine at
   the same paths;
@@ -35,6 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAG_REPO = "localhost/cni-ipam"
 IN_IMAGE = "/opt/cni-ipam"
+CONTROLLER_IN_IMAGE = "/opt/cni-ipam-controller"   # deploy/controller.yaml's command
 
 
 def default_tag() -> str:
@@ -63,9 +67,12 @@ def needed_libs(bundle: str) -> list[str]:
     return sorted(libs)
 
 
-def make_rootfs(bundle: str, rootfs: str) -> list[str]:
+def make_rootfs(bundle: str, rootfs: str, controller_bundle: str | None = None) -> list[str]:
     shutil.copytree(bundle, rootfs + IN_IMAGE, symlinks=True)
     libs = needed_libs(bundle)
+    if controller_bundle:
+        shutil.copytree(controller_bundle, rootfs + CONTROLLER_IN_IMAGE, symlinks=True)
+        libs = sorted(set(libs) | set(needed_libs(controller_bundle)))
     for lib in libs:
         dest = rootfs + lib
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -131,9 +138,12 @@ runroot = {q(os.path.join(self.base, "run"))}
             shutil.rmtree("/var/lib/containers", ignore_errors=True)
 
 
-def build(bundle: str, tag: str, output: str) -> dict:
+def build(bundle: str, tag: str, output: str, controller_bundle: str | None = None) -> dict:
+    """The image; ``controller_bundle`` None: without the controller's bundle (plugin only)."""
     if not os.access(os.path.join(bundle, "cni-ipam"), os.X_OK):
         raise SystemExit(f"image: {bundle}/cni-ipam is missing: run `make binary` first")
+    if controller_bundle and not os.access(os.path.join(controller_bundle, "cni-ipam"), os.X_OK):
+        raise SystemExit(f"image: {controller_bundle}/cni-ipam is missing: run `make binary-controller` first")
     if not shutil.which("podman"):
         raise SystemExit("image: podman is not installed (scripts/install-deps.sh installs it)")
     with open(os.path.join(bundle, "build-info.json")) as f:
@@ -142,7 +152,7 @@ def build(bundle: str, tag: str, output: str) -> dict:
     pm = PrivatePodman()
     try:
         ctx = os.path.join(pm.base, "ctx")
-        libs = make_rootfs(bundle, os.path.join(ctx, "rootfs"))
+        libs = make_rootfs(bundle, os.path.join(ctx, "rootfs"), controller_bundle)
         with open(os.path.join(ctx, "Containerfile"), "w") as f:
             f.write(f"""FROM scratch
 COPY rootfs/ /
@@ -168,7 +178,8 @@ CMD ["version"]
         pm.close()
     res = {"tag": tag, "id": image_id, "size": size, "archive": output,
            "archive_size": os.path.getsize(output), "libs": libs, "seconds": round(time.monotonic() - t0, 1),
-           "source_digest": info.get("source_digest"), "commit": info.get("commit")}
+           "source_digest": info.get("source_digest"), "commit": info.get("commit"),
+           "controller_bundle": CONTROLLER_IN_IMAGE if controller_bundle else None}
     with open(output + ".json", "w") as f:
         json.dump(res, f, indent=2)
         f.write("\n")
@@ -178,10 +189,13 @@ CMD ["version"]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=os.path.join(ROOT, "dist", "cni-ipam"), help="the onedir bundle")
+    ap.add_argument("--controller-bundle", default=os.path.join(ROOT, "dist", "cni-ipam-controller"),
+                    help="the controller's onedir bundle (build.py --flavor controller); '' for none")
     ap.add_argument("--tag", default=None, help=f"image name (default {DEFAULT_TAG_REPO}:<version>)")
     ap.add_argument("--output", default=os.path.join(ROOT, "dist", "cni-ipam-image.tar"))
     args = ap.parse_args(argv)
-    r = build(os.path.abspath(args.bundle), args.tag or default_tag(), os.path.abspath(args.output))
+    r = build(os.path.abspath(args.bundle), args.tag or default_tag(), os.path.abspath(args.output),
+              os.path.abspath(args.controller_bundle) if args.controller_bundle else None)
     print(f"image: {r['tag']} ({r['id'][:12]}): {r['size'] / 1e6:.1f} MB, {len(r['libs'])} shared libraries "
           f"from the host; archive {r['archive']} ({r['archive_size'] / 1e6:.1f} MB) in {r['seconds']} s")
     return 0

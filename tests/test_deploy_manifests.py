@@ -139,6 +139,13 @@ def test_container_arguments_and_environment_are_what_the_cli_takes():
     tls_mount = next(m["mountPath"] for m in dep["volumeMounts"] if m["name"] == "etcd-tls")
     for key in ("etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file"):
         assert os.path.dirname(config[key]) == tls_mount
+    # it runs the image's controller bundle (packaging/image.py puts it there), not the plugin's
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_image", ROOT / "packaging" / "image.py")
+    image = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(image)
+    assert dep["command"] == [f"{image.CONTROLLER_IN_IMAGE}/cni-ipam"]
+    assert image.CONTROLLER_IN_IMAGE != image.IN_IMAGE
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "cmd")
     if "controller" in sub.choices:   # the controller command (its own module) takes these flags
