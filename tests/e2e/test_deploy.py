@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,7 @@ import pytest
 import yaml
 
 from cni_ipam.datastore import open_datastore
-from cni_ipam.ipam.engine import IPAM
+from cni_ipam.ipam.engine import IPAM, AssignRequest
 from cni_ipam.ipam.pool import make_pool
 from tests.e2e.helpers import sysctl_restored
 from tests.e2e.runtimes import (CNI_PLUGIN_DIR, Containerd, Podman, build_busybox_image, etcd_allocations,
@@ -72,7 +73,7 @@ def image_archive(plugin_binary) -> dict:
     except (OSError, ValueError):
         built = {}
     if not ARCHIVE.exists() or built.get("source_digest") != info["source_digest"] \
-            or built.get("commit") != info["commit"]:
+            or built.get("commit") != info["commit"] or not built.get("controller_bundle"):
         p = subprocess.run(["make", "-s", "image", f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True,
                            text=True, timeout=900, stdin=subprocess.DEVNULL)
         if p.returncode != 0:
@@ -385,3 +386,61 @@ def test_daemonset_install_pods_upgrade_uninstall(image_archive, etcd_server, et
     report.parent.mkdir(exist_ok=True)
     report.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
+
+
+def test_controller_deployment_runs_from_the_image(image_archive, etcd_server, etcd_prefix, tmp_path):
+    """deploy/controller.yaml's container from the image under podman (its command, args, env,
+    securityContext; host network; in-cluster credentials of the HTTPS Kubernetes stand-in), with
+    ``--once``: the controller bundle's kubernetes/prometheus_client/gRPC-lease code really runs and
+    releases the allocation of a pod whose node was deleted."""
+    tag = image_archive["tag"]
+    dep = yaml.safe_load((DEPLOY / "controller.yaml").read_text())["spec"]["template"]["spec"]
+    c = dep["containers"][0]
+    assert c["command"] == [f"{image_archive['controller_bundle']}/cni-ipam"]
+    ipam = IPAM(open_datastore(etcd_server.endpoint), etcd_prefix)
+    ipam.create_pool(make_pool("e2e-ctl", "10.61.0.0/24", 29))
+    config = {"etcd_endpoints": etcd_server.endpoint, "etcd_prefix": etcd_prefix,
+              "etcd_ca_cert_file": "", "etcd_cert_file": "", "etcd_key_file": ""}   # plain http, as documented
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    with K8sStandin(tmp_path) as api, Podman(cni_plugin_dirs=[CNI_PLUGIN_DIR],
+                                             network_config_dir=str(tmp_path / "podman-net")) as podman:
+        api.add_namespace("ns")
+        for node in ("live-node", "gone-node"):
+            api.add_node(node)
+        for i, node in enumerate(("live-node", "gone-node")):
+            api.add_pod("ns", f"p{i}", node=node)
+            ipam.assign(AssignRequest(handle_id=f"net.c{i}.eth0", node=node, network="net", container_id=f"c{i}",
+                                      ifname="eth0", namespace="ns", pod=f"p{i}"))
+        api.delete_pod("ns", "p1")
+        api.delete_node("gone-node")
+        (sa / "ca.crt").write_bytes(Path(api.pki["ca"]).read_bytes())
+        (sa / "namespace").write_text("cni-ipam")
+        token = "controller-" + uuid.uuid4().hex
+        (sa / "token").write_text(token)
+        api.tokens[token] = "system:serviceaccount:cni-ipam:cni-ipam-controller"
+
+        podman.run("load", "-i", str(ARCHIVE))
+        sc = c["securityContext"]
+        args = ["run", "--rm", "--pull=never", "--cgroup-parent", podman.cgroup_parent, f"--user={sc['runAsUser']}",
+                "--read-only", "--security-opt=no-new-privileges", "--network=host",
+                *[f"--cap-drop={x.lower()}" for x in sc["capabilities"]["drop"]],
+                "--entrypoint", c["command"][0],
+                "-e", "KUBERNETES_SERVICE_HOST=127.0.0.1", "-e", f"KUBERNETES_SERVICE_PORT={api.port}",
+                "-v", f"{sa}:{SA_MOUNT}:ro"]
+        assert dep["hostNetwork"] is True and sc["readOnlyRootFilesystem"] is True
+        for e in c["env"]:
+            args += ["-e", f"{e['name']}={config[e['valueFrom']['configMapKeyRef']['key']]}"]
+        # the manifest's args, then: one pass, a short lease (later flags win)
+        p = podman.run(*args, tag, *c["args"], "--once", "--lease-ttl=2", timeout=120, check=False)
+        err = p.stderr.decode(errors="replace")
+        assert p.returncode == 0, f"controller --once from the image failed (rc {p.returncode}):\n{err}"
+        assert "node gone-node is gone" in err, err
+        assert re.search(r"controller: pass: .* released 1 handle\(s\) / 1 address\(es\)", err), err
+        assert {h.id for h in ipam.handles()} == {"net.c0.eth0"}   # the live node's pod keeps its address
+        assert ("GET", "/api/v1/nodes", "system:serviceaccount:cni-ipam:cni-ipam-controller") in api.requests
+        # the plugin bundle of the same image still lacks the controller's modules (it stays small)
+        p = podman.run("run", "--rm", "--pull=never", "--network=none", tag, "controller", "--once",
+                       "--etcd-endpoints", "http://127.0.0.1:9", check=False)
+        assert p.returncode != 0 and b"needs the" in p.stderr, p.stderr
+    ipam.ds.close()
