@@ -357,9 +357,10 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         if not auth:
             return None
-        if not auth.startswith("Bearer "):
-            return "?"
-        token = auth[len("Bearer "):].strip()
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer":       # the scheme is case-insensitive, as in kube-apiserver
+            return "?"                       # (the kubernetes client's in-cluster loader sends "bearer")
+        token = token.strip()
         if self.api.token_expiry.get(token, float("inf")) < time.time():
             return None                      # expired: 401, like the real API
         return self.api.tokens.get(token, "?")
