@@ -19,7 +19,7 @@ Wire notes (etcd 3.4 gateway = grpc-gateway v1 + jsonpb):
 from __future__ import annotations
 
 import binascii
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 import socket
 import sys
 import time
