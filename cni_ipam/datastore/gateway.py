@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import binascii
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
-import socket
+from . import _netio as socket  # create_connection on _socket: no `socket` import (issue 17)
 import sys
 import time
 
