@@ -110,7 +110,7 @@ _LDH = "-abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def _dns_subdomain(v: str) -> bool:
-    """``[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*`` without `re` at import."""
+    r"""``[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*`` without `re` at import."""
     return all(label and not label.strip(_LDH) and label[0] != "-" and label[-1] != "-"
                for label in v.split("."))
 

@@ -83,7 +83,7 @@ _NAME_CHARS = _ALNUM + "_.-"
 
 
 def _valid_name(s: str) -> bool:
-    """``[A-Za-z0-9][A-Za-z0-9_.\-]*`` (Go's pattern), without `re` at import."""
+    r"""``[A-Za-z0-9][A-Za-z0-9_.\-]*`` (Go's pattern), without `re` at import."""
     return bool(s) and s[0] in _ALNUM and not s.strip(_NAME_CHARS)
 _MAX_IFNAME_BYTES = 15
 # Go's unicode.IsSpace (Unicode White_Space); Python's str.isspace() differs
