@@ -66,18 +66,13 @@ def file_path(lock_file: str) -> str:
 
 def load(path: str, clock=time.monotonic) -> EmptyBlockWatch:
     """The observations in ``path`` (none when missing, malformed, not ours, or from before a reboot)."""
+    from .snapshot import read_private
     watch = EmptyBlockWatch(clock=clock)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
+    data = read_private(path, 4 * 1024 * 1024)
+    if data is None:
         return watch
     try:
-        st = os.fstat(fd)
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-                return watch
-            d = json.loads(f.read(4 * 1024 * 1024))
+        d = json.loads(data)
         if not isinstance(d, dict) or d.get("boot") != _boot_id():
             return watch
         now = clock()
@@ -85,11 +80,8 @@ def load(path: str, clock=time.monotonic) -> EmptyBlockWatch:
             if isinstance(key, str) and isinstance(rev, int) and isinstance(t, (int, float)) \
                     and 0 <= now - t < FORGET_AFTER:
                 watch.seen[key] = (rev, float(t))
-    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+    except (ValueError, TypeError, AttributeError, RecursionError):
         watch.seen.clear()
-    finally:
-        if fd >= 0:
-            os.close(fd)
     return watch
 
 

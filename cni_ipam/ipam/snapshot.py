@@ -115,9 +115,9 @@ def file_path(lock_file: str, ident: str) -> str:
     return os.path.join(os.path.dirname(lock_file) or ".", f"snapshot-{digest}.json")
 
 
-def load(path: str, ident: str) -> Snapshot | None:
-    """The snapshot in ``path``, or None when there is none or it is unusable in any way
-    (missing, not ours, not a regular file, unreadable, malformed): a snapshot is only a cache."""
+def read_private(path: str, limit: int) -> bytes | None:
+    """The contents (at most ``limit`` bytes) of a node-local state file, or None when it is
+    missing, unreadable, not a regular file, not ours, or readable by others (not trusted)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
@@ -129,13 +129,24 @@ def load(path: str, ident: str) -> Snapshot | None:
             return None   # written by someone else, or readable by others: not trusted
         with os.fdopen(fd, "rb") as f:
             fd = -1
-            data = f.read(64 * 1024 * 1024)
-        return Snapshot.from_dict(json.loads(data), ident)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return f.read(limit)
+    except OSError:
         return None
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def load(path: str, ident: str) -> Snapshot | None:
+    """The snapshot in ``path``, or None when there is none or it is unusable in any way
+    (missing, not ours, not a regular file, unreadable, malformed): a snapshot is only a cache."""
+    data = read_private(path, 64 * 1024 * 1024)
+    if data is None:
+        return None
+    try:
+        return Snapshot.from_dict(json.loads(data), ident)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
 
 
 def save(path: str, snap: Snapshot | None, ident: str) -> None:
