@@ -33,8 +33,9 @@ chaos: deps
 # Packaging (issue 6): the PyInstaller binary (packaging/).  `make binary` -> dist/cni-ipam/cni-ipam
 # (onedir: what ships; rebuilt only when the sources changed), `make binary-onefile` ->
 # dist/cni-ipam-onefile (for comparison), `make install` -> bundle in $(CNI_LIB_DIR)/cni-ipam/<build>/,
-# symlink $(CNI_BIN_DIR)/cni-ipam, example conflist in $(CNI_CONF_DIR) -- an existing conflist that
-# differs is never overwritten (INSTALL_ARGS=--force keeps a .bak; INSTALL_ARGS=--no-conflist).
+# relative symlink $(CNI_BIN_DIR)/cni-ipam; no conflist unless asked
+# (INSTALL_ARGS="--conflist conf/10-cni-ipam-bridge.conflist"; an existing conflist that differs is
+# never overwritten: --force keeps a .bak).  `cni-ipam uninstall` removes what install wrote.
 CNI_BIN_DIR ?= /opt/cni/bin
 CNI_CONF_DIR ?= /etc/cni/net.d
 CNI_LIB_DIR ?= /opt/cni/lib
@@ -51,10 +52,22 @@ install: binary
 
 # Benchmarks (issue 7): all six (engine vs bare CAS, exec vs Go host-local, burst, claim vs pool size,
 # 20 nodes on a 3-member etcd, peak RSS), each starting its own etcd; tables + bench/results/*.json/png
-# and the README's "## Performance" table.  Builds the binary first if stale (falls back to
+# and the table in docs/performance.md.  Builds the binary first if stale (falls back to
 # `python -m cni_ipam` if that fails).  BENCH_ARGS="exec burst" runs some; "--quick" fewer repetitions.
 .PHONY: bench
 bench: deps
 	@$(MAKE) --no-print-directory binary || echo "bench: 'make binary' failed; benchmarking python -m cni_ipam instead" >&2
 	@$(PYTHON) -c 'import matplotlib' 2>/dev/null || $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore 'matplotlib>=3.6'
 	$(PYTHON) -m bench $(BENCH_ARGS)
+
+# Container image (issue 14): FROM scratch + the onedir bundle + the shared libraries ldd lists,
+# built with podman under a private config (nothing pulled from a registry), saved as
+# dist/cni-ipam-image.tar (`podman load -i` / `ctr -n k8s.io images import`), tagged
+# localhost/cni-ipam:<version> as deploy/ names it.  `make e2e-deploy`: the DaemonSet's install
+# container from that image under podman, pods through containerd, upgrade, uninstall.
+.PHONY: image e2e-deploy
+image: binary
+	$(PYTHON) packaging/image.py
+
+e2e-deploy: deps
+	$(PYTHON) -m pytest -q tests/e2e/test_deploy.py $(PYTEST_ARGS)

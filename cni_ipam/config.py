@@ -1,7 +1,9 @@
 """The ``ipam`` section of a network config, typed and validated.
 
 Wrong types raise ``ConfigError`` (the plugin reports CNI code 7); unknown keys
-are ignored with a debug log, as an operator upgrading configs would expect.
+are ignored -- a config written for a newer version still works -- with a warning
+naming the closest known key (stderr, and the log file once it is open: a typo such
+as ``etcd_endpoint`` must not go unnoticed).  stdout is never written (CNI protocol).
 """
 from __future__ import annotations
 
@@ -66,6 +68,24 @@ class IpamConfig:
             except OSError as e:
                 raise ConfigError(f"etcd_password_file: cannot read {self.etcd_password_file}: {e.strerror}") from None
         return None
+
+
+#: every key of the ipam section (IpamConfig's fields)
+_KNOWN_KEYS = ("type", "etcd_endpoints", "etcd_prefix", "etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file",
+               "etcd_username", "etcd_password", "etcd_password_file", "nodename", "nodename_file", "assign_ipv4",
+               "assign_ipv6", "ipv4_pools", "ipv6_pools", "routes", "dns", "mode", "routed_prefix", "gateway",
+               "lock_file", "log_file", "log_level", "timeout_seconds", "lock_timeout_seconds",
+               "annotation_prefix", "kubernetes")
+
+
+def _unknown_key(where: str, k, known) -> None:
+    """Warn about an ignored key, with the known key it probably meant (difflib only here)."""
+    import difflib
+    key = str(k)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or [
+        n for n in known if n.lower() == key.lower()]
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+    log.warning("%s: unknown key %r is ignored (%s)", where, key[:80], hint)
 
 
 def _str(k, v):
@@ -136,7 +156,7 @@ def _kubernetes(k, v):
                 raise ConfigError(f"ipam.{k}.{kk} must be a non-empty string")
             out[kk] = vv
         else:
-            log.debug("ignoring unknown ipam.%s key %r", k, kk)
+            _unknown_key(f"ipam.{k}", kk, ("kubeconfig", "context"))
     return out
 
 
@@ -225,7 +245,7 @@ def parse_ipam_config(ipam: dict) -> IpamConfig:
         elif k == "kubernetes":
             c.kubernetes = _kubernetes(k, v)
         else:
-            log.debug("ignoring unknown ipam key %r", k)
+            _unknown_key("ipam", k, _KNOWN_KEYS)
     if (c.etcd_cert_file is None) != (c.etcd_key_file is None):
         raise ConfigError("ipam.etcd_cert_file and ipam.etcd_key_file must be given together")
     if (c.etcd_username is None) != (c.etcd_password is None and c.etcd_password_file is None):

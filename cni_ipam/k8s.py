@@ -222,9 +222,19 @@ class KubeClient:
 
     def get(self, path: str, what: str = "", query: dict | None = None) -> dict:
         """GET ``path`` (e.g. ``/api/v1/nodes/n1``); raises NotFound for 404, K8sError otherwise."""
+        return self.request("GET", path, what, query)
+
+    def post(self, path: str, obj: dict, what: str = "") -> dict:
+        """POST the JSON ``obj`` to ``path`` (e.g. a TokenRequest); 200/201 -> the decoded answer."""
+        return self.request("POST", path, what, None, json.dumps(obj).encode())
+
+    def request(self, method: str, path: str, what: str = "", query: dict | None = None,
+                body: bytes | None = None) -> dict:
         what = what or path
         url = self.base_path + path + ("?" + urlencode(query) if query else "")
         headers = {"Accept": "application/json", "User-Agent": "cni-ipam"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         tok = self._bearer()
         if tok:
             headers["Authorization"] = "Bearer " + tok
@@ -236,9 +246,9 @@ class KubeClient:
             if fresh:
                 self._conn = self._connect(max(0.1, deadline - time.monotonic()))
             try:
-                self._conn.request("GET", url, headers=headers)
+                self._conn.request(method, url, body=body, headers=headers)
                 resp = self._conn.getresponse()
-                body = resp.read()
+                answer = resp.read()
                 status = resp.status
                 if resp.will_close:
                     self.close()
@@ -246,36 +256,36 @@ class KubeClient:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
                 self.close()
                 if fresh or attempt == 2 or time.monotonic() >= deadline:
-                    raise K8sError(f"Kubernetes API {self.server}: GET {what}: connection lost: {e}",
+                    raise K8sError(f"Kubernetes API {self.server}: {method} {what}: connection lost: {e}",
                                    what=what, transient=True) from None
             except ssl.SSLCertVerificationError as e:
                 self.close()
-                raise K8sError(f"Kubernetes API {self.server}: GET {what}: TLS verification failed: "
+                raise K8sError(f"Kubernetes API {self.server}: {method} {what}: TLS verification failed: "
                                f"{e.verify_message or e.reason} (check the cluster CA in the {self.source})",
                                what=what, config_error=True) from None
             except (socket.timeout, TimeoutError):
                 self.close()
-                raise K8sError(f"Kubernetes API {self.server}: GET {what}: no answer within "
+                raise K8sError(f"Kubernetes API {self.server}: {method} {what}: no answer within "
                                f"{self.timeout:g}s", what=what, transient=True) from None
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                raise K8sError(f"Kubernetes API {self.server}: GET {what}: {e}", what=what,
+                raise K8sError(f"Kubernetes API {self.server}: {method} {what}: {e}", what=what,
                                transient=True) from None
-        if status == 200:
+        if status in (200, 201):
             try:
-                return json.loads(body)
+                return json.loads(answer)
             except ValueError:
-                raise K8sError(f"Kubernetes API {self.server}: GET {what}: the answer is not JSON",
+                raise K8sError(f"Kubernetes API {self.server}: {method} {what}: the answer is not JSON",
                                status=status, what=what, transient=True) from None
         reason, message = "", ""
         try:
-            st = json.loads(body)
+            st = json.loads(answer)
             if isinstance(st, dict):
                 reason, message = str(st.get("reason") or ""), str(st.get("message") or "")
         except ValueError:
-            message = body[:200].decode("utf-8", "replace").strip()
+            message = answer[:200].decode("utf-8", "replace").strip()
         label = f"HTTP {status} {reason or http.client.responses.get(status, '')}".rstrip()
-        msg = f"Kubernetes API {self.server}: GET {what}: {label}" + (f": {message}" if message else "")
+        msg = f"Kubernetes API {self.server}: {method} {what}: {label}" + (f": {message}" if message else "")
         if status == 401:
             msg += f" (check the token or client certificate in the {self.source})"
         cls = NotFound if status == 404 else K8sError

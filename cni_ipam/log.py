@@ -21,6 +21,9 @@ class Logger:
         self.stderr_level = WARNING
         self.tag = ""
         self._file = None
+        # lines logged before the first ``configure`` (e.g. while the config that names the log
+        # file is parsed): written to the file once it is open
+        self._pending: list | None = []
 
     def configure(self, log_file: str | None, level: str = "info", tag: str = "") -> None:
         """Log to ``log_file`` at ``level`` (and warnings and errors to stderr)."""
@@ -35,6 +38,14 @@ class Logger:
             except OSError as e:
                 self.level = _OFF
                 self.warning("cannot open log file %s: %s", log_file, e.strerror)
+        pending, self._pending = self._pending, None
+        if pending and self._file is not None:
+            for level, line in pending:
+                if level >= self.level:
+                    try:
+                        self._file.write(line)
+                    except (OSError, ValueError):
+                        break
 
     def close(self) -> None:
         f, self._file = self._file, None
@@ -46,7 +57,8 @@ class Logger:
                 pass
 
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802 (the logging package's name)
-        return level >= self.level or level >= self.stderr_level
+        return level >= self.level or level >= self.stderr_level or (
+            self._pending is not None and level >= INFO)
 
     def _log(self, level: int, msg, args, exc: bool = False) -> None:
         if not self.isEnabledFor(level):
@@ -66,6 +78,8 @@ class Logger:
                 self._file.write(line)
             except (OSError, ValueError):
                 pass
+        elif self._pending is not None and level >= INFO and len(self._pending) < 100:
+            self._pending.append((level, line))
         if level >= self.stderr_level:
             try:
                 sys.stderr.write(line)

@@ -31,3 +31,9 @@ if ! $PY -c 'import etcd3, yaml, pytest, hypothesis, pyroute2, PyInstaller, cri_
   echo "install-deps: pip install -e .[test,dev]" >&2
   $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,dev]'
 fi
+
+# deploy/ manifests are validated against the Kubernetes API schemas it bundles (offline)
+if ! $PY -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  echo "install-deps: pip install kubernetes-validate" >&2
+  $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore 'kubernetes-validate>=1.30'
+fi

@@ -29,7 +29,13 @@ def test_list_and_get(cli):
     assert r.rc == 0
     lines = r.stdout.splitlines()
     assert lines[0].split()[:2] == ["NAME", "CIDR"]
-    assert lines[1].startswith("external-pool") and "172.16.0.0/26" in lines[1] and "Always" in lines[1]
+    assert lines[1].startswith("external-pool") and "172.16.0.0/26" in lines[1] and "false" in lines[1]
+    assert all(len(ln) <= 80 for ln in lines)
+    wide = cli("pool", "list", "-o", "wide").stdout.splitlines()
+    assert "IPIP" in wide[0] and "Always" in wide[1] and "NAT OUTGOING" in wide[0]
+    # one spelling of booleans in a table: true/false (as in the manifests), never yes/no
+    assert " yes " not in " ".join(wide) and " no " not in " ".join(wide)
+    assert wide[1].split()[3] == "false" and "true" in wide[1].split()
     items = cli("pool", "ls", "-o", "json").json()["items"]
     assert [i["metadata"]["name"] for i in items] == ["external-pool", "internal-pool"]
     assert items[0]["spec"] == {"cidr": "172.16.0.0/26", "blockSize": 29, "disabled": False,
@@ -121,7 +127,7 @@ def test_delete_force_releases_and_leaves_no_orphans(cli, ipam):
     # a stray affinity for a block of the pool that does not exist
     ipam.ds.commit([], [Put(ipam.keys.affinity_key("node-z", ipaddress.ip_network("172.16.0.56/29")),
                             b'{"pool":"external-pool","mode":"bridge"}')])
-    r = cli("pool", "delete", "external-pool", "--force", "-o", "json")
+    r = cli("pool", "delete", "external-pool", "--force", "-o", "json", "--yes")
     assert r.rc == 0, r.stderr
     rep = r.json()
     assert sorted(rep["releasedHandles"]) == sorted(h.id for h in ext)
@@ -139,7 +145,7 @@ def test_delete_force_releases_and_leaves_no_orphans(cli, ipam):
     assert ipam.get_handle("keep").addresses == other.addresses
     assert cli("check").rc == 0
     # a routed pool with a borrowed address deletes too
-    r = cli("pool", "delete", "routed", "--force")
+    r = cli("pool", "delete", "routed", "--force", "--yes")
     assert r.rc == 0, r.stderr
     assert cli("check").rc == 0
 
@@ -152,7 +158,7 @@ def test_delete_force_with_orphan_allocations(cli, ipam):
     ipam.ds.commit([], [Delete(ipam.keys.handle("h1"))])
     r = cli("pool", "delete", "external-pool")
     assert r.rc == 1 and "--force" in r.error_line
-    r = cli("pool", "delete", "external-pool", "--force")
+    r = cli("pool", "delete", "external-pool", "--force", "--yes")
     assert r.rc == 0, r.stderr
     assert keys_under(ipam, ipam.keys.blocks) == [] and keys_under(ipam, ipam.keys.handles) == []
     assert cli("check").rc == 0
@@ -189,7 +195,7 @@ def test_undecodable_pool_record(cli, ipam):
     r = cli("apply", "-f", "-", stdin="apiVersion: cni-ipam/v1\nkind: IPPool\nmetadata: {name: broken}\n"
                                      "spec: {cidr: 10.1.0.0/24}\n")
     assert r.rc == 1 and "undecodable" in r.error_line and "not overwritten" in r.error_line
-    assert cli("pool", "delete", "broken", "--force").rc == 0
+    assert cli("pool", "delete", "broken", "--force", "--yes").rc == 0
     assert keys_under(ipam, ipam.keys.pools) == []
 
 

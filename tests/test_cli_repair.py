@@ -47,7 +47,7 @@ def test_release_by_ip(cli, ipam):
     dual = ipam.assign(req("dual", assign_v6=True, v4_pools=["external-pool"])).handle
     ip1 = str(one.addresses[0].ip)
     v4, v6 = (str(a.ip) for a in dual.addresses)
-    r = cli("release", "--ip", ip1, "--ip", v4)
+    r = cli("release", "--ip", ip1, "--ip", v4, "--yes")
     assert r.rc == 0, r.stderr
     assert sorted(r.stdout.splitlines()) == sorted([f"released {ip1} (handle one)", f"released {v4} (handle dual)"])
     assert ipam.get_handle("one") is None
@@ -57,7 +57,7 @@ def test_release_by_ip(cli, ipam):
     assert blk.holder(A(ip1)) is None and blk.holder(A(v4)) is None
     assert cli("check").rc == 0
     # not allocated: one error line, non-zero; what could be released still is
-    r = cli("release", "--ip", v6, "--ip", ip1, "-o", "json")
+    r = cli("release", "--ip", v6, "--ip", ip1, "-o", "json", "--yes")
     assert r.rc == 1 and f"{ip1} is not allocated" in r.error_line
     assert json.loads(r.stdout)["released"] == [{"ip": v6, "handle": "dual"}]
     assert ipam.get_handle("dual") is None
@@ -68,7 +68,7 @@ def test_release_by_ip(cli, ipam):
 def test_release_by_handle(cli, ipam):
     assert cli("apply", "-f", "-", stdin=DUAL).rc == 0
     h = ipam.assign(req("net.abc.eth0", assign_v6=True, v4_pools=["internal-pool"])).handle
-    r = cli("release", "--handle", "net.abc.eth0", "-o", "json")
+    r = cli("release", "--handle", "net.abc.eth0", "-o", "json", "-y")
     assert r.rc == 0, r.stderr
     assert sorted(x["ip"] for x in json.loads(r.stdout)["released"]) == sorted(str(a.ip) for a in h.addresses)
     assert ipam.get_handle("net.abc.eth0") is None
@@ -78,7 +78,7 @@ def test_release_by_handle(cli, ipam):
     lost = ipam.assign(req("lost", v4_pools=["external-pool"])).handle
     ipam.ds.commit([], [Delete(ipam.keys.handle("lost"))])
     assert cli("check").rc == 1
-    r = cli("release", "--handle", "lost")
+    r = cli("release", "--handle", "lost", "--yes")
     assert r.rc == 0 and r.stdout.strip() == f"released {lost.addresses[0].ip} (handle lost)"
     assert cli("check").rc == 0
 
@@ -347,14 +347,36 @@ def test_check_finds_each_kind_of_corruption(cli, ipam, corrupt, kinds):
     r = cli("check")
     assert r.rc == 1, r.stdout
     lines = r.stdout.splitlines()
-    assert {ln.split(":", 1)[0] for ln in lines} == kinds, lines
+    assert {ln.split(":", 1)[0] for ln in lines if not ln.startswith("  fix: ")} == kinds, lines
     assert any(needle in ln for ln in lines), (needle, lines)
     assert "problem(s) found" in r.stderr and "Traceback" not in r.stderr
     rep = cli("check", "-o", "json").json()
     assert rep["clean"] is False
     assert {f["kind"] for f in rep["findings"]} == kinds
     assert all(f["key"].startswith(ipam.keys.root) and f["message"] for f in rep["findings"])
-    assert sum(rep["summary"].values()) == len(rep["findings"]) == len(lines)
+    assert sum(rep["summary"].values()) == len(rep["findings"]) == len([ln for ln in lines
+                                                                        if not ln.startswith("  fix: ")])
+    # every finding says how to fix it: `check --fix`, or the exact command
+    assert all(f["fix"] for f in rep["findings"])
+    assert sum(1 for ln in lines if ln.startswith("  fix: ")) == len(rep["findings"])
+    if all(f["fixable"] for f in rep["findings"]):
+        assert all("check --fix" in f["fix"] for f in rep["findings"])
+        before = {kv.key: kv.value for kv in ipam.ds.get_prefix(ipam.keys.root)}
+        r = cli("check", "--fix", "--dry-run")
+        assert r.rc == 1 and "will be repaired" in r.stderr and "dry run: nothing changed" in r.stderr
+        r = cli("check", "--fix")                      # no answer on stdin: refuses, names --yes
+        assert r.rc == 3 and r.stderr.splitlines()[-1].startswith("cni-ipam: error: check --fix: no answer")
+        assert "--yes" in r.stderr.splitlines()[-1]
+        r = cli("check", "--fix", stdin="n\n")
+        assert r.rc == 1 and "nothing repaired" in r.stderr
+        assert {kv.key: kv.value for kv in ipam.ds.get_prefix(ipam.keys.root)} == before
+        r = cli("check", "--fix", "--yes")
+        assert r.rc == 0, r.stdout + r.stderr
+        assert r.stdout.startswith("fixed: ")
+        assert cli("check").rc == 0
+        # what the pods hold is intact: every handle's addresses are still held by their blocks
+        assert admin.check(ipam)["clean"]
+        assert {h.id for h in ipam.handles()} == set(hs)
 
 
 def test_check_reports_several_problems_one_line_each(cli, ipam):
@@ -365,5 +387,12 @@ def test_check_reports_several_problems_one_line_each(cli, ipam):
     c_affinity_without_block(ipam, hs)
     r = cli("check")
     assert r.rc == 1
-    assert sorted(ln.split(":", 1)[0] for ln in r.stdout.splitlines()) == \
+    assert sorted(ln.split(":", 1)[0] for ln in r.stdout.splitlines() if not ln.startswith("  fix: ")) == \
         ["affinity-without-block", "allocation-without-handle", "block-without-affinity"]
+    # --fix repairs the two it can; the third keeps its exact command; exit 1 while anything remains
+    r = cli("check", "--fix", "--yes", "-o", "json")
+    assert r.rc == 1
+    d = r.json()
+    assert sorted(x["kind"] for x in d["fixes"] if x["done"]) == ["affinity-without-block", "block-without-affinity"]
+    assert [f["kind"] for f in d["remaining"]] == ["allocation-without-handle"]
+    assert "`cni-ipam release --ip " in d["remaining"][0]["fix"]

@@ -25,8 +25,11 @@ def test_show_counts_blocks_and_nodes(cli, ipam):
     d = cli("show", "--blocks", "-o", "json").json()
     ext = next(p for p in d["pools"] if p["name"] == "external-pool")
     assert ext["addresses"] == 64 and ext["inUse"] == 8 and ext["blocksClaimed"] == 3
-    assert ext["reserved"] == 9 and ext["free"] == 64 - 8 - 9      # 3 per bridge-mode /29
-    assert ext["utilization"] == 12.5
+    # capacity: 5 per bridge-mode /29, the 5 unclaimed blocks counted like the claimed ones (bridge)
+    assert ext["capacity"] == 40 and ext["reserved"] == 24 and ext["free"] == 40 - 8
+    assert ext["unclaimedBlocks"] == 5 and ext["unclaimedBlocksCountedAs"] == {"mode": "bridge",
+                                                                               "capacityPerBlock": 5}
+    assert ext["utilization"] == 20.0
     intp = next(p for p in d["pools"] if p["name"] == "internal-pool")
     assert intp["inUse"] == 1 and intp["blocksClaimed"] == 1 and intp["blocksTotal"] == 8192
     rows = {b["cidr"]: b for b in d["blocks"]}
@@ -45,10 +48,55 @@ def test_show_counts_blocks_and_nodes(cli, ipam):
     t = cli("show", "--blocks").stdout
     print("\n$ cni-ipam show\n" + cli("show").stdout + "\n$ cni-ipam show --blocks\n" + t)   # seen with -s
     line = next(ln for ln in t.splitlines() if ln.startswith("external-pool"))
-    assert "172.16.0.0/26" in line and " 64 " in line and " 8 " in line and "3/8" in line and "12.5%" in line
+    assert "172.16.0.0/26" in line and " 40 " in line and " 8 " in line and "3/8" in line and "20.0%" in line
     assert "[#" in line
+    assert "as a bridge-mode block: 5 of 8 addresses" in " ".join(t.split())
     assert sum(1 for ln in t.splitlines() if ln.startswith(("172.16.", "192.168."))) == 4
     assert any("node-a" in ln and "5/5" in ln for ln in t.splitlines())
+
+
+def test_show_full_bridge_pool_reads_free_0_and_100_percent(cli, ipam):
+    """A /26 of /29 blocks in bridge mode holds 40 pods: once the 41st ADD fails, FREE 0, 100 %."""
+    from cni_ipam.ipam.errors import PoolExhausted
+    import pytest
+    assert cli("apply", "-f", "-", stdin=SEED_POOLS).rc == 0
+    fresh = next(p for p in cli("show", "-o", "json").json()["pools"] if p["name"] == "external-pool")
+    assert (fresh["capacity"], fresh["free"], fresh["inUse"], fresh["utilization"]) == (40, 40, 0, 0.0)
+    internal = next(p for p in cli("show", "-o", "json").json()["pools"] if p["name"] == "internal-pool")
+    assert internal["capacity"] == 8192 * 5
+    for i in range(40):
+        ipam.assign(req(f"p{i}", node=f"node-{i % 2}", v4_pools=["external-pool"]))
+    with pytest.raises(PoolExhausted):
+        ipam.assign(req("p40", node="node-0", v4_pools=["external-pool"]))
+    d = next(p for p in cli("show", "-o", "json").json()["pools"] if p["name"] == "external-pool")
+    assert (d["inUse"], d["free"], d["capacity"], d["utilization"]) == (40, 0, 40, 100.0)
+    assert d["unclaimedBlocks"] == 0 and d["reserved"] == 24
+    out = cli("show").stdout
+    print("\n$ cni-ipam show   (external-pool full)\n" + out)
+    line = next(ln for ln in out.splitlines() if ln.startswith("external-pool"))
+    assert line.split()[2:6] == ["40", "40", "0", "8/8"] and "[#####] 100.0%" in line
+    # the internal pool: one address of 40960 is <0.1%, and its bar shows nothing yet
+    ipam.assign(req("x0", v4_pools=["internal-pool"]))
+    line = next(ln for ln in cli("show").stdout.splitlines() if ln.startswith("internal-pool"))
+    assert "[.....] <0.1%" in line
+    assert all(len(ln) <= 80 for ln in cli("show").stdout.splitlines())
+    wide = cli("show", "-o", "wide").stdout
+    assert "RESERVED" in wide and "UNCLAIMED AS" in wide and "bridge (5/8)" in wide
+    # pool get: blocks as size x count, how many are claimed
+    assert "8 \u00d7 /29 (8 addresses each), 8 claimed" in cli("pool", "get", "external-pool").stdout
+
+
+def test_show_node_without_blocks_names_the_nodes(cli, ipam):
+    assert cli("apply", "-f", "-", stdin=SEED_POOLS).rc == 0
+    ipam.assign(req("a0", node="node-a", v4_pools=["external-pool"]))
+    ipam.assign(req("b0", node="node-b", v4_pools=["external-pool"]))
+    r = cli("show", "--node", "node-x")
+    assert r.rc == 0
+    assert "node 'node-x' holds no blocks" in r.stdout and "node-a, node-b" in r.stdout
+    r = cli("show", "--node", "node-aa")
+    assert "did you mean 'node-a'?" in r.stdout
+    j = cli("show", "--node", "node-x", "-o", "json").json()
+    assert all(p["blocksClaimed"] == 0 and p["node"] == "node-x" for p in j["pools"])
 
 
 def test_show_ip(cli, ipam):

@@ -3,9 +3,10 @@ invalid CIDRs and selectors, duplicate names, overlapping pools (inside the mani
 pool already in etcd), unknown kinds and versions, hostile names, huge manifests.
 
 Every case: exit 0 (then etcd holds a consistent set of valid, non-overlapping pools, and applying
-the same manifest again changes nothing), or exit 1 with exactly ONE line on stderr,
-``cni-ipam: error: ...`` (never an "internal error", never a traceback) and nothing applied (the
-prefix holds exactly what it held before).  Most cases call ``cni_ipam.cli.main.main(argv)``
+the same manifest again changes nothing), or exit 1 with ONE error line on stderr,
+``cni-ipam: error: ...`` -- followed, when a manifest has several problems, by one indented line
+per problem -- (never an "internal error", never a traceback) and nothing applied (the prefix
+holds exactly what it held before).  Most cases call ``cni_ipam.cli.main.main(argv)``
 in-process (the same code path, ~50x faster than a subprocess); a sample, and the YAML bombs,
 run as real subprocesses.  The number of cases is printed at the end of the module.
 """
@@ -110,10 +111,12 @@ def check_apply(store: Store, manifest: bytes, *, subprocess_: bool = False) -> 
         OUTCOMES["error"] += 1
         lines = err.strip().splitlines()
         assert rc == 1, (rc, out, err)
-        assert len(lines) == 1 and lines[0].startswith("cni-ipam: error: "), err
-        assert "internal error" not in lines[0], lines[0]
+        assert lines[0].startswith("cni-ipam: error: "), err
+        assert all(ln.startswith("  ") for ln in lines[1:]), err      # one problem per line
+        assert len(lines) == 1 or "problems in the manifests; nothing was applied" in lines[0], err
+        assert "internal error" not in err, lines[0]
         assert store.dump(prefix) == before, f"a failed apply changed etcd: {lines[0]}"
-        return rc, lines[0]
+        return rc, "\n".join(lines)
     OUTCOMES["applied"] += 1
     # applied: every stored pool is valid, no two overlap
     pools = []

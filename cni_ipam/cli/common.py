@@ -2,7 +2,8 @@
 
 Connection settings, strongest first: explicit flags > ``--cni-conf FILE`` (the
 ``ipam`` section of a network config / conflist, so the CLI sees exactly the
-store the plugin uses) > environment variables > defaults.
+store the plugin uses) > environment variables > the CLI config file
+(``$CNI_IPAM_CONFIG``, default ``/etc/cni-ipam/cli.yaml``) > defaults.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/cni-ipam"
 DEFAULT_TIMEOUT = 10.0
 OUTPUT_FORMATS = ("table", "json", "yaml")
+#: table output that fits 80 columns by default; ``-o wide`` (some commands) shows every column
+WIDE = "wide"
 
 # flag dest -> (env var, key in the CNI config's ipam section)
 _SETTINGS = {
@@ -29,8 +32,33 @@ _SETTINGS = {
 }
 
 
+DEFAULT_CLI_CONFIG = "/etc/cni-ipam/cli.yaml"
+CLI_CONFIG_ENV = "CNI_IPAM_CONFIG"
+# key in the CLI config file -> flag dest (the file's keys follow calicoctl.cfg's spelling)
+_FILE_KEYS = {
+    "etcdEndpoints": "etcd_endpoints",
+    "etcdPrefix": "etcd_prefix",
+    "etcdCACertFile": "etcd_ca_cert_file",
+    "etcdCertFile": "etcd_cert_file",
+    "etcdKeyFile": "etcd_key_file",
+    "etcdUsername": "etcd_username",
+    "etcdPasswordFile": "etcd_password_file",
+    "timeoutSeconds": "timeout",
+}
+
+SETTINGS_HINT = ("set the etcd endpoints with --etcd-endpoints, the ETCD_ENDPOINTS environment variable, "
+                 f"--cni-conf FILE (the plugin's network config) or etcdEndpoints in the CLI config file "
+                 f"(${CLI_CONFIG_ENV}, default {DEFAULT_CLI_CONFIG}); see `cni-ipam help connection`")
+
+
 class CLIError(Exception):
     """A failure to report as one line ``cni-ipam: error: <msg>`` (exit 1)."""
+    exit_code = 1
+
+
+class CannotCheck(CLIError):
+    """The command could not do its job at all (etcd unreachable, bad credentials): exit 3 for
+    commands whose exit code carries a verdict (``check``)."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -45,34 +73,76 @@ def _positive_float(s: str) -> float:
     return v
 
 
+CONNECTION_HELP = f"""\
+etcd connection
+
+Every command that reads or writes the store takes these flags.  Each setting is taken
+from the first of: a flag, --cni-conf FILE, the environment, the CLI config file, the default.
+
+  flag                     environment            CLI config file    default
+  --etcd-endpoints URLS    ETCD_ENDPOINTS         etcdEndpoints      {DEFAULT_ENDPOINTS}
+  --etcd-prefix PREFIX     CNI_IPAM_ETCD_PREFIX   etcdPrefix         {DEFAULT_PREFIX}
+  --etcd-ca-cert-file FILE ETCD_CA_CERT_FILE      etcdCACertFile     system CAs (https)
+  --etcd-cert-file FILE    ETCD_CERT_FILE         etcdCertFile       -
+  --etcd-key-file FILE     ETCD_KEY_FILE          etcdKeyFile        -
+  --etcd-username USER     ETCD_USERNAME          etcdUsername       -
+  --etcd-password-file F   ETCD_PASSWORD_FILE     etcdPasswordFile   -
+  --timeout SECONDS        -                      timeoutSeconds     {DEFAULT_TIMEOUT:g}
+  --cni-conf FILE          take all of the above from the cni-ipam "ipam" section of a
+                           CNI network config or .conflist (the store the plugin uses)
+
+URLS is comma-separated (http:// or https://; the client port, 2379 by default -- not the
+peer port 2380).  The CLI config file is ${CLI_CONFIG_ENV} if set, else {DEFAULT_CLI_CONFIG}
+when it exists; YAML, like calicoctl.cfg (a bare mapping, or the same keys under spec:):
+
+  # /etc/cni-ipam/cli.yaml
+  etcdEndpoints: https://10.0.0.11:2379,https://10.0.0.12:2379
+  etcdPrefix: /cni-ipam
+  etcdCACertFile: /etc/cni-ipam/etcd-ca.pem
+  etcdCertFile: /etc/cni-ipam/etcd-client.pem
+  etcdKeyFile: /etc/cni-ipam/etcd-client-key.pem
+
+Other environment variables: CNI_IPAM_CLI_TRANSPORT=grpc|gateway (how the CLI talks to
+etcd; default grpc when python3-etcd3 is installed), CNI_IPAM_DEBUG=1 (a traceback for
+internal errors).
+"""
+
+
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("etcd connection (flags > --cni-conf > environment > defaults)")
+    g = parser.add_argument_group("etcd connection (all flags, the environment and the CLI config file: "
+                                  "`cni-ipam help connection`)")
     g.add_argument("--etcd-endpoints", metavar="URLS",
-                   help=f"comma-separated etcd URLs (env ETCD_ENDPOINTS; default {DEFAULT_ENDPOINTS})")
+                   help=f"comma-separated etcd client URLs (env ETCD_ENDPOINTS; default {DEFAULT_ENDPOINTS})")
     g.add_argument("--etcd-prefix", metavar="PREFIX",
                    help=f"key prefix of all state (env CNI_IPAM_ETCD_PREFIX; default {DEFAULT_PREFIX})")
-    g.add_argument("--etcd-ca-cert-file", metavar="FILE", help="CA to verify etcd (env ETCD_CA_CERT_FILE)")
-    g.add_argument("--etcd-cert-file", metavar="FILE", help="client certificate (env ETCD_CERT_FILE)")
-    g.add_argument("--etcd-key-file", metavar="FILE", help="client key (env ETCD_KEY_FILE)")
-    g.add_argument("--etcd-username", metavar="USER", help="etcd user (env ETCD_USERNAME)")
-    g.add_argument("--etcd-password-file", metavar="FILE",
-                   help="file holding the etcd password (env ETCD_PASSWORD_FILE)")
-    g.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
-                   help=f"deadline for each etcd call (default {DEFAULT_TIMEOUT:g})")
     g.add_argument("--cni-conf", metavar="FILE",
-                   help="take the etcd settings from this CNI network config or .conflist "
-                        "(its cni-ipam ipam section)")
+                   help="take the etcd settings from this CNI network config or .conflist")
+    hidden = argparse.SUPPRESS
+    g.add_argument("--etcd-ca-cert-file", metavar="FILE", help=hidden)
+    g.add_argument("--etcd-cert-file", metavar="FILE", help=hidden)
+    g.add_argument("--etcd-key-file", metavar="FILE", help=hidden)
+    g.add_argument("--etcd-username", metavar="USER", help=hidden)
+    g.add_argument("--etcd-password-file", metavar="FILE", help=hidden)
+    g.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help=hidden)
 
 
-def add_output_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table",
-                        help="output format (default: table)")
+def add_output_arg(parser: argparse.ArgumentParser, *, wide: bool = False) -> None:
+    choices = OUTPUT_FORMATS + ((WIDE,) if wide else ())
+    parser.add_argument("-o", "--output", choices=choices, default="table",
+                        help="output format (default: table" + (", which fits 80 columns; wide: every column"
+                                                                if wide else "") + "; json/yaml: see "
+                             "`cni-ipam help output`)")
+
+
+def is_wide(args) -> bool:
+    return getattr(args, "output", None) == WIDE
 
 
 # ----------------------------------------------------------------------------- settings
 
 @dataclass
 class Connection:
+    endpoints_from: str = "the default"        # where the endpoints came from (for error messages)
     endpoints: list[str] = field(default_factory=lambda: [DEFAULT_ENDPOINTS])
     prefix: str = DEFAULT_PREFIX
     ca_cert: str | None = None
@@ -104,9 +174,66 @@ def _ipam_section(path: str) -> dict:
     return ours[0]
 
 
+def cli_config_file() -> tuple[str | None, dict]:
+    """(path, settings by flag dest) of the CLI config file; ``(None, {})`` without one."""
+    path = os.environ.get(CLI_CONFIG_ENV, "").strip()
+    explicit = bool(path)
+    path = path or DEFAULT_CLI_CONFIG
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1024 * 1024 + 1)
+    except FileNotFoundError:
+        if explicit:
+            raise CLIError(f"{CLI_CONFIG_ENV}={path}: no such file") from None
+        return None, {}
+    except OSError as e:
+        raise CLIError(f"cannot read the CLI config file {path}: {e.strerror}") from None
+    import yaml
+    try:
+        doc = yaml.safe_load(raw) if raw.strip() else {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise CLIError(f"the CLI config file {path} is not valid YAML{at}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise CLIError(f"the CLI config file {path} must be a YAML mapping of settings")
+    if isinstance(doc.get("spec"), dict):      # calicoctl.cfg's shape: apiVersion, kind, metadata, spec
+        doc = doc["spec"]
+    out = {}
+    for k, v in doc.items():
+        if k in ("apiVersion", "kind", "metadata", "datastoreType"):
+            continue
+        if k not in _FILE_KEYS:
+            import difflib
+            close = difflib.get_close_matches(str(k), list(_FILE_KEYS), n=1, cutoff=0.6)
+            did = f"did you mean {close[0]}?" if close else f"known: {', '.join(_FILE_KEYS)}"
+            raise CLIError(f"the CLI config file {path}: unknown setting {k!r} ({did})")
+        if v is None:
+            continue
+        dest = _FILE_KEYS[k]
+        if dest == "timeout":
+            try:
+                v = _positive_float(str(v))
+            except argparse.ArgumentTypeError as e:
+                raise CLIError(f"the CLI config file {path}: {k}: {e}") from None
+        elif dest == "etcd_endpoints" and isinstance(v, list) and all(isinstance(x, str) for x in v):
+            v = ",".join(v)
+        elif not isinstance(v, str):
+            raise CLIError(f"the CLI config file {path}: {k} must be a string")
+        out[dest] = v
+    return path, out
+
+
+_last: list = []   # the Connection of the last open_ipam (for error hints)
+
+
 def connection_settings(args) -> Connection:
-    """Resolve the etcd connection: flags > --cni-conf > env > defaults."""
+    """Resolve the etcd connection: flags > --cni-conf > env > CLI config file > defaults."""
     from ..config import ConfigError, parse_ipam_config
+
+    file_path, file_vals = cli_config_file()
 
     conf_vals: dict = {}
     conf_password = None
@@ -138,10 +265,14 @@ def connection_settings(args) -> Connection:
         env = os.environ.get(_SETTINGS[dest][0])
         if env:
             return env, "env"
+        if dest in file_vals:
+            return file_vals[dest], "file"
         return None, None
 
     c = Connection()
-    eps, _ = pick("etcd_endpoints")
+    eps, src = pick("etcd_endpoints")
+    c.endpoints_from = {"flag": "--etcd-endpoints", "conf": f"--cni-conf {getattr(args, 'cni_conf', '')}",
+                        "env": "ETCD_ENDPOINTS", "file": f"the CLI config file {file_path}"}.get(src, "the default")
     if eps is not None:
         if isinstance(eps, str):
             eps = [e.strip() for e in eps.split(",") if e.strip()]
@@ -181,6 +312,8 @@ def connection_settings(args) -> Connection:
         c.timeout = args.timeout
     elif conf_timeout is not None:
         c.timeout = conf_timeout
+    elif "timeout" in file_vals:
+        c.timeout = file_vals["timeout"]
     return c
 
 
@@ -211,6 +344,7 @@ def open_ipam(args):
     from ..ipam.engine import IPAM
 
     c = connection_settings(args)
+    _last[:] = [c]
     try:
         ds = open_datastore(c.endpoints, transport=_transport(), timeout=c.timeout, ca_cert=c.ca_cert,
                             cert=c.cert, key=c.key, username=c.username, password=c.password)
@@ -220,6 +354,17 @@ def open_ipam(args):
     ipam = IPAM(ds, c.prefix)
     ipam.check_schema()   # a store written in a layout this binary is too old for: refuse, say so
     return ipam
+
+
+def last_prefix() -> str:
+    """The etcd prefix of the last ``open_ipam``."""
+    return _last[0].prefix if _last else DEFAULT_PREFIX
+
+
+def unreachable_hint() -> str:
+    """What to add to an 'etcd unreachable' error: where the endpoints came from, how to set them."""
+    src = f" (endpoints from {_last[0].endpoints_from})" if _last else ""
+    return f"{src}; {SETTINGS_HINT}"
 
 
 def close_all() -> None:
@@ -267,11 +412,26 @@ def kv_table(pairs: list[tuple[str, object]]) -> str:
 
 
 def bar(fraction: float, width: int = 10) -> str:
+    """``[###.......]``: one ``#`` per full 1/width (rounded down, so a full bar means full)."""
     fraction = min(max(fraction, 0.0), 1.0)
-    n = int(round(fraction * width))
-    if fraction > 0 and n == 0:
-        n = 1
+    n = int(fraction * width + 1e-9)
     return "[" + "#" * n + "." * (width - n) + "]"
+
+
+def pct(frac: float) -> str:
+    """A percentage for a table: ``<0.1%`` for a little, ``>99.9%`` for almost full, ``100.0%`` only when full."""
+    if 0 < frac < 0.0005:
+        return "<0.1%"
+    if 0.9995 <= frac < 1:
+        return ">99.9%"
+    return f"{100 * frac:.1f}%"
+
+
+def yes_no(v) -> str | None:
+    """Booleans in tables: always ``true``/``false`` (as in manifests), ``-`` when unset."""
+    if v is None:
+        return None
+    return "true" if v else "false"
 
 
 def parse_bool(s: str) -> bool:
@@ -281,6 +441,22 @@ def parse_bool(s: str) -> bool:
     if v in ("false", "no", "off", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {s!r}")
+
+
+def confirm(prompt: str, *, yes: bool, what: str) -> bool:
+    """Ask on stderr, answer from stdin (like `release --leaked`).  ``yes`` skips the question;
+    no answer at all (stdin at end: not a terminal, e.g. cron or a pipe from /dev/null) is an
+    error telling to add --yes -- a destructive command never proceeds unasked."""
+    if yes:
+        return True
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline() if sys.stdin else ""
+    if not line:
+        sys.stderr.write("\n")
+        raise CLIError(f"{what}: no answer on stdin (not a terminal?): add --yes to go ahead without asking, "
+                       f"or --dry-run to only show what it would do")
+    return line.strip().lower() in ("y", "yes")
 
 
 def warn(msg: str) -> None:

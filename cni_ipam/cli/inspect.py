@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from .common import (CLIError, add_connection_args, add_output_arg, bar, emit, kv_table, open_ipam, parse_bool,
-                     table, warn)
+from .common import (CLIError, add_connection_args, add_output_arg, bar, emit, is_wide, kv_table, open_ipam,
+                     parse_bool, pct, table, warn)
 
 
 def register(sub) -> None:
@@ -16,7 +16,7 @@ def register(sub) -> None:
     s.add_argument("--ip", metavar="ADDR", help="who holds this address")
     s.add_argument("--borrowed", action="store_true",
                    help="addresses allocated from a block owned by another node")
-    add_output_arg(s)
+    add_output_arg(s, wide=True)
     add_connection_args(s)
     s.set_defaults(func=cmd_show)
 
@@ -27,18 +27,21 @@ def register(sub) -> None:
     add_connection_args(show)
     show.set_defaults(func=cmd_config_show)
 
-    conf = sub.add_parser("configure", help="change the global IPAM settings",
-                          description="Change some of the global IPAM settings (the others keep their "
-                                      "values). Combinations that make no sense are refused.")
-    conf.add_argument("--strict-affinity", type=parse_bool, metavar="true|false",
-                      help="never borrow addresses from other nodes' blocks")
-    conf.add_argument("--auto-allocate-blocks", type=parse_bool, metavar="true|false",
-                      help="let nodes claim new blocks when theirs are full")
-    conf.add_argument("--max-blocks-per-host", type=_nonneg_int, metavar="N",
-                      help="blocks one node may claim (0: no limit)")
-    add_output_arg(conf)
-    add_connection_args(conf)
-    conf.set_defaults(func=cmd_configure)
+    desc = ("Change some of the global IPAM settings (the others keep their values). Combinations that "
+            "make no sense are refused. `cni-ipam configure` and `cni-ipam config set` are the same command.")
+    for conf in (sub.add_parser("configure", help="change the global IPAM settings (also: config set)",
+                                description=desc),
+                 cs.add_parser("set", help="change the global IPAM settings (same as configure)",
+                               description=desc)):
+        conf.add_argument("--strict-affinity", type=parse_bool, metavar="true|false",
+                          help="never borrow addresses from other nodes' blocks")
+        conf.add_argument("--auto-allocate-blocks", type=parse_bool, metavar="true|false",
+                          help="let nodes claim new blocks when theirs are full")
+        conf.add_argument("--max-blocks-per-host", type=_nonneg_int, metavar="N",
+                          help="blocks one node may claim (0: no limit)")
+        add_output_arg(conf)
+        add_connection_args(conf)
+        conf.set_defaults(func=cmd_configure)
 
 
 def _nonneg_int(s: str) -> int:
@@ -82,22 +85,40 @@ def cmd_show(args) -> int:
     usages, blocks, bad = admin.usage(ipam, node=args.node, blocks=args.blocks)
     for key in bad:
         warn(f"{key} is undecodable and was not counted (run `cni-ipam check`)")
+    empty_node = _no_blocks_for_node(ipam, args.node) if (
+        args.node and not any(u.blocks_claimed for u in usages)) else None
     data = {"pools": [u.to_dict(args.node) for u in usages]}
     if args.blocks:
         data["blocks"] = blocks
+    wide = is_wide(args)
 
     def fmt(d):
         if not d["pools"]:
             return "no pools"
+        if empty_node:
+            return empty_node
         rows = []
         for u in d["pools"]:
-            frac = u["inUse"] / u["addresses"] if u["addresses"] else 0.0
-            rows.append([u["name"] + (" (disabled)" if u["disabled"] else ""), u["cidr"], f'/{u["blockSize"]}',
-                         u["addresses"], u["inUse"], u["free"], f'{u["blocksClaimed"]}/{u["blocksTotal"]}',
-                         f"{bar(frac)} {_pct(frac)}"])
+            frac = u["inUse"] / u["capacity"] if u["capacity"] else (1.0 if u["addresses"] else 0.0)
+            name = u["name"] + (" (disabled)" if u["disabled"] else "")
+            blocks_col = f'{u["blocksClaimed"]}/{u["blocksTotal"]}'
+            if wide:
+                ua = u["unclaimedBlocksCountedAs"]
+                rows.append([name, u["cidr"], f'/{u["blockSize"]}', u["addresses"], u["capacity"], u["reserved"],
+                             u["inUse"], u["free"], blocks_col,
+                             f'{ua["mode"]} ({ua["capacityPerBlock"]}/{u["blockAddresses"]})'
+                             if u["unclaimedBlocks"] else None, f"{bar(frac)} {pct(frac)}"])
+            else:
+                rows.append([name, u["cidr"], u["capacity"], u["inUse"], u["free"], blocks_col,
+                             f"{bar(frac, 5)} {pct(frac)}"])
         title = f"node {args.node}: " if args.node else ""
-        out = (title + "\n" if title else "") + table(
-            ["POOL", "CIDR", "BLOCK", "ADDRESSES", "IN USE", "FREE", "BLOCKS CLAIMED", "UTILIZATION"], rows)
+        headers = (["POOL", "CIDR", "BLOCK", "ADDRESSES", "CAPACITY", "RESERVED", "IN USE", "FREE",
+                    "BLOCKS CLAIMED", "UNCLAIMED AS", "UTILIZATION"] if wide else
+                   ["POOL", "CIDR", "CAPACITY", "IN USE", "FREE", "BLOCKS", "UTILIZATION"])
+        out = (title + "\n" if title else "") + table(headers, rows)
+        notes = _capacity_notes(d["pools"])
+        if notes:
+            out += "\n" + notes
         if "blocks" in d:
             out += "\n\n" + (table(["BLOCK", "POOL", "NODE", "MODE", "IN USE/CAPACITY", "FREE"],
                                    [[b["cidr"], b["pool"], b["node"], b["mode"],
@@ -108,8 +129,34 @@ def cmd_show(args) -> int:
     return 0
 
 
-def _pct(frac: float) -> str:
-    return "<0.1%" if 0 < frac < 0.0005 else f"{100 * frac:.1f}%"
+def _capacity_notes(pools: list[dict]) -> str:
+    """How unclaimed blocks were counted (one line per mode), under the pool table."""
+    by: dict = {}
+    for u in pools:
+        if u["unclaimedBlocks"]:
+            ua = u["unclaimedBlocksCountedAs"]
+            by.setdefault((ua["mode"], ua["capacityPerBlock"], u["blockAddresses"]), []).append(u["name"])
+    lines = []
+    for (mode, per, size), names in by.items():
+        why = ("network, gateway and broadcast are never handed out" if mode == "bridge"
+               else "every address is handed out")
+        lines.append(f"CAPACITY counts each unclaimed block of {', '.join(names)} as a {mode}-mode block: "
+                     f"{per} of {size} addresses ({why})")
+    import textwrap
+    return "\n".join(textwrap.fill(ln, 80, break_on_hyphens=False) for ln in lines)
+
+
+def _no_blocks_for_node(ipam, node: str) -> str:
+    """`show --node X` where X holds nothing: say so, and which nodes do hold blocks."""
+    from ..ipam import admin
+    nodes = admin.block_nodes(ipam)
+    if not nodes:
+        return f"node {node!r} holds no blocks; no node holds any block yet"
+    from difflib import get_close_matches
+    close = get_close_matches(node, nodes, n=1)
+    did = f"did you mean {close[0]!r}? " if close else ""
+    shown = ", ".join(nodes[:20]) + (f" and {len(nodes) - 20} more" if len(nodes) > 20 else "")
+    return f"node {node!r} holds no blocks ({did}nodes holding blocks: {shown})"
 
 
 def _show_ip(args, d: dict) -> int:

@@ -75,8 +75,18 @@ def _validate_annotation_values(ns: str, sets: dict, ipam) -> list[str]:
     from ..ipam import annotations as ann
     warnings = []
     pools = None
+    known = (ann.IPV4POOLS, ann.IPV6POOLS, ann.IPADDRS)
     for k, v in sets.items():
-        name = k.rpartition("/")[2]
+        prefix, _, name = k.rpartition("/")
+        if name not in known:
+            import difflib
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75) or [
+                n for n in known if n.lower() == name.lower()]
+            if close or "projectcalico" in prefix:
+                did = f"did you mean {(prefix + '/' if prefix else '')}{close[0]}?" if close else (
+                    f"the plugin reads {', '.join(known)}")
+                warnings.append(f"annotation {k!r} is not one the plugin reads ({did}); it is stored as given")
+            continue
         try:
             if name in (ann.IPV4POOLS, ann.IPV6POOLS):
                 fam = 4 if name == ann.IPV4POOLS else 6
@@ -85,7 +95,12 @@ def _validate_annotation_values(ns: str, sets: dict, ipam) -> list[str]:
                     pools = ipam.pools()
                 for ref in refs:
                     if not any(p.name == ref or str(p.cidr) == ref for p in pools if p.version == fam):
-                        warnings.append(f"IPv{fam} pool {ref!r} does not exist (yet); "
+                        import difflib
+                        names = [p.name for p in pools if p.version == fam]
+                        close = difflib.get_close_matches(ref, names, n=1, cutoff=0.6)
+                        did = f" (did you mean {close[0]!r}?)" if close else (
+                            f" (IPv{fam} pools: {', '.join(names)})" if names else f" (no IPv{fam} pool exists)")
+                        warnings.append(f"IPv{fam} pool {ref!r} does not exist (yet){did}; "
                                         f"ADDs in namespace {ns} fail until it does")
             elif name == ann.IPADDRS:
                 ann.parse_ip_addrs(v, k, f"namespace {ns}")

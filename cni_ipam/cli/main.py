@@ -27,6 +27,35 @@ def version_text() -> str:
             f"CNI spec versions: {', '.join(SUPPORTED)}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped (sub)command (`shwo`, `pools`)."""
+
+    def error(self, message):
+        import re
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            import difflib
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+            if close:
+                message = f"unknown command {m.group(1)!r} (did you mean {close[0]!r}?)"
+            else:
+                message = f"unknown command {m.group(1)!r} (commands: {', '.join(choices)})"
+        super().error(message)
+
+
+def _help_topic(args) -> int:
+    from . import helptext
+    from .common import CONNECTION_HELP
+    topic = args.topic
+    if topic is None:
+        print("help topics: " + ", ".join(helptext.TOPICS) + "  (and `cni-ipam COMMAND --help`)")
+        return 0
+    text = CONNECTION_HELP if topic == "connection" else helptext.TOPICS[topic]
+    sys.stdout.write(text)
+    return 0
+
+
 def _help(parser):
     def show(args) -> int:
         parser.print_help(sys.stderr)
@@ -35,13 +64,19 @@ def _help(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cni-ipam", description=(
+    from .helptext import EPILOG
+    p = Parser(prog="cni-ipam", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG, description=(
         "cni-ipam: a CNI IPAM plugin (node-affine blocks in etcd). Run by a container runtime with "
         "CNI_COMMAND set it is the plugin; without it, this admin CLI."))
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     v = sub.add_parser("version", help="print the version and the supported CNI versions")
     v.set_defaults(func=lambda args: print(version_text()) or 0)
+    from .helptext import TOPICS
+    h = sub.add_parser("help", help="help on a topic: connection, output (-o json/yaml shapes), exit-codes")
+    h.add_argument("topic", nargs="?", choices=list(TOPICS), metavar="TOPIC",
+                   help="connection | output | exit-codes")
+    h.set_defaults(func=_help_topic)
     for name in MODULES + OPTIONAL_MODULES:
         try:
             mod = importlib.import_module(f"{__package__}.{name}")
@@ -81,8 +116,20 @@ def main(argv=None) -> int:
         msg = str(e)
     except IPAMError as e:
         msg = e.msg
+        problems = getattr(e, "problems", None)
+        if problems and len(problems) > 1:   # `apply`: every problem of the manifests, one line each
+            print(f"cni-ipam: error: {_one_line(msg)}", file=sys.stderr)
+            for prob in problems[:100]:
+                print(f"  {_one_line(prob)}", file=sys.stderr)
+            if len(problems) > 100:
+                print(f"  ... and {len(problems) - 100} more", file=sys.stderr)
+            close_all()
+            return int(getattr(args, "error_exit", 1))
     except DatastoreUnavailable as e:
         msg = str(e)
+        if getattr(e, "unreachable", False):
+            from .common import unreachable_hint
+            msg += unreachable_hint()
     except DatastoreError as e:
         msg = str(e) if str(e).lower().startswith("etcd") else f"etcd: {e}"
     except ConfigError as e:
@@ -105,7 +152,7 @@ def main(argv=None) -> int:
     finally:
         close_all()
     print(f"cni-ipam: error: {_one_line(msg)}", file=sys.stderr)
-    return 1
+    return int(getattr(args, "error_exit", 1))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-from .common import CLIError, add_connection_args, add_output_arg, emit, open_ipam, table, warn
+from .common import CLIError, add_connection_args, add_output_arg, emit, is_wide, open_ipam, table, warn, yes_no
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def register(sub) -> None:
     pool = sub.add_parser("pool", help="list, show, enable, disable, delete pools")
     ps = pool.add_subparsers(dest="pool_cmd", metavar="SUBCOMMAND")
     ls = ps.add_parser("list", aliases=["ls"], help="list pools")
-    add_output_arg(ls)
+    add_output_arg(ls, wide=True)
     add_connection_args(ls)
     ls.set_defaults(func=cmd_list)
     g = ps.add_parser("get", help="show one pool (-o yaml gives a manifest `apply` accepts)")
@@ -44,7 +44,9 @@ def register(sub) -> None:
                                   "Then deletes the pool's blocks and affinities and the pool; never leaves "
                                   "orphan blocks.")
     d.add_argument("name")
-    d.add_argument("--force", action="store_true", help="release allocated addresses first")
+    d.add_argument("--force", action="store_true", help="release allocated addresses first (shows them and asks)")
+    d.add_argument("-y", "--yes", action="store_true", help="--force: release without asking")
+    d.add_argument("--dry-run", action="store_true", help="show what would be released and deleted; change nothing")
     add_output_arg(d)
     add_connection_args(d)
     d.set_defaults(func=cmd_delete)
@@ -120,11 +122,16 @@ def cmd_list(args) -> int:
             "items": [admin.pool_manifest(p) for p in pools]}
 
     def fmt(_):
-        rows = [[p.name, p.cidr, p.block_size, "yes" if p.disabled else "no", p.node_selector,
-                 ",".join(p.allowed_uses), p.ipip_mode, p.vxlan_mode, _v(p.nat_outgoing) if p.nat_outgoing
-                 is not None else None] for p in pools]
-        return table(["NAME", "CIDR", "BLOCK SIZE", "DISABLED", "NODE SELECTOR", "ALLOWED USES", "IPIP",
-                      "VXLAN", "NAT OUTGOING"], rows) if pools else "no pools"
+        if not pools:
+            return "no pools"
+        if is_wide(args):
+            rows = [[p.name, p.cidr, p.block_size, yes_no(p.disabled), p.node_selector, ",".join(p.allowed_uses),
+                     p.ipip_mode, p.vxlan_mode, yes_no(p.nat_outgoing), yes_no(p.disable_bgp_export)]
+                    for p in pools]
+            return table(["NAME", "CIDR", "BLOCK SIZE", "DISABLED", "NODE SELECTOR", "ALLOWED USES", "IPIP",
+                          "VXLAN", "NAT OUTGOING", "DISABLE BGP EXPORT"], rows)
+        rows = [[p.name, p.cidr, p.block_size, yes_no(p.disabled), p.node_selector] for p in pools]
+        return table(["NAME", "CIDR", "BLOCK SIZE", "DISABLED", "NODE SELECTOR"], rows)
     emit(args, data, fmt)
     return 0
 
@@ -138,8 +145,10 @@ def cmd_get(args) -> int:
     def fmt(_):
         from .common import kv_table
         s = data["spec"]
+        claimed = admin.claimed_blocks(ipam, p)
         pairs = [("name", p.name), ("cidr", s["cidr"]), ("blockSize", s["blockSize"]),
-                 ("blocks", f"{p.n_blocks} of {p.block_addresses} addresses"),
+                 ("blocks", f"{p.n_blocks} \u00d7 /{p.block_size} ({p.block_addresses} address"
+                            f"{'es' if p.block_addresses != 1 else ''} each), {claimed} claimed"),
                  ("disabled", _v(p.disabled)), ("nodeSelector", p.node_selector),
                  ("allowedUses", ",".join(p.allowed_uses))]
         for k in ("ipipMode", "vxlanMode", "natOutgoing", "disableBGPExport"):
@@ -161,7 +170,37 @@ def cmd_enable_disable(args) -> int:
 
 def cmd_delete(args) -> int:
     from ..ipam import admin
+    from .common import confirm
     ipam = open_ipam(args)
+    holders = []
+    try:
+        holders = admin.pool_holders(ipam, args.name)
+    except admin.NotFound:
+        raise
+    except admin.AdminError:
+        pass   # an undecodable pool record: delete_pool says what to do
+    n_addr = sum(len(h["inPool"]) for h in holders)
+    if holders and (args.force or args.dry_run) and not args.yes:
+        verb = "would release" if args.dry_run else "will release"
+        print(f'pool "{args.name}": {n_addr} address(es) in use; --force {verb} the {len(holders)} handle(s) '
+              f'holding them (with every address they hold):', file=sys.stderr)
+        for h in holders[:50]:
+            pod = f'{h["namespace"]}/{h["pod"]}' if h["pod"] else "no pod recorded"
+            print(f'  {",".join(h["inPool"]):<18} {pod} on {h["node"] or "?"} (handle {h["handle"]})',
+                  file=sys.stderr)
+        if len(holders) > 50:
+            print(f"  ... and {len(holders) - 50} more (-o json --dry-run lists all)", file=sys.stderr)
+    if args.dry_run:
+        emit(args, {"dryRun": True, "pool": args.name, "wouldRelease": holders,
+                    "refusedWithoutForce": bool(holders) and not args.force},
+             lambda d: f'dry run: pool "{args.name}" not deleted' + (
+                 "; without --force the delete would be refused (addresses in use)"
+                 if d["refusedWithoutForce"] else ""))
+        return 0
+    if holders and args.force and not confirm(f'delete pool "{args.name}" and release them? [y/N] ',
+                                              yes=args.yes, what="pool delete --force"):
+        print("nothing deleted", file=sys.stderr)
+        return 0
     rep = admin.delete_pool(ipam, args.name, force=args.force)
 
     def fmt(r):

@@ -4,14 +4,15 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from .common import CLIError, add_connection_args, add_output_arg, emit, open_ipam
+from .common import CLIError, add_connection_args, add_output_arg, emit, last_prefix, open_ipam
 
 
 def register(sub) -> None:
     r = sub.add_parser("release", help="release addresses by IP or by handle (repair)",
                        description="Release single addresses (--ip; a handle holding other addresses keeps "
                                    "them) or everything a handle holds (--handle). A handle whose record is "
-                                   "missing is found in the blocks.")
+                                   "missing is found in the blocks. Shows what it will release (pod, node) and "
+                                   "asks; without a terminal it needs --yes; --dry-run only shows.")
     r.add_argument("--ip", action="append", default=[], metavar="ADDR", help="an address (repeatable)")
     r.add_argument("--handle", action="append", default=[], metavar="ID",
                    help="a handle id, <network>.<container id>.<ifname> (repeatable)")
@@ -19,23 +20,32 @@ def register(sub) -> None:
                    help="release every address whose Kubernetes pod no longer exists (needs --kubeconfig; "
                         "shows them and asks first)")
     r.add_argument("--kubeconfig", metavar="PATH", help="the cluster's kubeconfig (for --leaked)")
-    r.add_argument("-y", "--yes", action="store_true", help="--leaked: release without asking")
+    r.add_argument("-y", "--yes", action="store_true", help="release without asking")
+    r.add_argument("--dry-run", action="store_true", help="show what would be released; change nothing")
     add_output_arg(r)
     add_connection_args(r)
     r.set_defaults(func=cmd_release)
 
-    c = sub.add_parser("check", help="consistency report over the whole store (exit 1 when anything is found)",
+    c = sub.add_parser("check", help="consistency report over the whole store (exit 0 clean, 1 problems, "
+                                     "3 could not check)",
                        description="Cross-checks blocks, handles, affinities and pools: addresses whose handle "
                                    "record is missing or disagrees, handles pointing at addresses they do not "
                                    "hold, blocks outside every pool or of the wrong size, missing / foreign / "
-                                   "duplicate / orphan affinities, undecodable values. One line per finding; "
-                                   "exit 0 when clean, 1 otherwise. With --kubeconfig, also addresses whose "
-                                   "Kubernetes pod no longer exists (kind 'leaked').")
+                                   "duplicate / orphan affinities, undecodable values. One line per finding, "
+                                   "each with how to fix it. With --kubeconfig, also addresses whose "
+                                   "Kubernetes pod no longer exists (kind 'leaked').",
+                       epilog="exit status: 0 clean; 1 problems found (also after --fix when some remain); "
+                              "3 could not check (etcd unreachable, bad credentials, no pools under the prefix).")
     c.add_argument("--kubeconfig", metavar="PATH",
                    help="also list addresses whose pod no longer exists in this Kubernetes cluster")
+    c.add_argument("--fix", action="store_true",
+                   help="repair what `check` can repair itself (missing/stale affinity records, undecodable "
+                        "blocks and affinity records); shows the repairs and asks first")
+    c.add_argument("-y", "--yes", action="store_true", help="--fix: repair without asking")
+    c.add_argument("--dry-run", action="store_true", help="--fix: show the repairs, change nothing")
     add_output_arg(c)
     add_connection_args(c)
-    c.set_defaults(func=cmd_check)
+    c.set_defaults(func=cmd_check, error_exit=3)
 
 
 def cmd_release(args) -> int:
@@ -51,6 +61,22 @@ def cmd_release(args) -> int:
         except ValueError:
             raise CLIError(f"--ip: {s!r} is not an IP address") from None
     ipam = open_ipam(args)
+    from .common import confirm
+    preview, missing_pre = admin.release_preview(ipam, ips, args.handle)
+    if preview and not args.yes:
+        print(f"{'would release' if args.dry_run else 'will release'} {len(preview)} address(es):", file=sys.stderr)
+        for r in preview:
+            pod = f'{r["namespace"]}/{r["pod"]}' if r["pod"] else "no pod recorded"
+            print(f'  {r["ip"]:<18} {pod} on {r["node"] or "?"} (handle {r["handle"]})', file=sys.stderr)
+    if args.dry_run:
+        emit(args, {"dryRun": True, "wouldRelease": preview, "notFound": missing_pre},
+             lambda d: "dry run: nothing released")
+        if missing_pre:
+            raise CLIError("; ".join(missing_pre))
+        return 0
+    if preview and not confirm("release them? [y/N] ", yes=args.yes, what="release"):
+        print("nothing released", file=sys.stderr)
+        return 0
     released: list[dict] = []
     missing: list[str] = []
     if ips:
@@ -73,8 +99,17 @@ def cmd_release(args) -> int:
 
 def cmd_check(args) -> int:
     from ..ipam import admin
+    if (args.yes or args.dry_run) and not args.fix:
+        raise CLIError("--yes and --dry-run go with --fix")
     ipam = open_ipam(args)
     rep = admin.check(ipam)
+    s = rep["scanned"]
+    if not s["pools"] and not rep["findings"] and not s["blocks"] and not s["handles"]:
+        raise CLIError(f"nothing to check: no pools, blocks or handles under etcd prefix {last_prefix()} "
+                       f"-- is that the right prefix? (--etcd-prefix, CNI_IPAM_ETCD_PREFIX, etcdPrefix in the "
+                       f"CLI config file)")
+    if args.fix:
+        return _check_fix(args, ipam, rep)
     if getattr(args, "kubeconfig", None):     # pods that no longer exist (ipam/leaks.py)
         from ..ipam import leaks
         found = leaks.findings(ipam, args.kubeconfig, getattr(args, "timeout", None) or 10.0)
@@ -88,7 +123,8 @@ def cmd_check(args) -> int:
             s = d["scanned"]
             return (f'clean: {s["pools"]} pool(s), {s["blocks"]} block(s), {s["affinities"]} affinity record(s), '
                     f'{s["handles"]} handle(s), {s["allocations"]} allocated address(es) checked')
-        return "\n".join(f'{f["kind"]}: {f["message"]}' for f in d["findings"])
+        return "\n".join(f'{f["kind"]}: {f["message"]}' + (f'\n  fix: {f["fix"]}' if f.get("fix") else "")
+                         for f in d["findings"])
     emit(args, rep, fmt)
     if not rep["clean"]:
         if (getattr(args, "output", None) or "table") == "table":
@@ -98,6 +134,39 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _check_fix(args, ipam, rep) -> int:
+    from ..ipam import admin
+    from .common import confirm
+    todo = [f for f in rep["findings"] if f.get("fixable")]
+    rest = [f for f in rep["findings"] if not f.get("fixable")]
+    res = {"dryRun": bool(args.dry_run), "fixes": [], "remaining": rest, "confirmed": False}
+    if not todo:
+        print("nothing `check --fix` can repair" + (f"; {len(rest)} finding(s) need the fix shown with "
+                                                   f"each (`cni-ipam check`)" if rest else ": clean"),
+              file=sys.stderr)
+        emit(args, res, lambda d: "")
+        return 1 if rest else 0
+    print(f"{len(todo)} finding(s) will be repaired:", file=sys.stderr)
+    for f in todo:
+        print(f'  {f["kind"]}: {f["message"]}\n    -> {f["fix"]}', file=sys.stderr)
+    if args.dry_run:
+        print("dry run: nothing changed", file=sys.stderr)
+        emit(args, res, lambda d: "")
+        return 1
+    if not confirm("repair them? [y/N] ", yes=args.yes, what="check --fix"):
+        print("nothing repaired", file=sys.stderr)
+        emit(args, res, lambda d: "")
+        return 1
+    res["confirmed"] = True
+    res["fixes"] = admin.fix_findings(ipam, todo)
+    after = admin.check(ipam)
+    res["remaining"] = after["findings"]
+    emit(args, res, lambda d: "\n".join(
+        [(f'fixed: {x["action"]}' if x["done"] else f'not fixed: {x["kind"]} {x["key"]}: {x.get("why", "")}')
+         for x in d["fixes"]] + [f'remaining: {f["kind"]}: {f["message"]}' for f in d["remaining"]]))
+    return 1 if after["findings"] else 0
+
+
 def cmd_release_leaked(args) -> int:
     """`release --leaked --kubeconfig PATH [--yes]` (logic in ipam/leaks.py)."""
     from ..ipam import leaks
@@ -105,6 +174,8 @@ def cmd_release_leaked(args) -> int:
         raise CLIError("--leaked and --kubeconfig go together")
     if args.ip or args.handle:
         raise CLIError("--leaked does not combine with --ip/--handle")
+    if args.dry_run:
+        raise CLIError("--leaked --dry-run: use `cni-ipam check --kubeconfig PATH` to list leaked addresses")
     res = leaks.release_command(open_ipam(args), args.kubeconfig, yes=args.yes,
                                 timeout=getattr(args, "timeout", None) or 10.0)
     emit(args, res, lambda d: "\n".join(

@@ -31,9 +31,19 @@ class DatastoreUnavailable(DatastoreError):
 
     The plugin maps this to CNI error code 11 ("try again later").  ``commit_sent`` (set by
     ``commit``): the txn reached an endpoint whose answer was lost, so it may have been
-    applied -- False only when no attempt got as far as sending it."""
+    applied -- False only when no attempt got as far as sending it.  ``unreachable``: every
+    endpoint failed at once in a way waiting does not mend (connection refused, a host
+    name that does not resolve, not an etcd client URL), so the endpoints are probably
+    wrong -- the CLI then says how to set them."""
 
     commit_sent = False
+    unreachable = False
+
+
+class Unreachable(str):
+    """An attempt's error text (see ``with_failover``) when the endpoint cannot be reached at
+    all -- connection refused, name does not resolve, no route, not an etcd client URL: when
+    every endpoint fails like this in one round, waiting for the deadline would not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +131,7 @@ def with_failover(urls: Sequence[str], start: int, deadline: float, timeout: flo
     tried: list[str] = []
     last = "no attempt made"
     backoff = 0.05
+    hard: dict[str, str] = {}   # endpoint -> why it cannot be reached (this round)
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 and tried:
@@ -132,16 +143,35 @@ def with_failover(urls: Sequence[str], start: int, deadline: float, timeout: flo
         if ok:
             return idx, value
         last = f"{urls[idx]}: {value}"
+        if isinstance(value, Unreachable):
+            hard[urls[idx]] = str(value)
         idx = (idx + 1) % n
         tried_in_pass += 1
         if tried_in_pass >= n:  # a full round failed: breathe before the next one
+            if len(hard) == n:   # ... unless no endpoint can be reached at all: say so now
+                e = DatastoreUnavailable(
+                    "etcd unavailable: cannot reach " + "; ".join(f"{u} ({why})" for u, why in hard.items())
+                    + " -- is etcd running there, and are these its client URLs?")
+                e.unreachable = True
+                raise e
+            hard.clear()
             tried_in_pass = 0
             pause = min(backoff, deadline - time.monotonic())
             if pause > 0:
                 time.sleep(pause)
             backoff = min(backoff * 2, 0.5)
     raise DatastoreUnavailable(f"etcd unavailable: no answer within {timeout:g}s from "
-                               f"{', '.join(tried)}; last error: {last}")
+                               f"{', '.join(tried)}; last error: {last}{_tls_hint(last)}")
+
+
+def _tls_hint(last: str) -> str:
+    """A plain http:// URL whose server closes every connection without answering is usually an
+    etcd that serves TLS there."""
+    if last.startswith("http://") and any(m in last for m in ("closed the connection without answering",
+                                                                  "Socket closed")):
+        return (" (if etcd serves TLS on that port, use an https:// URL and give the CA with "
+                "--etcd-ca-cert-file / etcd_ca_cert_file)")
+    return ""
 
 
 def prefix_end(prefix: str) -> str:

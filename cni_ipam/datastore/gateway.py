@@ -25,7 +25,7 @@ import sys
 import time
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read, with_failover, client_endpoints)
+                   Put, RangeResult, Read, Unreachable, with_failover, client_endpoints)
 
 TYPE_CHECKING = False  # (typing is not imported at run time: annotations are strings here)
 if TYPE_CHECKING:  # pragma: no cover
@@ -157,6 +157,26 @@ class _BadResponse(OSError):
     """The server's answer is not HTTP/1.x as we know it."""
 
 
+class _NoTLS(OSError):
+    """An https:// endpoint accepted the connection but ended the TLS handshake (plain HTTP there)."""
+
+
+_NO_ROUTE = frozenset({101, 113})   # ENETUNREACH, EHOSTUNREACH
+
+
+def _unreachable(e: OSError, https: bool) -> "Unreachable | None":
+    """Failures no wait mends (refused, unresolvable, no route, no TLS there), as a short reason."""
+    if isinstance(e, ConnectionRefusedError):
+        return Unreachable("connection refused")
+    if isinstance(e, socket.gaierror):
+        return Unreachable("host name does not resolve")
+    if isinstance(e, _NoTLS):
+        return Unreachable("no TLS handshake: the server speaks plain HTTP there? then use an http:// URL")
+    if e.errno in _NO_ROUTE:
+        return Unreachable("no route to host")
+    return None
+
+
 class _Disconnected(ConnectionResetError):
     """The server closed the connection before answering (e.g. an idle keep-alive timeout)."""
 
@@ -178,7 +198,10 @@ class _Conn:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:
-                sock = ssl_context.wrap_socket(sock, server_hostname=host)
+                try:
+                    sock = ssl_context.wrap_socket(sock, server_hostname=host)
+                except _ssl_eof() as e:
+                    raise _NoTLS(str(e)) from None
         except BaseException:
             sock.close()
             raise
@@ -385,15 +408,23 @@ class GatewayDatastore(Datastore):
                 status, data = self._send(ep, path, payload, attempt_timeout, token)
             except OSError as e:  # socket errors, timeouts, TLS errors (ssl.SSLError), _BadResponse
                 if _is_tls_config_error(e):
+                    hint = (" (the server speaks plain HTTP there? then use an http:// URL)"
+                            if getattr(e, "reason", None) == "WRONG_VERSION_NUMBER" else "")
                     raise DatastoreError(f"TLS with etcd at {ep.url} failed: "
-                                         f"{getattr(e, 'verify_message', None) or e.reason or e}") from None
-                return False, _describe(e, attempt_timeout)
+                                         f"{getattr(e, 'verify_message', None) or e.reason or e}{hint}") from None
+                return False, _unreachable(e, ep.https) or _describe(e, attempt_timeout)
             try:
                 obj = json.loads(data) if data else {}
                 if not isinstance(obj, dict):
                     raise ValueError
             except ValueError:
                 obj = {"_raw": data[:200].decode("utf-8", "replace")}
+            if status == 404:   # etcd's peer port (or some other web server) answers 404
+                return False, Unreachable("HTTP 404: not an etcd client URL -- etcd's peer port? clients use "
+                                          "the client port, 2379 by default")
+            if status == 400 and "HTTP request to an HTTPS server" in _err_text(obj):
+                raise DatastoreError(f"etcd at {ep.url} serves TLS: use an https:// URL (and give the CA "
+                                     f"with --etcd-ca-cert-file / etcd_ca_cert_file)")
             if status == 200 or not _is_unavailable(status, obj):
                 return True, (status, obj, ep.url)
             return False, f"HTTP {status}: {_err_text(obj)}"

@@ -20,7 +20,7 @@ import grpc
 from etcd3 import etcdrpc
 
 from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read, with_failover, client_endpoints)
+                   Put, RangeResult, Read, Unreachable, with_failover, client_endpoints)
 
 
 _FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -91,6 +91,24 @@ def _op(op: Put | Delete):
     if isinstance(op, Delete):
         return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=_b(op.key)))
     raise TypeError(f"not a Put or Delete: {op!r}")
+
+
+# failures no wait mends (grpc's texts differ between versions: match the OS / resolver part)
+_UNREACHABLE = (("Connection refused", "connection refused"),
+                ("DNS resolution failed", "host name does not resolve"),
+                ("errors resolving", "host name does not resolve"),
+                ("Name or service not known", "host name does not resolve"),
+                ("No route to host", "no route to host"),
+                ("Network is unreachable", "no route to host"))
+
+
+def _unreachable(text: str, secure: bool) -> "Unreachable | None":
+    for marker, why in _UNREACHABLE:
+        if marker in text:
+            return Unreachable(why)
+    if secure and "Handshake read failed" in text:
+        return Unreachable("no TLS handshake: the server speaks plain HTTP there? then use an http:// URL")
+    return None
 
 
 def _details(exc: grpc.RpcError) -> str:
@@ -189,7 +207,8 @@ class GrpcDatastore(Datastore):
                 if not _is_failover(e):
                     self._cur = idx
                     raise _Refused(url, e) from None
-                return False, f"{e.code().name}: {text}"
+                return False, (_unreachable(text, url.startswith("https://"))
+                               or f"{e.code().name}: {text}")
 
         try:
             self._cur, resp = with_failover(self._urls, self._cur, deadline, self.timeout, attempt)

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from ..datastore import KV, Compare, Datastore, Delete, Put, Read, prefix_end, read_prefix
 from ..datastore.base import MAX_TXN_OPS
 from . import selector as _selector
-from .block import Block, BlockError
+from .block import BRIDGE, ROUTED, Block, BlockError, reserved_ordinals
 from .errors import IPAMError
 from .keys import Keys, block_from_id, unescape
 from .model import Handle, IPAMConfig
@@ -41,6 +41,42 @@ class AdminError(IPAMError):
 
 class ManifestError(AdminError):
     """A manifest is invalid; nothing from it was applied."""
+
+    @property
+    def problems(self) -> list[str]:
+        return [self.msg]
+
+
+class ManifestErrors(ManifestError):
+    """Several problems, all reported at once (``problems``); nothing was applied."""
+
+    def __init__(self, problems: list[str]):
+        self._problems = list(problems)
+        n = len(self._problems)
+        super().__init__(self._problems[0] if n == 1 else
+                         f"{n} problems in the manifests; nothing was applied")
+
+    @property
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+
+class _Problems:
+    """Collects ManifestErrors so that every problem of a manifest is reported in one run."""
+
+    def __init__(self):
+        self.msgs: list[str] = []
+
+    def run(self, fn, *args, default=None):
+        try:
+            return fn(*args)
+        except ManifestError as e:
+            self.msgs.extend(e.problems)
+            return default
+
+    def raise_any(self) -> None:
+        if self.msgs:
+            raise ManifestErrors(self.msgs)
 
 
 class NotFound(AdminError):
@@ -252,18 +288,25 @@ def load_documents(data: bytes, source: str) -> list[Doc]:
 
 
 def _check_fields(where: str, path: str, obj: dict, known: Sequence[str], ctx: str) -> None:
+    """Every unknown field of ``obj`` (all of them, each with its 'did you mean')."""
+    problems = _Problems()
     for k in obj:
-        if not isinstance(k, str):
-            raise ManifestError(f"{where}: {ctx}: {path}{_short(k)}: field names must be strings")
-        if k not in known:
-            hint = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
-            if not hint:
-                hint = [n for n in known if n.lower() == k.lower()]
-            did = f" (did you mean {path}{hint[0]}?)" if hint else f" (known: {', '.join(known)})"
-            shown = k if len(k) <= 40 else k[:37] + "..."
-            if not shown.isprintable():
-                shown = repr(shown)
-            raise ManifestError(f"{where}: {ctx}: {path}{shown}: unknown field{did}")
+        problems.run(_check_field, where, path, k, known, ctx)
+    problems.raise_any()
+
+
+def _check_field(where: str, path: str, k, known: Sequence[str], ctx: str) -> None:
+    if not isinstance(k, str):
+        raise ManifestError(f"{where}: {ctx}: {path}{_short(k)}: field names must be strings")
+    if k not in known:
+        hint = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
+        if not hint:
+            hint = [n for n in known if n.lower() == k.lower()]
+        did = f" (did you mean {path}{hint[0]}?)" if hint else f" (known: {', '.join(known)})"
+        shown = k if len(k) <= 40 else k[:37] + "..."
+        if not shown.isprintable():
+            shown = repr(shown)
+        raise ManifestError(f"{where}: {ctx}: {path}{shown}: unknown field{did}")
 
 
 def _check_api_version(where: str, doc: dict) -> None:
@@ -281,18 +324,24 @@ def parse_resources(docs: Iterable[Doc]) -> list[Resource]:
     out: list[Resource] = []
     names: dict[str, str] = {}
     config_where = None
+    problems = _Problems()
     for d in docs:
-        r = parse_resource(d)
+        r = problems.run(parse_resource, d)
+        if r is None:
+            continue
         if r.kind == POOL_KIND:
             if r.name in names:
-                raise ManifestError(f"{d.where}: {r.label}: metadata.name: defined twice "
-                                    f"(also in {names[r.name]})")
+                problems.msgs.append(f"{d.where}: {r.label}: metadata.name: defined twice "
+                                     f"(also in {names[r.name]})")
+                continue
             names[r.name] = d.where
         else:
             if config_where:
-                raise ManifestError(f"{d.where}: IPAMConfig: defined twice (also in {config_where})")
+                problems.msgs.append(f"{d.where}: IPAMConfig: defined twice (also in {config_where})")
+                continue
             config_where = d.where
         out.append(r)
+    problems.raise_any()
     return out
 
 
@@ -307,30 +356,39 @@ def parse_resource(doc: Doc) -> Resource:
         raise ManifestError(f"{where}: kind: {_short(kind)} is not supported (use {POOL_KIND} or IPAMConfig)")
     _check_api_version(where, body)
     ctx = str(kind)
-    _check_fields(where, "", body, TOP_FIELDS, ctx)
+    problems = _Problems()
+    problems.run(_check_fields, where, "", body, TOP_FIELDS, ctx)
     meta = body.get("metadata")
     if kind == POOL_KIND or meta is not None:
         if meta is None:
-            raise ManifestError(f"{where}: {ctx}: metadata.name: missing")
-        if not isinstance(meta, dict):
-            raise ManifestError(f"{where}: {ctx}: metadata: must be a mapping")
-        _check_fields(where, "metadata.", meta, METADATA_FIELDS, ctx)
+            problems.msgs.append(f"{where}: {ctx}: metadata.name: missing")
+        elif not isinstance(meta, dict):
+            problems.msgs.append(f"{where}: {ctx}: metadata: must be a mapping")
+            meta = None
+        else:
+            problems.run(_check_fields, where, "metadata.", meta, METADATA_FIELDS, ctx)
     name = (meta or {}).get("name")
     if kind == POOL_KIND:
         if name is None:
-            raise ManifestError(f"{where}: {ctx}: metadata.name: missing")
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
-            raise ManifestError(f"{where}: {ctx}: metadata.name: {_short(name)} is not a valid name "
-                                f"(lower-case letters, digits, '-' and '.', at most {MAX_NAME} characters, "
-                                f"starting and ending with a letter or digit)")
-        ctx = f'{kind} "{name}"'
-        spec = _spec(where, ctx, body, POOL_SPEC_FIELDS)
-        return Resource(POOL_KIND, name, where, pool=parse_pool_spec(where, ctx, name, spec))
+            if meta is not None:
+                problems.msgs.append(f"{where}: {ctx}: metadata.name: missing")
+        elif not isinstance(name, str) or not name or len(name) > MAX_NAME or not _NAME_RE.match(name):
+            problems.msgs.append(f"{where}: {ctx}: metadata.name: {_short(name)} is not a valid name "
+                                 f"(lower-case letters, digits, '-' and '.', at most {MAX_NAME} characters, "
+                                 f"starting and ending with a letter or digit)")
+        else:
+            ctx = f'{kind} "{name}"'
+        spec = problems.run(_spec, where, ctx, body, POOL_SPEC_FIELDS)
+        pool = problems.run(parse_pool_spec, where, ctx, str(name), spec) if spec is not None else None
+        problems.raise_any()
+        return Resource(POOL_KIND, name, where, pool=pool)
     if name is not None and name != CONFIG_NAME:
-        raise ManifestError(f"{where}: {ctx}: metadata.name: must be {CONFIG_NAME!r} "
-                            f"(there is one global IPAM config), not {_short(name)}")
-    spec = _spec(where, ctx, body, CONFIG_SPEC_FIELDS)
-    return Resource("IPAMConfig", CONFIG_NAME, where, config=parse_config_spec(where, ctx, spec))
+        problems.msgs.append(f"{where}: {ctx}: metadata.name: must be {CONFIG_NAME!r} "
+                             f"(there is one global IPAM config), not {_short(name)}")
+    spec = problems.run(_spec, where, ctx, body, CONFIG_SPEC_FIELDS)
+    cfg = problems.run(parse_config_spec, where, ctx, spec) if spec is not None else None
+    problems.raise_any()
+    return Resource("IPAMConfig", CONFIG_NAME, where, config=cfg)
 
 
 def _spec(where, ctx, body, known) -> dict:
@@ -339,8 +397,19 @@ def _spec(where, ctx, body, known) -> dict:
         raise ManifestError(f"{where}: {ctx}: spec: missing")
     if not isinstance(spec, dict):
         raise ManifestError(f"{where}: {ctx}: spec: must be a mapping, not {type(spec).__name__}")
-    _check_fields(where, "spec.", spec, known, ctx)
-    return spec
+    problems = _Problems()
+    problems.run(_check_fields, where, "spec.", spec, known, ctx)
+    # the fields that are known are still validated (and their problems reported with these)
+    known_part = {k: v for k, v in spec.items() if k in known}
+    return _SpecWithProblems(known_part, problems.msgs)
+
+
+class _SpecWithProblems(dict):
+    """A spec (its known fields) carrying the unknown-field problems found so far."""
+
+    def __init__(self, d: dict, problems: list[str]):
+        super().__init__(d)
+        self.problems = problems
 
 
 def _bool_field(where, ctx, spec, k, default):
@@ -348,6 +417,10 @@ def _bool_field(where, ctx, spec, k, default):
     if v is None:
         return default
     if not isinstance(v, bool):
+        if isinstance(v, str) and v.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            b = "true" if v.strip().lower() in ("true", "yes", "on") else "false"
+            raise ManifestError(f"{where}: {ctx}: spec.{k}: must be a YAML boolean, not the quoted string "
+                                f"{_short(v)} (write {k}: {b}, without quotes)")
         raise ManifestError(f"{where}: {ctx}: spec.{k}: must be true or false, not {_short(v)}")
     return v
 
@@ -361,7 +434,7 @@ def _enum_field(where, ctx, spec, k, allowed):
     return v
 
 
-def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
+def _pool_cidr(where: str, ctx: str, spec: dict):
     raw = spec.get("cidr")
     if raw is None:
         raise ManifestError(f"{where}: {ctx}: spec.cidr: missing")
@@ -380,16 +453,26 @@ def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
     for what, bad in FORBIDDEN[net.version]:
         if net.overlaps(bad):
             raise ManifestError(f"{where}: {ctx}: spec.cidr: {net} overlaps the {what} range {bad}")
+    return net
+
+
+def _pool_block_size(where: str, ctx: str, spec: dict, net) -> int:
     bs = spec.get("blockSize")
+    if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int)):
+        raise ManifestError(f"{where}: {ctx}: spec.blockSize: must be an integer, not {_short(bs)}")
+    if net is None:       # the cidr has its own problem: the size cannot be checked against it
+        return bs
     if bs is None:
         bs = DEFAULT_BLOCK_SIZE[net.version]
-    elif isinstance(bs, bool) or not isinstance(bs, int):
-        raise ManifestError(f"{where}: {ctx}: spec.blockSize: must be an integer, not {_short(bs)}")
     lo, hi = BLOCK_SIZE_RANGE[net.version]
     if not lo <= bs <= hi:
         raise ManifestError(f"{where}: {ctx}: spec.blockSize: {bs} is out of range {lo}-{hi} for IPv{net.version}")
     if bs < net.prefixlen:
         raise ManifestError(f"{where}: {ctx}: spec.blockSize: /{bs} is larger than the pool {net}")
+    return bs
+
+
+def _pool_selector(where: str, ctx: str, spec: dict) -> str:
     sel = spec.get("nodeSelector")
     if sel is None:
         sel = "all()"
@@ -401,6 +484,10 @@ def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
         raise ManifestError(f"{where}: {ctx}: spec.nodeSelector: {e} in {_short(sel, 80)}") from None
     if not sel.strip():
         sel = "all()"
+    return sel
+
+
+def _pool_uses(where: str, ctx: str, spec: dict) -> list:
     uses = spec.get("allowedUses")
     if uses is None:
         uses = ["Workload", "Tunnel"]
@@ -413,30 +500,55 @@ def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
                                 f"{', '.join(ALLOWED_USES)}")
     if len(set(uses)) != len(uses):
         raise ManifestError(f"{where}: {ctx}: spec.allowedUses: lists a use twice")
-    ipip = _enum_field(where, ctx, spec, "ipipMode", ENCAP_MODES)
-    vxlan = _enum_field(where, ctx, spec, "vxlanMode", ENCAP_MODES)
-    if net.version == 6 and ipip not in (None, "Never"):
+    return list(uses)
+
+
+def _pool_encap(where: str, ctx: str, spec: dict, net) -> tuple:
+    problems = _Problems()
+    ipip = problems.run(_enum_field, where, ctx, spec, "ipipMode", ENCAP_MODES)
+    vxlan = problems.run(_enum_field, where, ctx, spec, "vxlanMode", ENCAP_MODES)
+    problems.raise_any()
+    if net is not None and net.version == 6 and ipip not in (None, "Never"):
         raise ManifestError(f"{where}: {ctx}: spec.ipipMode: IPIP is not supported on an IPv6 pool (use Never)")
     if ipip not in (None, "Never") and vxlan not in (None, "Never"):
         raise ManifestError(f"{where}: {ctx}: spec.vxlanMode: IPIP and VXLAN cannot both be enabled")
-    return Pool(name=name, cidr=net, block_size=bs,
-                disabled=_bool_field(where, ctx, spec, "disabled", False),
-                node_selector=sel, allowed_uses=list(uses), ipip_mode=ipip, vxlan_mode=vxlan,
-                nat_outgoing=_bool_field(where, ctx, spec, "natOutgoing", None),
-                disable_bgp_export=_bool_field(where, ctx, spec, "disableBGPExport", None))
+    return ipip, vxlan
+
+
+def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
+    """Validate every field of a pool's spec; ALL problems are reported together."""
+    problems = _Problems()
+    problems.msgs.extend(getattr(spec, "problems", ()))
+    net = problems.run(_pool_cidr, where, ctx, spec)
+    bs = problems.run(_pool_block_size, where, ctx, spec, net)
+    sel = problems.run(_pool_selector, where, ctx, spec)
+    uses = problems.run(_pool_uses, where, ctx, spec)
+    encap = problems.run(_pool_encap, where, ctx, spec, net)
+    disabled = problems.run(_bool_field, where, ctx, spec, "disabled", False)
+    nat = problems.run(_bool_field, where, ctx, spec, "natOutgoing", None)
+    bgp = problems.run(_bool_field, where, ctx, spec, "disableBGPExport", None)
+    problems.raise_any()
+    ipip, vxlan = encap
+    return Pool(name=name, cidr=net, block_size=bs, disabled=disabled, node_selector=sel, allowed_uses=uses,
+                ipip_mode=ipip, vxlan_mode=vxlan, nat_outgoing=nat, disable_bgp_export=bgp)
 
 
 def parse_config_spec(where: str, ctx: str, spec: dict) -> IPAMConfig:
     d = IPAMConfig()
-    cfg = IPAMConfig(strict_affinity=_bool_field(where, ctx, spec, "strictAffinity", d.strict_affinity),
-                     auto_allocate_blocks=_bool_field(where, ctx, spec, "autoAllocateBlocks",
-                                                      d.auto_allocate_blocks))
+    problems = _Problems()
+    problems.msgs.extend(getattr(spec, "problems", ()))
+    cfg = IPAMConfig(strict_affinity=problems.run(_bool_field, where, ctx, spec, "strictAffinity",
+                                                  d.strict_affinity, default=d.strict_affinity),
+                     auto_allocate_blocks=problems.run(_bool_field, where, ctx, spec, "autoAllocateBlocks",
+                                                       d.auto_allocate_blocks, default=d.auto_allocate_blocks))
     m = spec.get("maxBlocksPerHost")
     if m is not None:
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 1_000_000:
-            raise ManifestError(f"{where}: {ctx}: spec.maxBlocksPerHost: must be an integer "
-                                f"from 0 (no limit) to 1000000, not {_short(m)}")
-        cfg.max_blocks_per_host = m
+            problems.msgs.append(f"{where}: {ctx}: spec.maxBlocksPerHost: must be an integer "
+                                 f"from 0 (no limit) to 1000000, not {_short(m)}")
+        else:
+            cfg.max_blocks_per_host = m
+    problems.raise_any()
     problem = config_problem(cfg)
     if problem:
         raise ManifestError(f"{where}: {ctx}: spec: {problem}")
@@ -501,25 +613,18 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     compares: list[Compare] = []
     ops: list = []
     created = False
+    problems = _Problems()
     for r in resources:
         if r.kind != POOL_KIND:
             continue
+        ok = problems.run(_plan_pool_checks, keys, r, current, final, default=False)
         p = r.pool
         key = keys.pool(r.name)
         kv, old = current.get(r.name, (None, None))
-        if kv is not None and old is None:
-            raise ManifestError(f"{r.where}: {r.label}: the stored pool at etcd key {key} is undecodable; "
-                                f"it is not overwritten blindly -- inspect it, then `cni-ipam pool delete "
-                                f"{r.name} --force`")
-        if old is not None and (old.cidr != p.cidr or old.block_size != p.block_size):
-            fld = "cidr" if old.cidr != p.cidr else "blockSize"
-            was, now = (old.cidr, p.cidr) if fld == "cidr" else (old.block_size, p.block_size)
-            raise ManifestError(f"{r.where}: {r.label}: spec.{fld}: cannot change on an existing pool "
-                                f"({was} -> {now}); create a new pool, move workloads, then delete this one")
-        for other in final.values():
-            if other.version == p.version and other.cidr.overlaps(p.cidr):
-                raise ManifestError(f'{r.where}: {r.label}: spec.cidr: {p.cidr} overlaps pool '
-                                    f'"{other.name}" ({other.cidr})')
+        if not ok:
+            if old is not None:    # refused: the stored pool stays, and later pools must not overlap it
+                final[old.name] = old
+            continue
         final[p.name] = p
         compares.append(Compare(key, kv.mod_revision if kv else 0))
         if old is None:
@@ -531,6 +636,7 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
             changes.append(Change(POOL_KIND, r.name, "configured", _diff(old.to_dict(), p.to_dict())))
         else:
             changes.append(Change(POOL_KIND, r.name, "unchanged"))
+    problems.raise_any()
     for r in resources:
         if r.kind == POOL_KIND:
             continue
@@ -552,6 +658,28 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     if created:
         ops.append(Put(mk, json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()))
     return changes, compares, ops
+
+
+def _plan_pool_checks(keys: Keys, r: Resource, current: dict, final: dict) -> bool:
+    """A pool of the file against the stored state: undecodable stored record, cidr/blockSize
+    change, overlaps (raises ManifestError)."""
+    p = r.pool
+    key = keys.pool(r.name)
+    kv, old = current.get(r.name, (None, None))
+    if kv is not None and old is None:
+        raise ManifestError(f"{r.where}: {r.label}: the stored pool at etcd key {key} is undecodable; "
+                            f"it is not overwritten blindly -- inspect it, then `cni-ipam pool delete "
+                            f"{r.name} --force`")
+    if old is not None and (old.cidr != p.cidr or old.block_size != p.block_size):
+        fld = "cidr" if old.cidr != p.cidr else "blockSize"
+        was, now = (old.cidr, p.cidr) if fld == "cidr" else (old.block_size, p.block_size)
+        raise ManifestError(f"{r.where}: {r.label}: spec.{fld}: cannot change on an existing pool "
+                            f"({was} -> {now}); create a new pool, move workloads, then delete this one")
+    for other in final.values():
+        if other.version == p.version and other.cidr.overlaps(p.cidr):
+            raise ManifestError(f'{r.where}: {r.label}: spec.cidr: {p.cidr} overlaps pool '
+                                f'"{other.name}" ({other.cidr})')
+    return True
 
 
 def apply(ipam, resources: Sequence[Resource], *, dry_run: bool = False,
@@ -792,23 +920,65 @@ def configure(ipam, *, strict_affinity: bool | None = None, auto_allocate_blocks
 
 @dataclass
 class PoolUsage:
+    """What a pool can really hand out.
+
+    ``capacity``: claimed blocks count what they can hand out (their free + allocated
+    addresses: a bridge-mode block's network, gateway and broadcast are not capacity);
+    unclaimed blocks count as blocks of ``unclaimed_mode`` would -- the mode most of
+    the pool's claimed blocks use, or bridge (the plugin's default mode) while none is
+    claimed (routed when bridge cannot use blocks this small).  With a node filter only
+    that node's blocks count."""
     pool: Pool
     addresses: int = 0        # the pool's size (with a node filter: that node's blocks' size)
     in_use: int = 0
-    reserved: int = 0         # never handed out: network/gateway/broadcast of bridge-mode blocks
+    claimed_capacity: int = 0  # free + allocated addresses of the claimed blocks
     blocks_claimed: int = 0
     undecodable: int = 0
+    modes: dict = field(default_factory=dict)   # mode -> claimed blocks in it
+    node: str | None = None
+
+    @property
+    def unclaimed_blocks(self) -> int:
+        return 0 if self.node is not None else max(self.pool.n_blocks - self.blocks_claimed - self.undecodable, 0)
+
+    @property
+    def unclaimed_mode(self) -> str:
+        if self.modes:
+            return max(sorted(self.modes), key=lambda m: self.modes[m])
+        return BRIDGE if self.pool.usable_in(BRIDGE) else ROUTED
+
+    @property
+    def unclaimed_block_capacity(self) -> int:
+        """What one unclaimed block would hand out once claimed in ``unclaimed_mode``."""
+        p = self.pool
+        if not p.usable_in(self.unclaimed_mode):
+            return 0
+        return p.block_addresses - len(reserved_ordinals(p.block_at(0), self.unclaimed_mode))
+
+    @property
+    def capacity(self) -> int:
+        return self.claimed_capacity + self.unclaimed_blocks * self.unclaimed_block_capacity
+
+    @property
+    def reserved(self) -> int:
+        """Addresses of the pool that are not capacity (never handed out)."""
+        return max(self.addresses - self.capacity, 0)
 
     @property
     def free(self) -> int:
-        return self.addresses - self.in_use - self.reserved
+        return max(self.capacity - self.in_use, 0)
 
     def to_dict(self, node: str | None = None) -> dict:
         p = self.pool
+        cap = self.capacity
         d = {"name": p.name, "cidr": str(p.cidr), "blockSize": p.block_size, "disabled": p.disabled,
              "addresses": self.addresses, "inUse": self.in_use, "reserved": self.reserved, "free": self.free,
              "blocksClaimed": self.blocks_claimed, "blocksTotal": p.n_blocks,
-             "utilization": round(100.0 * self.in_use / self.addresses, 2) if self.addresses else 0.0}
+             "utilization": round(100.0 * self.in_use / cap, 2) if cap else (100.0 if self.addresses else 0.0),
+             "capacity": cap, "blockAddresses": p.block_addresses,
+             "unclaimedBlocks": self.unclaimed_blocks,
+             "unclaimedBlocksCountedAs": {"mode": self.unclaimed_mode,
+                                          "capacityPerBlock": self.unclaimed_block_capacity}}
         if node is not None:
             d["node"] = node
         return d
@@ -829,7 +999,7 @@ def usage(ipam, *, node: str | None = None, blocks: bool = False,
         pools, bad = read_pools(ipam)
     out, rows = [], []
     for p in pools:
-        u = PoolUsage(p, addresses=0 if node is not None else p.cidr.num_addresses)
+        u = PoolUsage(p, addresses=0 if node is not None else p.cidr.num_addresses, node=node)
         start, end = cidr_block_range(ipam.keys, p.cidr)
         for kv in iter_range(ipam.ds, start, end):
             try:
@@ -842,13 +1012,32 @@ def usage(ipam, *, node: str | None = None, blocks: bool = False,
                 continue
             u.blocks_claimed += 1
             u.in_use += b.in_use
-            u.reserved += b.cidr.num_addresses - b.capacity
+            u.claimed_capacity += b.capacity
+            u.modes[b.mode] = u.modes.get(b.mode, 0) + 1
             if node is not None:
                 u.addresses += b.cidr.num_addresses
             if blocks:
                 rows.append(block_row(b))
         out.append(u)
     return out, rows, bad
+
+
+def block_nodes(ipam) -> list[str]:
+    """The nodes that hold an affinity for some block (sorted; read from the affinity keys only)."""
+    nodes = set()
+    for kv in iter_prefix(ipam.ds, ipam.keys.affinity, keys_only=True):
+        enode = kv.key[len(ipam.keys.affinity):].partition("/")[0]
+        try:
+            nodes.add(unescape(enode))
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return sorted(nodes)
+
+
+def claimed_blocks(ipam, pool: Pool) -> int:
+    """How many blocks of ``pool`` are claimed (one count request)."""
+    start, end = cidr_block_range(ipam.keys, pool.cidr)
+    return ipam.ds.count(start, end)
 
 
 def borrowed(ipam, node: str | None = None) -> list[dict]:
@@ -1243,8 +1432,13 @@ def check(ipam, *, verify: bool = True) -> dict:
     counts: dict[str, int] = {}
     for f in findings:
         counts[f.kind] = counts.get(f.kind, 0) + 1
-    return {"clean": not findings, "findings": [f.to_dict() for f in findings], "summary": counts,
-            "scanned": dict(c.counts)}
+    out = []
+    for f in findings:
+        d = f.to_dict()
+        d["fix"] = fix_hint(k, d)
+        d["fixable"] = fixable(k, d)
+        out.append(d)
+    return {"clean": not findings, "findings": out, "summary": counts, "scanned": dict(c.counts)}
 
 
 def _reverify(ipam, findings: list[Finding]) -> list[Finding]:
@@ -1266,3 +1460,256 @@ def _reverify(ipam, findings: list[Finding]) -> list[Finding]:
             c.feed(kv)
     still = {f.ident for f in c.finish()}
     return [f for f in findings if f.ident in still]
+
+
+# ============================================================================= fixes for check findings
+
+def _kind_of_key(k: Keys, key: str) -> str:
+    for what, prefix in (("block", k.blocks), ("affinity", k.affinity), ("handle", k.handles),
+                         ("pool", k.pools)):
+        if key.startswith(prefix):
+            return what
+    return "config" if key == k.config else "other"
+
+
+def _affinity_bid(k: Keys, key: str) -> tuple[str, str] | None:
+    """(node, block id) of an affinity key, or None."""
+    rest = key[len(k.affinity):]
+    enode, _, bid = rest.partition("/")
+    try:
+        node = unescape(enode)
+        block_from_id(bid)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return node, bid
+
+
+def fixable(k: Keys, f: dict) -> bool:
+    """Findings ``check --fix`` repairs: a missing affinity (written from the block), an
+    affinity without a block (deleted), an undecodable block (rebuilt from the handles that
+    hold its addresses) or affinity record (rewritten from its block, or deleted)."""
+    kind = f["kind"]
+    if kind in ("block-without-affinity", "affinity-without-block"):
+        return True
+    if kind == "undecodable":
+        what = _kind_of_key(k, f["key"])
+        if what == "block":
+            try:
+                block_from_id(f["key"][len(k.blocks):])
+                return True
+            except (ValueError, IndexError):
+                return False
+        return what == "affinity" and _affinity_bid(k, f["key"]) is not None
+    return False
+
+
+def fix_hint(k: Keys, f: dict) -> str:
+    """What repairs a finding: ``cni-ipam check --fix``, or the exact command."""
+    kind, key = f["kind"], f["key"]
+    if fixable(k, f):
+        what = {"block-without-affinity": "writes the missing affinity record from the block",
+                "affinity-without-block": "deletes the stale affinity record"}.get(kind)
+        if what is None:
+            what = ("rebuilds the block from the handles that hold its addresses"
+                    if _kind_of_key(k, key) == "block" else "rewrites the record from its block (or deletes it "
+                                                            "when the block is gone)")
+        return f"`cni-ipam check --fix` {what}"
+    ip, handle = f.get("ip"), f.get("handle")
+    if kind in ("allocation-without-handle", "allocation-handle-mismatch"):
+        return f"once no pod uses {ip}: `cni-ipam release --ip {ip}`"
+    if kind == "handle-not-held":
+        return f"once its pod is gone: `cni-ipam release --handle {handle}`"
+    if kind == "undecodable":
+        what = _kind_of_key(k, key)
+        if what == "config":
+            return "`cni-ipam apply -f` an IPAMConfig manifest replaces it"
+        if what == "pool":
+            name = unescape(key[len(k.pools):])
+            return (f"inspect it (`etcdctl get {key}`), then `cni-ipam pool delete {name} --force` and "
+                    f"apply its manifest again")
+        if what == "handle":
+            return (f"inspect it (`etcdctl get {key}`); `etcdctl del {key}` removes it, then `cni-ipam check` "
+                    f"lists its addresses, which `cni-ipam release --ip` frees once their pods are gone")
+        return f"a key no cni-ipam version writes: inspect it, then `etcdctl del {key}`"
+    if kind in ("handle-key-mismatch", "block-key-mismatch"):
+        return f"inspect it (`etcdctl get {key}`), then `etcdctl del {key}`"
+    if kind == "block-outside-pools":
+        return ("apply the pool that held it again, or, once no pod uses its addresses, "
+                f"`etcdctl del {key}` (and its affinity record)")
+    if kind in ("block-pool-mismatch", "block-wrong-size"):
+        return "once no pod uses its addresses: `cni-ipam release --ip` them, then `etcdctl del` the block"
+    if kind in ("affinity-other-node", "duplicate-affinity"):
+        return (f"`etcdctl del` the affinity record(s) of the node(s) that do not own the block "
+                f"({', '.join(f.get('affinityNodes') or [])})")
+    return "inspect the key with `etcdctl get`"
+
+
+def _rebuild_block(ipam, net, pools: list[Pool]) -> tuple[list[Compare], list] | str:
+    """A block value from the handles that list addresses in ``net`` (the block's own value is
+    undecodable): owner from its affinity record, mode from the handles."""
+    k = ipam.keys
+    pool = next((p for p in pools if p.version == net.version and net.subnet_of(p.cidr)), None)
+    if pool is None:
+        return f"block {net} lies in no pool; cannot rebuild it"
+    holders: list[tuple] = []
+    modes = set()
+    for kv in iter_prefix(ipam.ds, k.handles):
+        try:
+            h = Handle.from_json(kv.value)
+        except ValueError:
+            continue
+        for a in h.addresses:
+            if a.block == net:
+                holders.append((a.ip, h.id))
+                modes.add(h.mode)
+    nodes = [n for n, bid in (_affinity_bid(k, kv.key) or (None, None)
+                              for kv in iter_prefix(ipam.ds, k.affinity, keys_only=True)) if bid == block_id_of(net)]
+    if len(modes) > 1:
+        return f"block {net}: its handles disagree on the mode ({', '.join(sorted(modes))}); cannot rebuild it"
+    mode = modes.pop() if modes else BRIDGE
+    node = nodes[0] if len(nodes) == 1 else None
+    try:
+        b = Block.new(net, pool.name, node, mode if pool.usable_in(mode) else ROUTED)
+        for ip, hid in holders:
+            b.allocate(hid, ip)
+    except BlockError as e:
+        return f"block {net}: cannot rebuild it from its handles: {e}"
+    return [], [Put(k.block(net), b.to_json())]
+
+
+def block_id_of(net) -> str:
+    from .keys import block_id
+    return block_id(net)
+
+
+def fix_findings(ipam, findings: list[dict]) -> list[dict]:
+    """Repair the fixable findings, each with one compare-and-swap on the keys it read.
+    Returns one entry per finding: {kind, key, action, done, why?}."""
+    ds, k = ipam.ds, ipam.keys
+    pools, _ = read_pools(ipam)
+    out = []
+    for f in findings:
+        if not fixable(k, f):
+            continue
+        kind, key = f["kind"], f["key"]
+        entry = {"kind": kind, "key": key, "action": "", "done": False}
+        out.append(entry)
+        kv = ds.get(key)
+        compares = [Compare(key, kv.mod_revision if kv else 0)]
+        ops: list = []
+        if kind == "block-without-affinity" or (kind == "undecodable" and _kind_of_key(k, key) == "affinity"):
+            if kind == "block-without-affinity":
+                bkv = kv
+            else:
+                node, bid = _affinity_bid(k, key)
+                bkv = ds.get(k.blocks + bid)
+            try:
+                b = Block.from_json(bkv.value) if bkv else None
+            except BlockError:
+                b = None
+            if b is None or not b.node:
+                if kind == "undecodable":
+                    entry["action"] = f"delete {key} (its block is gone or has no owner)"
+                    if bkv is not None:
+                        compares.append(Compare(bkv.key, bkv.mod_revision))
+                    else:
+                        compares.append(Compare(k.blocks + bid, 0))
+                    ops = [Delete(key)]
+                else:
+                    entry["why"] = "the block changed or has no owner; run check again"
+            else:
+                akey = k.affinity_key(b.node, b.cidr)
+                entry["action"] = f"write {akey} (node {b.node}, block {b.cidr})"
+                akv = kv if akey == key else ds.get(akey)
+                compares = [Compare(bkv.key, bkv.mod_revision), Compare(akey, akv.mod_revision if akv else 0)]
+                if kind == "undecodable" and akey != key:   # an undecodable record under another node's name
+                    compares.append(Compare(key, kv.mod_revision if kv else 0))
+                    ops.append(Delete(key))
+                ops.append(Put(akey, json.dumps({"pool": b.pool, "mode": b.mode}, separators=(",", ":")).encode()))
+        elif kind == "affinity-without-block":
+            node, bid = _affinity_bid(k, key)
+            entry["action"] = f"delete {key}"
+            compares.append(Compare(k.blocks + bid, 0))
+            ops = [Delete(key)]
+        else:   # undecodable block
+            net = block_from_id(key[len(k.blocks):])
+            got = _rebuild_block(ipam, net, pools)
+            if isinstance(got, str):
+                entry["why"] = got
+            else:
+                entry["action"] = f"rebuild block {net} from the handles holding its addresses"
+                compares += got[0]
+                ops = got[1]
+        if ops:
+            if kv is None and kind != "affinity-without-block" and kind != "block-without-affinity":
+                entry["why"] = "the key is gone; run check again"
+            elif ds.commit(compares, ops):
+                entry["done"] = True
+            else:
+                entry["why"] = "changed while fixing; run check again"
+    return out
+
+
+# ============================================================================= previews (before asking)
+
+def _describe_handle(ipam, hid: str, cache: dict) -> dict:
+    if hid not in cache:
+        try:
+            h = ipam.get_handle(hid)
+        except IPAMError:
+            h = None
+        cache[hid] = ({"handle": hid, "node": h.node, "namespace": h.namespace or None, "pod": h.pod or None,
+                       "addresses": [str(a.ip) for a in h.addresses]} if h is not None else
+                      {"handle": hid, "node": None, "namespace": None, "pod": None, "addresses": []})
+    return cache[hid]
+
+
+def pool_holders(ipam, name: str) -> list[dict]:
+    """Who holds addresses in a pool (what ``pool delete --force`` would release): one entry per
+    handle with its pod and the addresses it holds in the pool."""
+    _, pool = get_pool(ipam, name)
+    start, end = cidr_block_range(ipam.keys, pool.cidr)
+    held: dict[str, list[str]] = {}
+    for kv in iter_range(ipam.ds, start, end):
+        try:
+            b = Block.from_json(kv.value)
+        except BlockError:
+            continue
+        for o, hid in sorted(b.allocations.items()):
+            held.setdefault(hid, []).append(str(b.ip(o)))
+    cache: dict = {}
+    out = []
+    for hid, ips in held.items():
+        d = dict(_describe_handle(ipam, hid, cache))
+        d["inPool"] = ips
+        out.append(d)
+    return out
+
+
+def release_preview(ipam, ips, handles) -> tuple[list[dict], list[str]]:
+    """What ``release --ip/--handle`` would release: ([{ip, handle, node, namespace, pod}], [not found])."""
+    out, missing = [], []
+    cache: dict = {}
+    for ip in dict.fromkeys(ipaddress.ip_address(i) for i in ips):
+        d = ip_info(ipam, ip)
+        if not d["allocated"]:
+            missing.append(f"{ip} is not allocated")
+            continue
+        out.append({"ip": str(ip), "handle": d["handle"], "node": d["node"], "namespace": d["namespace"],
+                    "pod": d["pod"]})
+    for hid in handles:
+        h = _describe_handle(ipam, hid, cache)
+        addrs = list(h["addresses"])
+        if not addrs:   # no record: the blocks may still record addresses for it
+            for kv in iter_prefix(ipam.ds, ipam.keys.blocks):
+                try:
+                    b = Block.from_json(kv.value)
+                except BlockError:
+                    continue
+                addrs += [str(b.ip(o)) for o, x in b.allocations.items() if x == hid]
+        if not addrs:
+            missing.append(f"handle {hid!r} does not exist and no block records an address for it")
+            continue
+        out += [{"ip": a, "handle": hid, "node": h["node"], "namespace": h["namespace"], "pod": h["pod"]}
+                for a in addrs]
+    return out, missing

@@ -113,6 +113,19 @@ def _decode_value(key: str, value: bytes, decoder):
     return out
 
 
+def _unavailable(what: str, e: DatastoreUnavailable) -> TryAgain:
+    """Code 11 for an etcd that did not answer; when it was a commit that went unanswered, the
+    change may have been applied: say so, and what a retry does."""
+    text = str(e)
+    if getattr(e, "commit_sent", False):
+        done = "allocation" if what.startswith("assign") else "change"
+        return TryAgain(f"etcd did not answer the commit of {what} ({text}): the {done} may have been "
+                        f"recorded; a retried ADD returns what was allocated and a DEL releases it")
+    if text.startswith("etcd unavailable"):
+        return TryAgain(f"{text} (during {what})")
+    return TryAgain(f"etcd unavailable during {what}: {text}")
+
+
 def _same(key: str, value: bytes | None) -> Compare:
     """A guard that ``key`` holds exactly ``value`` (None: that it does not exist)."""
     return Compare(key, 0) if value is None else Compare(key, value=value)
@@ -151,11 +164,7 @@ class IPAM:
             try:
                 out = attempt_fn()
             except DatastoreUnavailable as e:
-                if getattr(e, "commit_sent", False):
-                    done = "allocation" if what.startswith("assign") else "change"
-                    raise TryAgain(f"etcd did not answer the commit of {what} ({e}): the {done} may have been "
-                                   f"recorded; a retried ADD returns what was allocated and a DEL releases it") from None
-                raise TryAgain(f"etcd unavailable during {what}: {e}") from None
+                raise _unavailable(what, e) from None
             if out is not None:
                 return out, attempt
             self.conflicts += 1
@@ -286,7 +295,7 @@ class IPAM:
             try:
                 res = self._assign_from_snapshot(req, self.snapshot)
             except DatastoreUnavailable as e:
-                raise TryAgain(f"etcd unavailable during assign {req.handle_id}: {e}") from None
+                raise _unavailable(f"assign {req.handle_id}", e) from None
             except DatastoreError as e:  # refused (e.g. an etcd without range compares): the usual way
                 log.warning("snapshot txn refused by etcd (%s): not using snapshots", e)
                 self.use_snapshot, self.snapshot = False, None

@@ -149,9 +149,15 @@ def release_command(ipam, kubeconfig: str, *, yes: bool, timeout: float = 10.0,
 
 
 def _ask(prompt: str) -> bool:
-    """Prompt on stderr, answer from stdin (a terminal or a pipe); EOF means no."""
+    """Prompt on stderr, answer from stdin (a terminal or a pipe).  No answer at all (stdin
+    at its end: not a terminal) is an error naming --yes, as for every command that asks."""
     import sys
+    from .admin import AdminError
     sys.stderr.write(prompt)
     sys.stderr.flush()
     line = sys.stdin.readline() if sys.stdin else ""
+    if not line:
+        sys.stderr.write("\n")
+        raise AdminError("release --leaked: no answer on stdin (not a terminal?): add --yes to go ahead "
+                         "without asking; `cni-ipam check --kubeconfig PATH` only lists them")
     return line.strip().lower() in ("y", "yes")

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -84,35 +85,41 @@ def build_dir_of(plugin_binary) -> str:
     return f"{info['version']}-{info['source_digest'][:12]}"
 
 
-def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_path):
+def test_install_puts_the_bundle_in_place_and_a_conflist_only_when_asked(plugin_binary, tmp_path):
     r = _install(plugin_binary, tmp_path)
     assert r.returncode == 0, r.stderr
     link = tmp_path / "bin" / "cni-ipam"
     build = tmp_path / "lib" / "cni-ipam" / build_dir_of(plugin_binary)
-    assert link.is_symlink() and os.readlink(link) == str(build / "cni-ipam")
-    conflist = tmp_path / "net.d" / EXAMPLE.name
-    assert conflist.read_bytes() == EXAMPLE.read_bytes() and (conflist.stat().st_mode & 0o777) == 0o644
+    # a relative link: it resolves the same on the host as in an install container
+    assert link.is_symlink() and os.readlink(link) == f"../lib/cni-ipam/{build.name}/cni-ipam"
+    assert link.resolve() == build / "cni-ipam"
+    assert not (tmp_path / "net.d").exists(), "install wrote a conflist although none was asked for"
+    assert "conflist: none" in r.stdout
     v = run([str(link), "version"])                     # runs through the symlink, outside the tree
     assert v.returncode == 0 and v.stdout.startswith("cni-ipam "), v.stderr
 
-    again = _install(str(link), tmp_path)               # from the installed copy: nothing to change
+    conflist = tmp_path / "net.d" / EXAMPLE.name
+    asked = _install(plugin_binary, tmp_path, "--conflist", str(EXAMPLE))
+    assert asked.returncode == 0, asked.stderr
+    assert conflist.read_bytes() == EXAMPLE.read_bytes() and (conflist.stat().st_mode & 0o777) == 0o644
+    again = _install(str(link), tmp_path, "--conflist", str(EXAMPLE))   # from the installed copy
     assert again.returncode == 0 and "unchanged" in again.stdout, again.stdout + again.stderr
 
     # an edited conflist is never overwritten silently -- and then nothing is installed at all
     conflist.write_text('{"edited": true}\n')
     os.unlink(link)
-    refused = _install(plugin_binary, tmp_path)
+    refused = _install(plugin_binary, tmp_path, "--conflist", str(EXAMPLE))
     assert refused.returncode == 1
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cni-ipam: error: "), refused.stderr
     assert "exists and differs" in refused.stderr and "--force" in refused.stderr
     assert conflist.read_text() == '{"edited": true}\n'
     assert not os.path.lexists(link), "the binary was installed although the command refused"
 
-    only_bin = _install(plugin_binary, tmp_path, "--no-conflist")
+    only_bin = _install(plugin_binary, tmp_path)
     assert only_bin.returncode == 0 and conflist.read_text() == '{"edited": true}\n', only_bin.stderr
-    assert os.readlink(link) == str(build / "cni-ipam")
+    assert link.resolve() == build / "cni-ipam"
 
-    forced = _install(plugin_binary, tmp_path, "--force")
+    forced = _install(plugin_binary, tmp_path, "--conflist", str(EXAMPLE), "--force")
     assert forced.returncode == 0, forced.stderr
     assert conflist.read_bytes() == EXAMPLE.read_bytes()
     assert (tmp_path / "net.d" / (EXAMPLE.name + ".bak")).read_text() == '{"edited": true}\n'
@@ -127,6 +134,44 @@ def test_install_puts_the_bundle_and_the_conflist_in_place(plugin_binary, tmp_pa
         "type": "cni-ipam", "mode": "sideways"}}]}))
     r = _install(plugin_binary, tmp_path, "--conflist", str(bad))
     assert r.returncode == 1 and "mode" in r.stderr and not (tmp_path / "net.d" / "bad.conflist").exists()
+
+    # uninstall: exactly what install wrote goes, the operator's file comes back from .bak
+    (tmp_path / "net.d" / "99-mine.conflist").write_text("{}\n")
+    u = run([plugin_binary, "uninstall", "--bin-dir", str(tmp_path / "bin"), "--lib-dir", str(tmp_path / "lib")])
+    assert u.returncode == 0, u.stderr
+    assert not os.path.lexists(link) and not (tmp_path / "lib").exists() and not (tmp_path / "bin").exists()
+    assert sorted(p.name for p in (tmp_path / "net.d").iterdir()) == [EXAMPLE.name, "99-mine.conflist"]
+    assert conflist.read_text() == '{"edited": true}\n'
+    u = run([plugin_binary, "uninstall", "--bin-dir", str(tmp_path / "bin"), "--lib-dir", str(tmp_path / "lib")])
+    assert u.returncode == 1 and "nothing to uninstall" in u.stderr
+
+
+def test_install_conflist_from_a_configmap_dir_with_placeholders(plugin_binary, tmp_path):
+    """--conflist DIR: an empty dir (a ConfigMap mounted with optional: true) means none; one file
+    is installed with the placeholders filled in with host paths; two are refused."""
+    cm = tmp_path / "cm"
+    cm.mkdir()
+    r = _install(plugin_binary, tmp_path, "--conflist", str(cm))
+    assert r.returncode == 0 and "holds no conflist" in r.stdout and not (tmp_path / "net.d").exists(), r.stdout
+    doc = json.loads(EXAMPLE.read_text())
+    doc["plugins"][0]["ipam"].update(etcd_endpoints="__ETCD_ENDPOINTS__",
+                                     kubernetes={"kubeconfig": "__KUBECONFIG_FILEPATH__"},
+                                     etcd_ca_cert_file="__ETCD_TLS_DIR__/ca.crt")
+    (cm / "10-pods.conflist").write_text(json.dumps(doc))
+    r = _install(plugin_binary, tmp_path, "--conflist", str(cm))   # no --kubeconfig to point at
+    assert r.returncode == 1 and "plugins[0]: ipam." in r.stderr, r.stderr   # unfilled placeholders
+    del doc["plugins"][0]["ipam"]["kubernetes"]
+    (cm / "10-pods.conflist").write_text(json.dumps(doc))
+    r = run([plugin_binary, "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(tmp_path / "net.d"),
+             "--conflist", str(cm), "--host-conf-dir", "/etc/cni/net.d"],
+            env={**MINIMAL_ENV, "ETCD_ENDPOINTS": "https://127.0.0.1:2379"})
+    assert r.returncode == 0, r.stderr
+    ipam = json.loads((tmp_path / "net.d" / "10-pods.conflist").read_text())["plugins"][0]["ipam"]
+    assert ipam["etcd_endpoints"] == "https://127.0.0.1:2379"
+    assert ipam["etcd_ca_cert_file"] == "/etc/cni/net.d/cni-ipam/etcd-tls/ca.crt"
+    (cm / "20-other.conflist").write_text(json.dumps(doc))
+    r = _install(plugin_binary, tmp_path, "--conflist", str(cm))
+    assert r.returncode == 1 and "keep one" in r.stderr
 
 
 def test_install_upgrade_keeps_the_previous_build(plugin_binary, tmp_path):
@@ -143,13 +188,67 @@ def test_install_upgrade_keeps_the_previous_build(plugin_binary, tmp_path):
     root = tmp_path / "lib" / "cni-ipam"
     link = tmp_path / "bin" / "cni-ipam"
     for n, (b, bid) in enumerate(builds):
-        r = _install(str(b / "cni-ipam"), tmp_path, "--no-conflist")
+        r = _install(str(b / "cni-ipam"), tmp_path)
         assert r.returncode == 0, r.stderr
-        assert os.readlink(link) == str(root / bid / "cni-ipam")
-        present = sorted(p.name for p in root.iterdir())
+        assert os.readlink(link) == f"../lib/cni-ipam/{bid}/cni-ipam"
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
         assert present == sorted({bid, builds[max(n - 1, 0)][1]}), present
         v = run([str(link), "version"])
         assert v.returncode == 0, v.stderr
+    # the installed binary uninstalls itself (its own bundle included) and what install created
+    u = run([str(link), "uninstall", "--bin-dir", str(tmp_path / "bin")])
+    assert u.returncode == 0, u.stdout + u.stderr
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "bin").exists(), u.stdout
+
+
+def test_install_watch_follows_the_configmap_and_the_secret(plugin_binary, tmp_path):
+    """--watch (the DaemonSet's mode): a changed conflist ConfigMap is written again when install
+    wrote the file on the node, never over an operator's edit; the etcd TLS Secret's files are
+    copied (0600) and removed with it; SIGTERM ends it and leaves everything in place."""
+    import signal
+    cm, tls, net = tmp_path / "cm", tmp_path / "tls", tmp_path / "net.d"
+    cm.mkdir()
+    tls.mkdir()
+    doc = json.loads(EXAMPLE.read_text())
+    (cm / "10-pods.conflist").write_text(json.dumps(doc))
+    (tls / "ca.crt").write_text("ca-1\n")
+    log = tmp_path / "install.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([plugin_binary, "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir",
+                                 str(net), "--conflist", str(cm), "--etcd-tls", str(tls), "--watch",
+                                 "--poll-interval", "0.1"], stdout=logf, stderr=subprocess.STDOUT, env=MINIMAL_ENV)
+
+    def wait(cond, what):
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()}"
+            time.sleep(0.05)
+    try:
+        dest, ca = net / "10-pods.conflist", net / "cni-ipam" / "etcd-tls" / "ca.crt"
+        wait(lambda: dest.exists() and ca.exists(), "the first install")
+        assert (ca.stat().st_mode & 0o777) == 0o600 and ca.read_text() == "ca-1\n"
+        doc["plugins"][0]["ipam"]["log_level"] = "debug"
+        (cm / "10-pods.conflist").write_text(json.dumps(doc))
+        wait(lambda: json.loads(dest.read_text())["plugins"][0]["ipam"].get("log_level") == "debug",
+             "the changed ConfigMap on the node")
+        (tls / "ca.crt").write_text("ca-2\n")
+        (tls / "tls.key").write_text("key\n")
+        wait(lambda: ca.read_text() == "ca-2\n" and (ca.parent / "tls.key").exists(), "the changed Secret")
+        (tls / "tls.key").unlink()
+        wait(lambda: not (ca.parent / "tls.key").exists(), "a key removed from the Secret")
+        dest.write_text('{"edited": "by the operator"}\n')
+        doc["plugins"][0]["ipam"]["log_level"] = "info"
+        (cm / "10-pods.conflist").write_text(json.dumps(doc))
+        time.sleep(1.0)
+        assert dest.read_text() == '{"edited": "by the operator"}\n'
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    out = log.read_text()
+    assert proc.returncode == 0, out
+    assert "not overwritten" in out and "stopped: the plugin" in out, out
+    assert (tmp_path / "bin" / "cni-ipam").exists() and ca.exists()
 
 
 def test_install_from_source_explains_itself(tmp_path):
@@ -169,10 +268,13 @@ def test_make_install(plugin_binary, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert os.path.realpath(tmp_path / "bin" / "cni-ipam") == str(
         tmp_path / "lib" / "cni-ipam" / build_dir_of(plugin_binary) / "cni-ipam")
+    assert not (tmp_path / "net.d").exists()
+    r = make_install(f"INSTALL_ARGS=--conflist {EXAMPLE}")
+    assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "net.d" / EXAMPLE.name).read_bytes() == EXAMPLE.read_bytes()
     (tmp_path / "net.d" / EXAMPLE.name).write_text("{}\n")
-    r = make_install()
+    r = make_install(f"INSTALL_ARGS=--conflist {EXAMPLE}")
     assert r.returncode != 0 and "exists and differs" in r.stderr
     assert (tmp_path / "net.d" / EXAMPLE.name).read_text() == "{}\n"
-    r = make_install("INSTALL_ARGS=--no-conflist")
+    r = make_install()
     assert r.returncode == 0, r.stdout + r.stderr

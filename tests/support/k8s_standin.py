@@ -21,6 +21,10 @@ for errors.  Every request is recorded in ``.requests`` as ``(method, path, user
         api.add_namespace("ns1", annotations={...})
         api.add_pod("ns1", "p1", node="n1")
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+
+TokenRequest: ``POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token`` issues a token for
+that service account, ``spec.expirationSeconds`` long (``token_expiry``; an expired token gets
+401); ``token_requests = False`` answers 404 like an API without it.
 """
 from __future__ import annotations
 
@@ -87,6 +91,8 @@ class K8sStandin:
         self.requests: list[tuple[str, str, str]] = []
         self.delay = 0.0                         # seconds to sleep before answering
         self.fail_status: int | None = None      # answer every request with this status
+        self.token_requests = True               # False: the TokenRequest endpoint is absent (404)
+        self.token_expiry: dict[str, float] = {} # token -> expiry (time.time()) of issued tokens
         self._rv = itertools.count(1000)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -281,7 +287,10 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if not auth.startswith("Bearer "):
             return "?"
-        return self.api.tokens.get(auth[len("Bearer "):].strip(), "?")
+        token = auth[len("Bearer "):].strip()
+        if self.api.token_expiry.get(token, float("inf")) < time.time():
+            return None                      # expired: 401, like the real API
+        return self.api.tokens.get(token, "?")
 
     def do_GET(self):
         api = self.api
@@ -315,9 +324,45 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(code, obj)
 
     def do_POST(self):
+        api = self.api
+        u = urlsplit(self.path)
+        parts = [unquote(p) for p in u.path.strip("/").split("/")]
+        user = self._user()
+        with api._lock:
+            api.requests.append(("POST", u.path, user or ""))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if not (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "serviceaccounts"
+                and parts[6] == "token"):
+            return self._send(405, status(405, "MethodNotAllowed", "the stand-in is read-only"))
+        if user is None:
+            return self._send(401, status(401, "Unauthorized", "Unauthorized"))
+        if not api.token_requests:
+            return self._send(404, status(404, "NotFound", "the server could not find the requested resource"))
+        if user == "?" or user in api.denied_users:
+            return self._send(403, status(403, "Forbidden", f'serviceaccounts "{parts[5]}" is forbidden: User '
+                                          f'"{user}" cannot create resource "serviceaccounts/token"'))
+        try:
+            spec = json.loads(body or b"{}").get("spec") or {}
+        except ValueError:
+            return self._send(400, status(400, "BadRequest", "invalid JSON"))
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        token = f"issued-{uuid.uuid4().hex}"
+        exp = time.time() + seconds
+        with api._lock:
+            api.tokens[token] = f"system:serviceaccount:{parts[3]}:{parts[5]}"
+            api.token_expiry[token] = exp
+        self._send(201, {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                         "metadata": {"name": parts[5], "namespace": parts[3],
+                                      "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                         "spec": {**spec, "expirationSeconds": seconds},
+                         "status": {"token": token, "expirationTimestamp":
+                                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))}})
+
+    def do_PUT(self):
         self._send(405, status(405, "MethodNotAllowed", "the stand-in is read-only"))
 
-    do_PUT = do_PATCH = do_DELETE = do_POST
+    do_PATCH = do_DELETE = do_PUT
 
     def _route(self, parts, q):
         api = self.api
