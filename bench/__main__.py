@@ -21,7 +21,7 @@ import traceback
 
 from bench.common import RESULTS, ROOT, binary_note, log, table, write_json
 
-BENCHES = ["engine", "exec", "burst", "claim", "nodes", "memory"]
+BENCHES = ["engine", "exec", "burst", "claim", "nodes", "memory", "controller"]
 README_BEGIN = "<!-- bench:begin (written by `make bench`; do not edit by hand) -->"
 README_END = "<!-- bench:end -->"
 

@@ -25,11 +25,19 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Prometheus (the controller's end-to-end metrics test) without its recommends (no exporters/daemons)
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "install-deps: apt-get install --no-install-recommends prometheus" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 here=$(pwd)
-if ! $PY -c 'import etcd3, yaml, pytest, hypothesis, pyroute2, PyInstaller, cri_api' >/dev/null 2>&1 \
+if ! $PY -c 'import etcd3, yaml, pytest, hypothesis, pyroute2, PyInstaller, cri_api, kubernetes, prometheus_client' >/dev/null 2>&1 \
    || ! $PY -c "import cni_ipam, os, sys; sys.exit(0 if os.path.realpath(cni_ipam.__file__).startswith(os.path.realpath('$here') + '/') else 1)" >/dev/null 2>&1; then
-  echo "install-deps: pip install -e .[test,dev]" >&2
-  $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,dev]'
+  echo "install-deps: pip install -e .[test,dev,controller]" >&2
+  $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,dev,controller]'
 fi
 
 # deploy/ manifests are validated against the Kubernetes API schemas it bundles (offline)

@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -538,3 +539,49 @@ def test_gateway_imports_no_grpc():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('grpc', 'etcd3', 'google')];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+# --------------------------------------------------------------------------- leases (grpc: long-running code)
+def test_lease_grant_keepalive_revoke(etcd_server, etcd_prefix):
+    """A key put with a lease lives while the lease is renewed, goes when it is revoked, and a
+    compare on its mod revision fails once it is gone (the controller's leadership guard)."""
+    ds = open_datastore(etcd_server.endpoint, transport="grpc", timeout=5)
+    try:
+        lid, ttl = ds.lease_grant(5)
+        assert lid > 0 and 0 < ttl <= 5
+        key = f"{etcd_prefix}/leader"
+        assert ds.commit([Compare(key, 0)], [Put(key, b"me", lease=lid)])
+        rev = ds.last_revision
+        assert ds.get(key).mod_revision == rev
+        assert 0 < ds.lease_keepalive(lid) <= 5
+        # a guarded write holds while the key is ours
+        assert ds.commit([Compare(key, rev)], [Put(f"{etcd_prefix}/x", b"1")])
+        assert ds.lease_revoke(lid)
+        assert ds.get(key) is None                              # deleted with its lease
+        assert ds.lease_keepalive(lid) == 0                     # expired / unknown: TTL 0
+        assert not ds.lease_revoke(lid)
+        assert not ds.commit([Compare(key, rev)], [Put(f"{etcd_prefix}/x", b"2")])
+        assert ds.get(f"{etcd_prefix}/x").value == b"1"
+        # a short lease that is not renewed expires by itself
+        lid2, _ = ds.lease_grant(2)
+        assert ds.commit([], [Put(f"{etcd_prefix}/short", b"v", lease=lid2)])
+        deadline = time.monotonic() + 10
+        while ds.get(f"{etcd_prefix}/short") is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ds.get(f"{etcd_prefix}/short") is None
+    finally:
+        ds.close()
+
+
+def test_gateway_put_with_lease(etcd_server, etcd_prefix):
+    """A Put's lease reaches etcd through the JSON gateway too (the key goes with the lease)."""
+    g = open_datastore(etcd_server.endpoint, transport="gateway", timeout=5)
+    r = open_datastore(etcd_server.endpoint, transport="grpc", timeout=5)
+    try:
+        lid, _ = r.lease_grant(30)
+        assert g.commit([], [Put(f"{etcd_prefix}/k", b"v", lease=lid)])
+        assert r.lease_revoke(lid)
+        assert g.get(f"{etcd_prefix}/k") is None
+    finally:
+        g.close()
+        r.close()

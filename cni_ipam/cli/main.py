@@ -16,7 +16,7 @@ import sys
 from ..cni.version import SUPPORTED_VERSIONS as SUPPORTED
 
 MODULES = ["pools", "inspect", "repair"]
-OPTIONAL_MODULES = ["labels", "install"]
+OPTIONAL_MODULES = ["labels", "install", "controller"]
 
 
 def version_text() -> str:

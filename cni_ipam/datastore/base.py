@@ -94,8 +94,11 @@ class Compare:
 
 @dataclass(frozen=True, slots=True)
 class Put:
+    """Write ``value``; with ``lease`` (an id from ``lease_grant``) the key is deleted when the
+    lease expires or is revoked."""
     key: str
     value: bytes
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,19 @@ class Datastore:
 
     def close(self) -> None:  # pragma: no cover
         pass
+
+    # -- leases (long-running code: leader election) ------------------------
+    def lease_grant(self, ttl: int) -> tuple[int, int]:  # pragma: no cover
+        """A new lease of ``ttl`` seconds: returns (lease id, granted TTL)."""
+        raise NotImplementedError(f"{type(self).__name__} has no lease support (use the grpc transport)")
+
+    def lease_keepalive(self, lease_id: int) -> int:  # pragma: no cover
+        """Renew a lease; returns its new TTL in seconds, 0 when it has expired (or never existed)."""
+        raise NotImplementedError(f"{type(self).__name__} has no lease support (use the grpc transport)")
+
+    def lease_revoke(self, lease_id: int) -> bool:  # pragma: no cover
+        """Revoke a lease (its keys are deleted at once).  False when it did not exist."""
+        raise NotImplementedError(f"{type(self).__name__} has no lease support (use the grpc transport)")
 
     # -- sugar ------------------------------------------------------------
     def get(self, key: str) -> KV | None:

@@ -106,8 +106,10 @@ def _compare_json(c: Compare) -> dict:
 
 def _op_json(op: Put | Delete) -> dict:
     if isinstance(op, Put):
-        return {"request_put": {"key": _enc(op.key),
-                                "value": _b64(op.value)}}
+        put = {"key": _enc(op.key), "value": _b64(op.value)}
+        if op.lease:
+            put["lease"] = str(op.lease)
+        return {"request_put": put}
     if isinstance(op, Delete):
         return {"request_delete_range": {"key": _enc(op.key)}}
     raise TypeError(f"not a Put or Delete: {op!r}")

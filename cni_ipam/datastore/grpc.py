@@ -87,7 +87,7 @@ def _compare(c: Compare):
 
 def _op(op: Put | Delete):
     if isinstance(op, Put):
-        return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=_b(op.key), value=op.value))
+        return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=_b(op.key), value=op.value, lease=op.lease))
     if isinstance(op, Delete):
         return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=_b(op.key)))
     raise TypeError(f"not a Put or Delete: {op!r}")
@@ -195,6 +195,12 @@ class GrpcDatastore(Datastore):
             url = self._urls[idx]
             if method == "Authenticate":
                 fn = etcdrpc.AuthStub(self._eps[idx].channel).Authenticate
+            elif method.startswith("Lease"):
+                fn = getattr(etcdrpc.LeaseStub(self._eps[idx].channel), method)
+                if method == "LeaseKeepAlive":   # a bidirectional stream: send one request, take one answer
+                    stream = fn
+                    fn = lambda req, timeout, metadata: next(stream(iter([req]), timeout=timeout,  # noqa: E731
+                                                                    metadata=metadata))
             else:
                 fn = getattr(self._kv[idx], method)
             try:
@@ -280,6 +286,26 @@ class GrpcDatastore(Datastore):
             raise
         self.last_revision = resp.header.revision
         return bool(resp.succeeded)
+
+    # -- leases ------------------------------------------------------------------
+    def lease_grant(self, ttl: int) -> tuple[int, int]:
+        resp = self._call("LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=int(ttl), ID=0))
+        if resp.error:
+            raise DatastoreError(f"etcd refused a lease of {ttl}s: {resp.error}")
+        return int(resp.ID), int(resp.TTL)
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        resp = self._call("LeaseKeepAlive", etcdrpc.LeaseKeepAliveRequest(ID=int(lease_id)))
+        return max(0, int(resp.TTL))
+
+    def lease_revoke(self, lease_id: int) -> bool:
+        try:
+            self._call("LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=int(lease_id)))
+        except DatastoreError as e:
+            if "lease not found" in str(e):
+                return False
+            raise
+        return True
 
     def close(self) -> None:
         for ep in self._eps:

@@ -1423,8 +1423,10 @@ def check(ipam, *, verify: bool = True) -> dict:
     cfg = ds.get(k.config)
     if cfg is not None:
         c.feed_config(cfg)
+    from .gc import Splits   # ranges between split points: O(keys) for etcd, not O(keys^2 / page)
+    splits = Splits()
     for prefix, fn in ((k.affinity, c.feed_affinity), (k.handles, c.feed_handle), (k.blocks, c.feed_block)):
-        for kv in iter_prefix(ds, prefix):
+        for kv in splits.iter(ds, prefix):
             fn(kv)
     findings = c.finish()
     if findings and verify:

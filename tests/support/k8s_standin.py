@@ -11,11 +11,20 @@ certificates signed by the same CA, and the read endpoints cni-ipam uses::
     GET /api/v1/pods                            PodList (all namespaces)
     GET /api/v1/nodes                           NodeList
     GET /api/v1/nodes/{name}                    Node
+    GET /api/v1/pods?watch=1&resourceVersion=N  watch events (also /api/v1/nodes, namespaced pods)
 
 with the real JSON shapes (``kind``, ``apiVersion``, ``metadata{name, namespace,
 uid, annotations, labels, resourceVersion, creationTimestamp}``; list items
 without kind/apiVersion; ``limit``/``continue`` paging) and ``Status`` objects
 for errors.  Every request is recorded in ``.requests`` as ``(method, path, user)``.
+
+Watch: list answers carry the current ``resourceVersion``; ``?watch=1&resourceVersion=N``
+streams (chunked, one JSON event per line, as the API does) every change after N --
+``ADDED``/``MODIFIED``/``DELETED`` with the object, ``BOOKMARK`` when asked for --
+until ``timeoutSeconds`` or the stand-in stops.  ``compact()`` forgets the history: a
+watch from an older version then gets the API's ``ERROR`` event with a 410 ``Expired``
+Status (the client must list again).  ``delete_pod``/``delete_node`` emit DELETED.
+``add_pods_bulk`` adds many pods at once without history (benchmarks).
 
     with K8sStandin(tmp_path) as api:
         api.add_namespace("ns1", annotations={...})
@@ -94,12 +103,19 @@ class K8sStandin:
         self.token_requests = True               # False: the TokenRequest endpoint is absent (404)
         self.token_expiry: dict[str, float] = {} # token -> expiry (time.time()) of issued tokens
         self._rv = itertools.count(1000)
+        self._last_rv = 999
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._events: list[tuple[int, str, str, dict]] = []   # (rv, "pods"|"nodes", type, object)
+        self._compacted_rv = 0                    # watches from before this get 410 Gone
+        self._order: dict[str, list | None] = {"pods": None, "nodes": None}   # sorted keys (lists)
+        self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> "K8sStandin":
+        self._stopping.clear()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(self.pki["server_cert"], self.pki["server_key"])
         ctx.load_verify_locations(self.pki["ca"])
@@ -119,6 +135,9 @@ class K8sStandin:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()             # open watches end (their connections close)
+        with self._cond:
+            self._cond.notify_all()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -142,8 +161,18 @@ class K8sStandin:
         return f"https://127.0.0.1:{self.port}"
 
     # -- objects -----------------------------------------------------------------
+    def _next_rv(self) -> int:
+        self._last_rv = next(self._rv)
+        return self._last_rv
+
+    def _emit(self, kind: str, typ: str, obj: dict) -> None:
+        """Record a change (caller holds the lock) and wake the watches."""
+        self._events.append((int(obj["metadata"]["resourceVersion"]), kind, typ, obj))
+        self._order[kind] = None
+        self._cond.notify_all()
+
     def _meta(self, name, namespace=None, annotations=None, labels=None) -> dict:
-        md = {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": str(next(self._rv)),
+        md = {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": str(self._next_rv()),
               "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if namespace is not None:
             md["namespace"] = namespace
@@ -166,19 +195,62 @@ class K8sStandin:
                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
                "status": {"phase": "Pending"}}
         with self._lock:
+            old = self.pods.get((namespace, name))
             self.pods[(namespace, name)] = obj
+            self._emit("pods", "MODIFIED" if old else "ADDED", obj)
         return obj
+
+    def add_pods_bulk(self, pods) -> None:
+        """Add many pods (``(namespace, name, node[, uid])`` tuples) without history: a watch from
+        before gets 410 Gone and lists again.  For benchmarks (150,000 pods in seconds)."""
+        with self._lock:
+            for ns, name, node, *uid in pods:
+                self.pods[(ns, name)] = {
+                    "kind": "Pod", "apiVersion": "v1",
+                    "metadata": {"name": name, "namespace": ns, "uid": uid[0] if uid else str(uuid.uuid4()),
+                                 "resourceVersion": str(self._next_rv()),
+                                 "creationTimestamp": "2026-11-30T00:00:00Z"},
+                    "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
+                    "status": {"phase": "Running"}}
+            self._order["pods"] = None
+            self._events.clear()
+            self._compacted_rv = self._last_rv
 
     def delete_pod(self, namespace, name) -> None:
         with self._lock:
-            self.pods.pop((namespace, name), None)
+            obj = self.pods.pop((namespace, name), None)
+            if obj is not None:
+                obj = json.loads(json.dumps(obj))
+                obj["metadata"]["resourceVersion"] = str(self._next_rv())
+                self._emit("pods", "DELETED", obj)
+
+    def delete_node(self, name) -> None:
+        with self._lock:
+            obj = self.nodes.pop(name, None)
+            if obj is not None:
+                obj = json.loads(json.dumps(obj))
+                obj["metadata"]["resourceVersion"] = str(self._next_rv())
+                self._emit("nodes", "DELETED", obj)
+
+    def compact(self) -> None:
+        """Forget the change history (as etcd compaction does): older watches get 410 Gone."""
+        with self._lock:
+            self._events.clear()
+            self._compacted_rv = self._last_rv
+            self._cond.notify_all()
+
+    @property
+    def resource_version(self) -> int:
+        return self._last_rv
 
     def add_node(self, name, labels=None) -> dict:
         lab = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **(labels or {})}
         obj = {"kind": "Node", "apiVersion": "v1", "metadata": self._meta(name, None, None, lab),
                "spec": {}, "status": {"addresses": [{"type": "Hostname", "address": name}]}}
         with self._lock:
+            old = self.nodes.get(name)
             self.nodes[name] = obj
+            self._emit("nodes", "MODIFIED" if old else "ADDED", obj)
         return obj
 
     def paths(self) -> list[str]:
@@ -316,12 +388,81 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(api.fail_status, status(api.fail_status, "InternalError",
                                                       "Internal error occurred: injected failure"))
         q = parse_qs(u.query)
+        if q.get("watch", [""])[0] in ("1", "true"):
+            return self._watch(parts, q)
         with api._lock:
             found = self._route(parts, q)
         if found is None:
             return self._send(404, status(404, "NotFound", "the server could not find the requested resource"))
         code, obj = found
         self._send(code, obj)
+
+    def _watch(self, parts, q):
+        """Stream changes after ``resourceVersion`` (chunked JSON lines, as the API does)."""
+        api = self.api
+        rest = parts[2:] if parts[:2] == ["api", "v1"] else None
+        if rest == ["pods"]:
+            kind, ns = "pods", None
+        elif rest is not None and len(rest) == 3 and rest[0] == "namespaces" and rest[2] == "pods":
+            kind, ns = "pods", rest[1]
+        elif rest == ["nodes"]:
+            kind, ns = "nodes", None
+        else:
+            return self._send(404, status(404, "NotFound", "the server could not find the requested resource"))
+        try:
+            since = int(q.get("resourceVersion", ["0"])[0] or 0)
+        except ValueError:
+            return self._send(400, status(400, "BadRequest", "invalid resourceVersion"))
+        timeout = float(q.get("timeoutSeconds", ["1800"])[0] or 1800)
+        bookmarks = q.get("allowWatchBookmarks", [""])[0] in ("1", "true")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(obj) -> None:
+            data = json.dumps(obj).encode() + b"\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        deadline = time.monotonic() + timeout
+        try:
+            with api._cond:
+                gone = since and since < api._compacted_rv
+            if gone:
+                chunk({"type": "ERROR", "object": status(
+                    410, "Expired", f"too old resource version: {since} ({api._compacted_rv})")})
+            else:
+                last_bookmark = time.monotonic()
+                while not api._stopping.is_set() and time.monotonic() < deadline:
+                    with api._cond:
+                        if since < api._compacted_rv:   # compacted while watching
+                            batch = None
+                        else:
+                            batch = [(rv, t, o) for rv, k, t, o in api._events
+                                     if rv > since and k == kind and (ns is None or o["metadata"].get("namespace") == ns)]
+                            if not batch:
+                                api._cond.wait(0.2)
+                    if batch is None:
+                        chunk({"type": "ERROR", "object": status(410, "Expired", "too old resource version")})
+                        break
+                    for rv, t, o in batch:
+                        o = dict(o)
+                        chunk({"type": t, "object": o})
+                        since = rv
+                    if bookmarks and time.monotonic() - last_bookmark > 1.0:
+                        last_bookmark = time.monotonic()
+                        with api._cond:
+                            cur = max(since, api._last_rv)
+                        chunk({"type": "BOOKMARK", "object": {"kind": "Pod" if kind == "pods" else "Node",
+                                                              "apiVersion": "v1",
+                                                              "metadata": {"resourceVersion": str(cur)}}})
+            if not api._stopping.is_set():
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            else:
+                self.close_connection = True
+        except (OSError, ValueError):
+            self.close_connection = True
 
     def do_POST(self):
         api = self.api
@@ -376,20 +517,26 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, obj
 
         def lst(kind, objs):
+            limit = int(q.get("limit", ["0"])[0] or 0)
+            start = int(base64.b64decode(q["continue"][0]).decode()) if q.get("continue") else 0
+            md = {"resourceVersion": str(api._last_rv)}
+            if limit and start + limit < len(objs):
+                md["continue"] = base64.b64encode(str(start + limit).encode()).decode()
+                md["remainingItemCount"] = len(objs) - start - limit
             items = []
-            for o in objs:
+            for o in (objs[start:start + limit] if limit else objs[start:]):
                 o = dict(o)
                 o.pop("kind", None)
                 o.pop("apiVersion", None)
                 items.append(o)
-            limit = int(q.get("limit", ["0"])[0] or 0)
-            start = int(base64.b64decode(q["continue"][0]).decode()) if q.get("continue") else 0
-            md = {"resourceVersion": str(next(api._rv))}
-            if limit and start + limit < len(items):
-                md["continue"] = base64.b64encode(str(start + limit).encode()).decode()
-                md["remainingItemCount"] = len(items) - start - limit
-            page = items[start:start + limit] if limit else items[start:]
-            return 200, {"kind": kind, "apiVersion": "v1", "metadata": md, "items": page}
+            return 200, {"kind": kind, "apiVersion": "v1", "metadata": md, "items": items}
+
+        def ordered(kind):
+            keys = api._order.get(kind)
+            if keys is None:
+                keys = api._order[kind] = sorted(getattr(api, kind))
+            src = getattr(api, kind)
+            return [src[k] for k in keys] if len(keys) < 2000 else _LazyList(keys, src)
 
         if rest == ["namespaces"]:
             return lst("NamespaceList", [api.namespaces[k] for k in sorted(api.namespaces)])
@@ -400,12 +547,25 @@ class _Handler(BaseHTTPRequestHandler):
         if len(rest) == 4 and rest[0] == "namespaces" and rest[2] == "pods":
             return one(api.pods.get((rest[1], rest[3])), "pods", rest[3])
         if rest == ["pods"]:
-            return lst("PodList", [v for _, v in sorted(api.pods.items())])
+            return lst("PodList", ordered("pods"))
         if rest == ["nodes"]:
-            return lst("NodeList", [api.nodes[k] for k in sorted(api.nodes)])
+            return lst("NodeList", ordered("nodes"))
         if len(rest) == 2 and rest[0] == "nodes":
             return one(api.nodes.get(rest[1]), "nodes", rest[1])
         return None
+
+
+class _LazyList:
+    """A sorted view of a dict for paging without copying every object per page."""
+
+    def __init__(self, keys, src):
+        self.keys, self.src = keys, src
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, sl):
+        return [self.src[k] for k in self.keys[sl]]
 
 
 def _describe(parts) -> tuple[str, str, str]:

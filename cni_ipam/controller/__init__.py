@@ -1,0 +1,1 @@
+"""`cni-ipam controller`: automatic leak GC, dead-node cleanup, Prometheus metrics, one leader via etcd."""
