@@ -5,8 +5,11 @@
 ``@dataclass`` classes on the exec path that was about a quarter of every ADD/DEL exec
 (callgrind: 266 M -> 189 M instructions with this and no run-time ``typing``).  This
 covers the subset cni_ipam uses -- ``field(default=..., default_factory=...)``,
-``frozen``, ``slots``, ``eq``, ``repr``, ``__post_init__``, inheritance of fields -- and
-compiles ONE small source per class.  Differences from ``dataclasses``: assigning to a
+``frozen``, ``slots``, ``eq``, ``repr``, ``__post_init__``, inheritance of fields.  The methods
+are generic closures over the field names: nothing is compiled when a class is defined (compiling
+one source per class was ~0.5 ms a class, ~10 ms of every exec -- issue 17).  A call of
+``__init__`` whose arguments do not bind (missing, unexpected or repeated) compiles the exact
+``dataclasses``-style ``__init__`` then and calls it, so the ``TypeError`` is the usual one.  Differences from ``dataclasses``: assigning to a
 frozen field raises ``AttributeError`` (not its subclass ``FrozenInstanceError``); no
 ``fields``/``asdict``/``replace``.
 """
@@ -39,31 +42,7 @@ def dataclass(cls=None, /, *, frozen=False, slots=False, eq=True, repr=True):
                 delattr(cls, n)
             elif v is not _MISSING:
                 defaults[n] = Field(v, _MISSING)
-        g = {"_setattr": object.__setattr__, "_d": defaults, "_M": _MISSING}
-        args, body = [], []
-        for n in names:
-            f = defaults.get(n)
-            if f is None:
-                args.append(n)
-            elif f.default_factory is not _MISSING:
-                args.append(f"{n}=_M")
-            else:
-                args.append(f"{n}=_d[{n!r}].default")
-            val = n if (f is None or f.default_factory is _MISSING) else f"_d[{n!r}].default_factory() if {n} is _M else {n}"
-            body.append(f"_setattr(self, {n!r}, {val})" if frozen else f"self.{n} = {val}")
-        if hasattr(cls, "__post_init__"):
-            body.append("self.__post_init__()")
-        src = f"def __init__(self, {', '.join(args)}):\n " + "\n ".join(body or ["pass"]) + "\n"
-        tup = "(" + "".join(f"self.{n}," for n in names) + ")"
-        tupo = "(" + "".join(f"other.{n}," for n in names) + ")"
-        src += f"def __eq__(self, other):\n if other.__class__ is self.__class__: return {tup} == {tupo}\n return NotImplemented\n"
-        src += f"def __repr__(self):\n return self.__class__.__qualname__ + '(' + ', '.join(f'{{n}}={{getattr(self, n)!r}}' for n in {tuple(names)!r}) + ')'\n"
-        if frozen:
-            src += f"def __hash__(self):\n return hash({tup})\n"
-            src += "def __setattr__(self, name, value):\n raise AttributeError(f'cannot assign to field {name!r}')\n"
-            src += "def __delattr__(self, name):\n raise AttributeError(f'cannot delete field {name!r}')\n"
-        ns = {}
-        exec(src, g, ns)
+        ns = _methods(names, defaults, frozen, hasattr(cls, "__post_init__"))
         d = dict(cls.__dict__)
         for k, v in ns.items():
             if k == "__repr__" and not repr:
@@ -94,3 +73,91 @@ def dataclass(cls=None, /, *, frozen=False, slots=False, eq=True, repr=True):
         new.__qualname__ = cls.__qualname__
         return new
     return wrap if cls is None else wrap(cls)
+
+
+def _exact_init(names, defaults, frozen, post_init):
+    """The ``__init__`` ``dataclasses`` would write (compiled: only for argument errors)."""
+    g = {"_setattr": object.__setattr__, "_d": defaults, "_M": _MISSING}
+    args, body = [], []
+    for n in names:
+        f = defaults.get(n)
+        if f is None:
+            args.append(n)
+        elif f.default_factory is not _MISSING:
+            args.append(f"{n}=_M")
+        else:
+            args.append(f"{n}=_d[{n!r}].default")
+        val = n if (f is None or f.default_factory is _MISSING) else f"_d[{n!r}].default_factory() if {n} is _M else {n}"
+        body.append(f"_setattr(self, {n!r}, {val})" if frozen else f"self.{n} = {val}")
+    if post_init:
+        body.append("self.__post_init__()")
+    ns = {}
+    exec(f"def __init__(self, {', '.join(args)}):\n " + "\n ".join(body or ["pass"]) + "\n", g, ns)
+    return ns["__init__"]
+
+
+def _frozen_setattr(self, name, value):
+    raise AttributeError(f"cannot assign to field {name!r}")
+
+
+def _frozen_delattr(self, name):
+    raise AttributeError(f"cannot delete field {name!r}")
+
+
+_frozen_setattr.__name__ = _frozen_setattr.__qualname__ = "__setattr__"
+_frozen_delattr.__name__ = _frozen_delattr.__qualname__ = "__delattr__"
+
+
+def _methods(names, defaults, frozen, post_init) -> dict:
+    """``__init__``, ``__eq__``, ``__repr__`` (+ ``__hash__``, ``__setattr__``, ``__delattr__``
+    when frozen) for the fields ``names``, as closures."""
+    names = tuple(names)
+    count = len(names)
+    # per field: (name, default or _MISSING, default_factory or _MISSING); required: both _MISSING
+    specs = tuple((n, defaults[n].default if n in defaults else _MISSING,
+                   defaults[n].default_factory if n in defaults else _MISSING) for n in names)
+    setter = object.__setattr__ if frozen else setattr
+    exact = []
+
+    def __init__(self, *args, **kw):
+        if len(args) <= count:
+            values = list(args)
+            used = 0
+            for n, default, factory in specs[len(args):]:
+                if n in kw:
+                    values.append(kw[n])
+                    used += 1
+                elif factory is not _MISSING:
+                    values.append(factory())
+                elif default is not _MISSING:
+                    values.append(default)
+                else:
+                    break
+            else:
+                if used == len(kw):
+                    for n, v in zip(names, values):
+                        setter(self, n, v)
+                    if post_init:
+                        self.__post_init__()
+                    return
+        # the arguments do not bind: let the exact __init__ raise the usual TypeError
+        if not exact:
+            exact.append(_exact_init(names, defaults, frozen, post_init))
+        exact[0](self, *args, **kw)
+
+    def __eq__(self, other):
+        if other.__class__ is self.__class__:
+            return tuple([getattr(self, n) for n in names]) == tuple([getattr(other, n) for n in names])
+        return NotImplemented
+
+    def __repr__(self):
+        return self.__class__.__qualname__ + '(' + ', '.join(f'{n}={getattr(self, n)!r}' for n in names) + ')'
+
+    out = {"__init__": __init__, "__eq__": __eq__, "__repr__": __repr__}
+    if frozen:
+        def __hash__(self):
+            return hash(tuple([getattr(self, n) for n in names]))
+        out.update(__hash__=__hash__, __setattr__=_frozen_setattr, __delattr__=_frozen_delattr)
+    for k, f in out.items():
+        f.__qualname__ = k
+    return out

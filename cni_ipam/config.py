@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
-import socket
 from cni_ipam._records import dataclass, field
 
 from .log import log
@@ -128,13 +126,19 @@ def _routes(k, v):
     return out
 
 
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LDH = "-abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _dns_subdomain(v: str) -> bool:
+    r"""``[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*`` without `re` at import."""
+    return all(label and not label.strip(_LDH) and label[0] != "-" and label[-1] != "-"
+               for label in v.split("."))
 
 
 def _annotation_prefix(k, v):
     # an annotation key's prefix is a DNS subdomain (Kubernetes' rule), e.g. cni.projectcalico.org
     v = _str(k, v)
-    if not (len(v) <= 253 and _DNS_SUBDOMAIN.fullmatch(v)):
+    if not (len(v) <= 253 and _dns_subdomain(v)):
         raise ConfigError(f"ipam.{k} must be a DNS subdomain like 'cni.projectcalico.org', not {v!r}")
     return v
 
@@ -266,4 +270,5 @@ def node_name(c: IpamConfig) -> str:
             raise ConfigError(f"ipam.nodename_file: {c.nodename_file} does not hold a UTF-8 node name") from None
         if name:
             return name
-    return os.environ.get("NODENAME") or socket.gethostname()
+    from _socket import gethostname  # = socket.gethostname, without socket's import cost
+    return os.environ.get("NODENAME") or gethostname()

@@ -8,7 +8,7 @@ def _version() -> int:
 
     Runtimes call it often; the answer is the same as the skel's (it never fails)."""
     from .cni.version import version_response
-    import json
+    from . import _json as json
     try:
         data = sys.stdin.buffer.read(4 * 1024 * 1024 + 1)   # (cni.skel.MAX_STDIN, not imported here)
     except (OSError, ValueError):

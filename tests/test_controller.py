@@ -527,7 +527,7 @@ def test_sigkill_failover_within_the_lease_ttl(api, ipam, tmp_path, controllers)
     t1 = b.wait_log("became the leader", timeout=3 * ttl)
     failover = t1 - t0
     print(f"failover after SIGKILL: {failover:.2f}s (lease TTL {ttl}s)")
-    assert failover <= ttl + 1.0                       # within the TTL (+ the follower's poll and log latency)
+    assert failover <= ttl + 1.0   # not a speed budget: a bound against a follower that never takes over (the etcd lease is TTL - 1)
     b.wait_log("pass: ")
 
 

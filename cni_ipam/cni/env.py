@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,7 +78,13 @@ _REQUIRED: tuple[tuple[str, frozenset[str]], ...] = (
 )
 _ARGS_COMMANDS = frozenset({"ADD", "CHECK", "DEL"})
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_NAME_CHARS = _ALNUM + "_.-"
+
+
+def _valid_name(s: str) -> bool:
+    r"""``[A-Za-z0-9][A-Za-z0-9_.\-]*`` (Go's pattern), without `re` at import."""
+    return bool(s) and s[0] in _ALNUM and not s.strip(_NAME_CHARS)
 _MAX_IFNAME_BYTES = 15
 # Go's unicode.IsSpace (Unicode White_Space); Python's str.isspace() differs
 # (it also treats \x1c-\x1f as space).
@@ -110,7 +115,7 @@ def _env_error(msg: str, details: str = "") -> CNIError:
 
 def validate_container_id(container_id: str) -> None:
     """Go's ``utils.ValidateContainerID`` (empty is reported as missing by the caller)."""
-    if not _NAME_RE.fullmatch(container_id):
+    if not _valid_name(container_id):
         raise _env_error("invalid characters in containerID", container_id)
 
 

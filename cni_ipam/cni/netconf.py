@@ -21,8 +21,7 @@ counts as ``0.1.0``), so the error JSON echoes it; otherwise it is ``None``.
 from __future__ import annotations
 
 import ipaddress
-import json
-import re
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,7 +42,13 @@ __all__ = [
 #: GC's list of attachments to keep; the first key present wins.
 VALID_ATTACHMENTS_KEYS = ("cni.dev/valid-attachments", "cni.dev/attachments")
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_NAME_CHARS = _ALNUM + "_.-"
+
+
+def _valid_name(s: str) -> bool:
+    r"""``[A-Za-z0-9][A-Za-z0-9_.\-]*`` (Go's pattern), without `re` at import."""
+    return bool(s) and s[0] in _ALNUM and not s.strip(_NAME_CHARS)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -117,7 +122,7 @@ def parse_netconf(stdin: bytes, command: str) -> NetConf:
         raise invalid("missing network name")
     if not isinstance(name, str):
         raise invalid("invalid network name", f"name must be a string, not {_type_name(name)}")
-    if not _NAME_RE.fullmatch(name):
+    if not _valid_name(name):
         raise invalid("invalid characters found in network name", name)
 
     # -- cniVersion and the verb gate ----------------------------------------

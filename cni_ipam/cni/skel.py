@@ -24,7 +24,7 @@ serialisation failure cannot leave half a document behind.
 """
 from __future__ import annotations
 
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Mapping, TextIO

@@ -12,8 +12,7 @@ Rules (following containernetworking/cni ``pkg/version`` and ``pkg/skel``):
 """
 from __future__ import annotations
 
-import json
-import re
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 
 from .errors import CNIError, ERR_INCOMPATIBLE_CNI_VERSION
 
@@ -44,7 +43,7 @@ MIN_VERSION_FOR_COMMAND: dict[str, str] = {
     "STATUS": "1.1.0",
 }
 
-_VERSION_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?")
+_DIGITS = "0123456789"  # parse_version: 1-3 dot-separated runs of ASCII digits (no `re` at import)
 
 
 def parse_version(version: str) -> tuple[int, int, int]:
@@ -58,10 +57,10 @@ def parse_version(version: str) -> tuple[int, int, int]:
         raise ValueError(f"CNI version must be a string, not {type(version).__name__}")
     if version == "":
         return (0, 1, 0)
-    m = _VERSION_RE.fullmatch(version)
-    if m is None:
+    parts = version.split(".")
+    if len(parts) > 3 or any(not p or p.strip(_DIGITS) for p in parts):
         raise ValueError(f"invalid CNI version {version!r}")
-    return tuple(int(p) if p is not None else 0 for p in m.groups())  # type: ignore[return-value]
+    return tuple(int(p) for p in parts) + (0,) * (3 - len(parts))  # type: ignore[return-value]
 
 
 def compare_versions(a: str, b: str) -> int:

@@ -31,6 +31,9 @@ class LeaderElector:
         self.ds = ds
         self.key = key
         self.ttl = max(2, int(ttl))
+        # etcd's lease is a second shorter than --lease-ttl: etcd expires leases on a 500 ms tick and
+        # followers poll every 0.25 s, so a follower takes over within --lease-ttl of the leader's death
+        self.lease_ttl = max(1, self.ttl - 1)
         self.identity = identity or default_identity()
         self.on_change = on_change or (lambda leader: None)
         self._lease: int | None = None
@@ -48,7 +51,7 @@ class LeaderElector:
     def is_leader(self) -> bool:
         with self._lock:
             # also when the renewals stopped working: the lease may have expired already
-            return bool(self._rev) and time.monotonic() - self._renewed < self.ttl * 2 / 3
+            return bool(self._rev) and time.monotonic() - self._renewed < self.lease_ttl * 2 / 3
 
     def guard(self) -> Compare | None:
         """The compare every write must carry (None when not the leader)."""
@@ -94,7 +97,7 @@ class LeaderElector:
             self.holder = kv.value.decode("utf-8", "replace")
             return
         if self._lease is None or self.ds.lease_keepalive(self._lease) <= 0:
-            self._lease, _ = self.ds.lease_grant(self.ttl)
+            self._lease, _ = self.ds.lease_grant(self.lease_ttl)
         if self.ds.commit([Compare(self.key, 0)], [Put(self.key, self.identity.encode(), lease=self._lease)]):
             self.holder = self.identity
             self._set(self.ds.last_revision)
@@ -107,11 +110,11 @@ class LeaderElector:
             except DatastoreError as e:
                 self.healthy, self.last_error = False, str(e)
                 log.warning("controller: leader election: %s", e)
-                if self._rev and time.monotonic() - self._renewed >= self.ttl * 2 / 3:
+                if self._rev and time.monotonic() - self._renewed >= self.lease_ttl * 2 / 3:
                     self._set(0, "cannot renew the leader lease")
             # the leader renews 4x per TTL; a follower polls often (a dead leader's lease expires
             # at most one TTL after its last renewal: takeover within TTL + this poll)
-            self._stop.wait(self.ttl / 4 if self._rev else min(0.25, self.ttl / 8))
+            self._stop.wait(self.lease_ttl / 4 if self._rev else min(0.25, self.ttl / 8))
 
     def start(self) -> "LeaderElector":
         self._thread = threading.Thread(target=self.run, name="leader-election", daemon=True)

@@ -1,7 +1,7 @@
 """etcd v3 through its JSON gateway (``POST /v3/kv/range``, ``/v3/kv/txn``), stdlib only.
 
-This module is on the plugin's exec path: it imports only ``socket``, ``json`` and
-``binascii``.  HTTP is a minimal HTTP/1.1 keep-alive client (``_Conn``): ``http.client``
+This module is on the plugin's exec path: it imports only ``_socket`` (through ``_netio``),
+``_json`` (through ``cni_ipam._json``) and ``binascii``.  HTTP is a minimal HTTP/1.1 keep-alive client (``_Conn``): ``http.client``
 would pull in ``email``, ``urllib`` and ``ssl`` (about a third of an ADD's import
 time) and parses each response's headers through ``email.parser``.  ``ssl`` is
 imported only for https endpoints.
@@ -19,8 +19,8 @@ Wire notes (etcd 3.4 gateway = grpc-gateway v1 + jsonpb):
 from __future__ import annotations
 
 import binascii
-import json
-import socket
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
+from . import _netio as socket  # create_connection on _socket: no `socket` import (issue 17)
 import sys
 import time
 

@@ -26,14 +26,13 @@ Nothing here talks to etcd.
 from __future__ import annotations
 
 import ipaddress
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable
 
 from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
-from .selector import SelectorError, parse as parse_selector
 
 from ..log import log
 
@@ -167,8 +166,11 @@ def node_matcher(node: str, get_labels: Callable[[], dict]) -> Callable:
     cache: list[dict] = []
 
     def matches(pool) -> bool:
+        if not pool.node_selector or pool.node_selector == "all()":
+            return True   # the default: matches every node (no parser imported on an ADD's path)
+        from .selector import SelectorError, parse as parse_selector
         try:
-            sel = parse_selector(pool.node_selector or "all()")
+            sel = parse_selector(pool.node_selector)
         except SelectorError as e:
             raise CorruptData(f"pool {pool.name!r} has an invalid nodeSelector "
                               f"{pool.node_selector!r}: {e}") from None

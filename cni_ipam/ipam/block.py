@@ -15,7 +15,7 @@ Nothing in this module talks to etcd.
 from __future__ import annotations
 
 import ipaddress
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 
 BRIDGE = "bridge"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 
 

@@ -6,7 +6,7 @@ callables (list block indexes from a point; count blocks in a range).
 from __future__ import annotations
 
 import ipaddress
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover

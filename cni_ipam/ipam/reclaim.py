@@ -12,7 +12,7 @@ starts them over).  Standard library only: on the exec path.
 """
 from __future__ import annotations
 
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 import os
 import time
 

@@ -15,7 +15,7 @@ only under the host lock.  Standard library only (it is on the exec path).
 from __future__ import annotations
 
 import binascii
-import json
+from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 import os
 
 #: written into every file; a file of another format is ignored
