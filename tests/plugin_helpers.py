@@ -43,6 +43,18 @@ def exec_plugin(command, conf, *, container="c1", ifname="eth0", netns="/var/run
     return Run(p.returncode, parsed, out, p.stderr.decode(errors="replace"))
 
 
+def assert_error(r: Run, code: int, *, names: str | None = None) -> dict:
+    """A CNI error as the spec wants it: one JSON line on stdout with ``code``, non-zero exit,
+    no traceback; ``names`` must appear in its msg or details.  Returns the error object."""
+    assert r.rc != 0, r.stdout
+    assert r.stdout.count("\n") == 1, r.stdout
+    assert r.out is not None and r.out["code"] == code, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    if names:
+        assert names in r.out["msg"] + " " + r.out.get("details", ""), r.out
+    return r.out
+
+
 def netconf(endpoint, prefix, tmp_path, *, version="1.0.0", name="testnet", node="node-a", **ipam):
     conf = {
         "cniVersion": version,

@@ -19,21 +19,11 @@ from cni_ipam.ipam.errors import TryAgain
 from cni_ipam.ipam.keys import LAYOUT
 from cni_ipam.ipam.model import IPAMConfig
 from cni_ipam.ipam.pool import make_pool
-from tests.plugin_helpers import ROOT, exec_plugin, netconf
+from tests.plugin_helpers import ROOT, assert_error, exec_plugin, netconf
 from tests.support.etcd import EtcdServer, free_port
 
 #: the last commit before layout 2 (handles keyed <net>/<cid>/<ifname>): "the old binary"
 OLD_COMMIT = "0684c4a1bc10a9f4462c590fba7c01b6214e2792"
-
-
-def assert_error(r, code, *, names=None):
-    assert r.rc != 0, r.stdout
-    assert r.stdout.count("\n") == 1 and r.out is not None, r.stdout + r.stderr
-    assert r.out["code"] == code, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    if names:
-        assert names in r.out["msg"] + " " + r.out.get("details", ""), r.out
-    return r.out
 
 
 def dump(ds, prefix):

@@ -26,7 +26,7 @@ import pytest
 from cni_ipam.datastore import Put, open_datastore
 from cni_ipam.ipam.engine import IPAM
 from cni_ipam.ipam.pool import make_pool
-from tests.plugin_helpers import ROOT, exec_plugin, netconf
+from tests.plugin_helpers import ROOT, assert_error, exec_plugin, netconf
 from tests.support.etcd import free_port
 
 
@@ -53,16 +53,6 @@ def snapshot(store) -> dict:
 
 def corrupt(store, key: str, value: bytes) -> None:
     assert store.ds.commit([], [Put(key, value)])
-
-
-def assert_error(r, code: int, *, names: str | None = None):
-    assert r.rc != 0, r.stdout
-    assert r.stdout.count("\n") == 1, r.stdout
-    assert r.out is not None and r.out["code"] == code, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    if names:
-        assert names in r.out["msg"] + " " + r.out.get("details", ""), r.out
-    return r.out
 
 
 def cni_ipam_check(etcd_server, etcd_prefix) -> subprocess.CompletedProcess:

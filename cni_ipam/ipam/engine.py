@@ -338,15 +338,14 @@ class IPAM:
         if lkey:
             reads.append(Read(lkey))
         snap = self.ds.read(reads)
+        legacy = snap.pop() if lkey else None   # the attachment's layout-1 key, as read
         if snap[0].kvs:
             return AssignResult(_decode(hkey, snap[0].kvs[0], Handle.from_json), existing=True)
-        if lkey and snap[-1].kvs:
-            old = _decode(lkey, snap[-1].kvs[0], Handle.from_json)
+        if legacy is not None and legacy.kvs:
+            old = _decode(lkey, legacy.kvs[0], Handle.from_json)
             if old.is_attachment(req.network, req.container_id, req.ifname):
                 return AssignResult(old, existing=True)   # made by an older version: still this attachment's
-        snap_has_legacy = bool(lkey and snap[-1].kvs)   # another attachment's layout-1 record: not ours
-        if lkey:
-            snap = snap[:-1]
+            # else another attachment's layout-1 record under the same (ambiguous) id: not ours
         cfg = snap[2].kvs[0] if snap[2].kvs else None
         # what was read, kept as a Snapshot (the next ADD may plan from it: _assign_from_snapshot)
         view = Snapshot(req.node, self.ds.last_revision,
@@ -368,7 +367,7 @@ class IPAM:
         handle, txn = self._plan(req, view, load, record, fast_only=False)
         compares, puts = txn.ops()
         compares.append(Compare(hkey, 0))
-        if lkey and not snap_has_legacy:
+        if legacy is not None and not legacy.kvs:
             compares.append(Compare(lkey, 0))   # (an older version's ADD of the same attachment meanwhile)
         puts.append(Put(hkey, handle.to_json()))
         # the pools allocated from must be as read: a pool disabled or being deleted
