@@ -11,10 +11,9 @@ import ipaddress
 import os
 from cni_ipam._records import dataclass, field
 
+from .constants import DEFAULT_ANNOTATION_PREFIX, DEFAULT_ENDPOINTS, DEFAULT_PREFIX, is_dns_subdomain
 from .log import log
 
-DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
-DEFAULT_PREFIX = "/cni-ipam"
 DEFAULT_LOCK_FILE = "/var/run/cni-ipam/ipam.lock"
 DEFAULT_LOG_FILE = "/var/log/cni-ipam/cni-ipam.log"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,7 +50,7 @@ class IpamConfig:
     log_level: str = "info"
     timeout_seconds: float = 10.0
     lock_timeout_seconds: float = 120.0   # a node-reboot burst queues many ADDs behind the host lock
-    annotation_prefix: str = "cni.projectcalico.org"
+    annotation_prefix: str = DEFAULT_ANNOTATION_PREFIX
     kubernetes: dict | None = None
 
     @property
@@ -126,19 +125,10 @@ def _routes(k, v):
     return out
 
 
-_LDH = "-abcdefghijklmnopqrstuvwxyz0123456789"
-
-
-def _dns_subdomain(v: str) -> bool:
-    r"""``[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*`` without `re` at import."""
-    return all(label and not label.strip(_LDH) and label[0] != "-" and label[-1] != "-"
-               for label in v.split("."))
-
-
 def _annotation_prefix(k, v):
     # an annotation key's prefix is a DNS subdomain (Kubernetes' rule), e.g. cni.projectcalico.org
     v = _str(k, v)
-    if not (len(v) <= 253 and _dns_subdomain(v)):
+    if not is_dns_subdomain(v):
         raise ConfigError(f"ipam.{k} must be a DNS subdomain like 'cni.projectcalico.org', not {v!r}")
     return v
 

@@ -13,8 +13,7 @@ import os
 import sys
 from cni_ipam._records import dataclass, field
 
-DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
-DEFAULT_PREFIX = "/cni-ipam"
+from cni_ipam.constants import DEFAULT_ENDPOINTS, DEFAULT_PREFIX  # noqa: F401 (re-exported)
 DEFAULT_TIMEOUT = 10.0
 OUTPUT_FORMATS = ("table", "json", "yaml")
 #: table output that fits 80 columns by default; ``-o wide`` (some commands) shows every column

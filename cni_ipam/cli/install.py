@@ -41,6 +41,8 @@ import os
 import shutil
 import sys
 
+from cni_ipam.constants import DEFAULT_PREFIX
+
 DEFAULT_CONFLIST = "10-cni-ipam-bridge.conflist"   # the example shipped in conf/ (used with --conflist)
 MANIFEST = "install-manifest.json"
 SRC_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -421,7 +423,7 @@ def install(args, out=sys.stdout) -> int:
     values = {"__CNI_NET_DIR__": host_conf_dir, "__ETCD_TLS_DIR__": on_host(tls_dest),
               "__KUBECONFIG_FILEPATH__": on_host(kubeconfig) if kubeconfig else "",
               "__ETCD_ENDPOINTS__": os.environ.get("ETCD_ENDPOINTS", ""),
-              "__ETCD_PREFIX__": os.environ.get("CNI_IPAM_ETCD_PREFIX", "") or "/cni-ipam",
+              "__ETCD_PREFIX__": os.environ.get("CNI_IPAM_ETCD_PREFIX", "") or DEFAULT_PREFIX,
               "__KUBERNETES_NODE_NAME__": os.environ.get("KUBERNETES_NODE_NAME", "")}
 
     # 1. everything that could refuse, before anything is changed

@@ -36,7 +36,7 @@ from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
 
 from ..log import log
 
-DEFAULT_PREFIX = "cni.projectcalico.org"
+from ..constants import DEFAULT_ANNOTATION_PREFIX as DEFAULT_PREFIX, ERR_INVALID_NETWORK_CONFIG  # noqa: E402
 IPV4POOLS, IPV6POOLS, IPADDRS = "ipv4pools", "ipv6pools", "ipAddrs"
 
 
@@ -47,7 +47,7 @@ class AnnotationError(InvalidRequest):
 class KubernetesError(IPAMError):
     """A Kubernetes API failure, as an engine error: code 11 when worth retrying
     (unreachable, timeout, 5xx, 429), else 7."""
-    code = 7
+    code = ERR_INVALID_NETWORK_CONFIG
 
 
 def key(prefix: str, name: str) -> str:
