@@ -12,6 +12,7 @@ import os
 from cni_ipam._records import dataclass, field
 
 from .constants import DEFAULT_ANNOTATION_PREFIX, DEFAULT_ENDPOINTS, DEFAULT_PREFIX, is_dns_subdomain
+from .datastore.base import EndpointError, parse_endpoint
 from .log import log
 
 DEFAULT_LOCK_FILE = "/var/run/cni-ipam/ipam.lock"
@@ -151,24 +152,15 @@ def _kubernetes(k, v):
 
 
 def _check_endpoint(e: str) -> None:
-    """``http(s)://host[:port][/path]`` with a host and a valid port; no credentials in it."""
-    if not (e.startswith("http://") or e.startswith("https://")):
-        raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not an http:// or https:// URL")
-    hostport = e.partition("://")[2].split("/", 1)[0]
-    if "@" in hostport:  # never echo this one: it holds credentials
-        raise ConfigError("ipam.etcd_endpoints: credentials in an endpoint URL are not allowed; "
-                          "use etcd_username and etcd_password (or etcd_password_file)")
-    if hostport.startswith("["):
-        host, close, port = hostport[1:].partition("]")
-        if not close or (port and not port.startswith(":")):
-            raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not a valid URL")
-        port = port[1:]
-    else:
-        host, _, port = hostport.partition(":")
-    if not host:
-        raise ConfigError(f"ipam.etcd_endpoints: {e!r} has no host")
-    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise ConfigError(f"ipam.etcd_endpoints: {e!r} has an invalid port")
+    """``http(s)://host[:port][/path]`` with a host and a valid port; no credentials in it
+    (datastore.base.parse_endpoint: the rule the transports use)."""
+    try:
+        parse_endpoint(e)
+    except EndpointError as err:
+        if err.credentials:  # never echo this one: it holds credentials
+            raise ConfigError("ipam.etcd_endpoints: credentials in an endpoint URL are not allowed; "
+                              "use etcd_username and etcd_password (or etcd_password_file)") from None
+        raise ConfigError(f"ipam.etcd_endpoints: {err}") from None
 
 
 def parse_ipam_config(ipam: dict) -> IpamConfig:

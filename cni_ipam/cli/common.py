@@ -14,6 +14,7 @@ import sys
 from cni_ipam._records import dataclass, field
 
 from cni_ipam.constants import DEFAULT_ENDPOINTS, DEFAULT_PREFIX  # noqa: F401 (re-exported)
+from cni_ipam.datastore.base import EndpointError, parse_endpoint
 DEFAULT_TIMEOUT = 10.0
 OUTPUT_FORMATS = ("table", "json", "yaml")
 #: table output that fits 80 columns by default; ``-o wide`` (some commands) shows every column
@@ -278,8 +279,11 @@ def connection_settings(args) -> Connection:
         if not eps:
             raise CLIError("no etcd endpoints given")
         for e in eps:
-            if not (e.startswith("http://") or e.startswith("https://")):
-                raise CLIError(f"etcd endpoint {e!r} is not an http:// or https:// URL")
+            try:
+                parse_endpoint(e)
+            except EndpointError as err:
+                raise CLIError("etcd endpoint URLs must not hold credentials: use --etcd-username and "
+                               "--etcd-password-file" if err.credentials else f"etcd endpoint {err}") from None
         c.endpoints = list(eps)
     prefix, _ = pick("etcd_prefix")
     if prefix is not None:
