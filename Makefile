@@ -5,13 +5,18 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - the seed's walkthrough on a throwaway etcd"
-	@echo "make test   - install what is missing, run every test (starts its own etcd)"
+	@echo "make test   - install what is missing, type-check cni_ipam/ (mypy), run every test (starts its own etcd)"
 
 deps:
 	@PYTHON=$(PYTHON) bash scripts/install-deps.sh
 
-test: deps
+test: deps typecheck
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# mypy over cni_ipam/ (config: [tool.mypy] in pyproject.toml; lenient, no strict mode)
+.PHONY: typecheck
+typecheck: deps
+	$(PYTHON) -m mypy
 
 unit: deps
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -45,3 +45,9 @@ if ! $PY -c 'import kubernetes_validate' >/dev/null 2>&1; then
   echo "install-deps: pip install kubernetes-validate" >&2
   $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore 'kubernetes-validate>=1.30'
 fi
+
+# the type checker `make typecheck` (part of `make test`) runs over cni_ipam/
+if ! $PY -c 'import mypy' >/dev/null 2>&1; then
+  echo "install-deps: pip install mypy" >&2
+  $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore 'mypy>=1.8'
+fi

@@ -187,7 +187,7 @@ def _replace_file(data: bytes | None, dest: str, mode: int, copy_from: str | Non
             shutil.copyfile(copy_from, tmp)
         else:
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(data)  # type: ignore[arg-type]  # (None only with copy_from)
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
     finally:
@@ -224,7 +224,7 @@ class Manifest:
     def __init__(self, root: str):
         self.root = root
         self.path = os.path.join(root, MANIFEST)
-        self.data = {"version": 1, "files": {}, "builds": [], "dirs": [], "backups": {}}
+        self.data: dict = {"version": 1, "files": {}, "builds": [], "dirs": [], "backups": {}}
         try:
             with open(self.path) as f:
                 loaded = json.load(f)
@@ -504,8 +504,8 @@ def install(args, out=sys.stdout) -> int:
         sync_tls(tls_files, tls_dest, manifest)
         _say(out, f"etcd-tls: {tls_dest}: {', '.join(sorted(tls_files)) or 'none in ' + args.etcd_tls}")
     if keeper is not None:
-        manifest.makedirs(os.path.dirname(kubeconfig))
-        manifest.file(kubeconfig, kind="kubeconfig")     # rewritten while it runs: removed whatever it holds
+        manifest.makedirs(os.path.dirname(kubeconfig))  # type: ignore[arg-type]  # (set with keeper)
+        manifest.file(kubeconfig, kind="kubeconfig")  # type: ignore[arg-type]     # rewritten while it runs: removed whatever it holds
         manifest.save()
         try:
             keeper.write()

@@ -347,7 +347,7 @@ class Datastore:
         """One compare-and-swap txn: (succeeded, header revision)."""
         raise NotImplementedError
 
-    def _auth(self, deadline: float) -> str:  # pragma: no cover
+    def _auth(self, deadline: float) -> str | None:  # pragma: no cover
         """Authenticate as ``_username``: the token (Refused when etcd says no)."""
         raise NotImplementedError
 

@@ -388,7 +388,7 @@ class GatewayDatastore(Datastore):
                     hint = (" (the server speaks plain HTTP there? then use an http:// URL)"
                             if getattr(e, "reason", None) == "WRONG_VERSION_NUMBER" else "")
                     raise DatastoreError(f"TLS with etcd at {ep.url} failed: "
-                                         f"{getattr(e, 'verify_message', None) or e.reason or e}{hint}") from None
+                                         f"{getattr(e, 'verify_message', None) or getattr(e, 'reason', None) or e}{hint}") from None
                 return False, _unreachable(e, ep.https) or _describe(e, attempt_timeout)
             try:
                 obj = json.loads(data) if data else {}
@@ -412,7 +412,7 @@ class GatewayDatastore(Datastore):
         return obj
 
     # -- the template's wire calls (base.Datastore) -----------------------------------
-    def _auth(self, deadline: float) -> str:
+    def _auth(self, deadline: float) -> str | None:
         return self._post("/v3/auth/authenticate", {"name": self._username, "password": self._password},
                           deadline, None).get("token")
 
