@@ -74,33 +74,60 @@ def _commit_chunks(ds, items: list[tuple[list, list]], max_ops: int = MAX_TXN_OP
 def delete_pool(ipam, name: str, *, force: bool = False, max_rounds: int = 30) -> dict:
     """Delete a pool and everything of it, never leaving orphan blocks or affinities.
 
-    Without ``force``, refuses while any address is allocated in it.  Steps, each CAS:
-    disable the pool (so no ADD can claim or allocate in it any more: ADDs compare the
-    pool's revision); with ``force`` release every handle holding an address in it;
-    delete each empty block together with its affinity; delete affinities left
-    without a block; finally delete the pool record, compared against the revision
-    this function wrote."""
-    ds, k = ipam.ds, ipam.keys
-    key = k.pool(name)
-    kv = ds.get(key)
-    if kv is None:
-        raise NotFound(f'pool "{name}" does not exist')
-    try:
-        pool = Pool.from_json(kv.value)
-    except PoolError as e:
-        if not force:
-            raise AdminError(f'pool "{name}": the value at etcd key {key} is undecodable ({e}), so its '
-                             f'blocks cannot be located; `pool delete {name} --force` removes just the '
-                             f'record (then run `cni-ipam check`)') from None
-        if not ds.commit([Compare(key, kv.mod_revision)], [Delete(key)]):
-            raise Conflict(f'pool "{name}" changed while deleting it; try again')
-        return {"pool": name, "releasedHandles": [], "blocksDeleted": 0, "affinitiesDeleted": 0,
-                "undecodable": True}
-    start, end = cidr_block_range(k, pool.cidr)
+    Without ``force``, refuses while any address is allocated in it.  Steps, each CAS
+    (the methods of ``_PoolDelete``, in this order):
+    1. ``disable``: so no ADD can claim or allocate in it any more (ADDs compare the
+       pool's revision);
+    2. ``empty_blocks``: with ``force`` release every handle holding an address in it,
+       then delete each empty block together with its affinity;
+    3. ``delete_stale_affinities``: affinities left without a block;
+    4. ``delete_record``: the pool record, compared against the revision step 1 wrote."""
+    d = _PoolDelete(ipam, name, force)
+    if d.pool is None:
+        return d.delete_undecodable_record()
+    d.refuse_if_held()
+    d.disable()
+    released, blocks_deleted = d.empty_blocks(max_rounds)
+    aff_deleted = d.delete_stale_affinities()
+    d.delete_record()
+    return {"pool": name, "releasedHandles": released, "blocksDeleted": blocks_deleted,
+            "affinitiesDeleted": aff_deleted, "undecodable": False}
 
-    def scan():
+
+class _PoolDelete:
+    """The state ``delete_pool``'s steps share: the pool record and the revision last written."""
+
+    def __init__(self, ipam, name: str, force: bool):
+        self.ipam, self.ds, self.k = ipam, ipam.ds, ipam.keys
+        self.name, self.force = name, force
+        self.key = self.k.pool(name)
+        self.kv = self.ds.get(self.key)
+        if self.kv is None:
+            raise NotFound(f'pool "{name}" does not exist')
+        self.rev = self.kv.mod_revision
+        try:
+            self.pool: Pool | None = Pool.from_json(self.kv.value)
+        except PoolError as e:
+            if not force:
+                raise AdminError(f'pool "{name}": the value at etcd key {self.key} is undecodable ({e}), so '
+                                 f'its blocks cannot be located; `pool delete {name} --force` removes just the '
+                                 f'record (then run `cni-ipam check`)') from None
+            self.pool = None
+            return
+        self.was_disabled = self.pool.disabled
+        self.start, self.end = cidr_block_range(self.k, self.pool.cidr)
+
+    def delete_undecodable_record(self) -> dict:
+        """``--force`` on an undecodable record: its blocks cannot be located; just the record goes."""
+        if not self.ds.commit([Compare(self.key, self.rev)], [Delete(self.key)]):
+            raise Conflict(f'pool "{self.name}" changed while deleting it; try again')
+        return {"pool": self.name, "releasedHandles": [], "blocksDeleted": 0, "affinitiesDeleted": 0,
+                "undecodable": True}
+
+    def scan(self):
+        """(decodable blocks as (kv, Block), {handle: an address it holds}, undecodable block kvs)."""
         blocks, holders, bad = [], {}, []
-        for bkv in iter_range(ds, start, end):
+        for bkv in iter_range(self.ds, self.start, self.end):
             try:
                 b = Block.from_json(bkv.value)
             except BlockError:
@@ -111,85 +138,97 @@ def delete_pool(ipam, name: str, *, force: bool = False, max_rounds: int = 30) -
                 holders.setdefault(hid, b.ip(o))
         return blocks, holders, bad
 
-    def refuse(holders, extra=""):
+    def refuse(self, holders, extra=""):
         n = len(holders)
         hid, ip = next(iter(holders.items()))
-        raise AdminError(f'pool "{name}" has addresses allocated to {n} handle(s) (e.g. {ip} held by '
+        raise AdminError(f'pool "{self.name}" has addresses allocated to {n} handle(s) (e.g. {ip} held by '
                          f'{hid}){extra}; release them first, or use --force, which releases them')
 
-    _, holders, bad = scan()
-    if holders and not force:
-        refuse(holders)
-    if bad and not force:
-        raise AdminError(f'pool "{name}": block {bad[0].key} is undecodable; use --force to delete it '
-                         f'with the pool')
-    # 1. disable
-    rev = kv.mod_revision
-    was_disabled = pool.disabled
-    if not pool.disabled:
+    def refuse_if_held(self) -> None:
+        """Without ``force``: refuse while any address is allocated or a block is undecodable."""
+        _, holders, bad = self.scan()
+        if holders and not self.force:
+            self.refuse(holders)
+        if bad and not self.force:
+            raise AdminError(f'pool "{self.name}": block {bad[0].key} is undecodable; use --force to delete '
+                             f'it with the pool')
+
+    def disable(self) -> None:
+        """Step 1: mark the pool disabled (CAS), and remember the revision written."""
+        pool = self.pool
+        if pool.disabled:
+            return
         pool.disabled = True
-        if not ds.commit([Compare(key, rev)], [Put(key, pool.to_json())]):
-            raise Conflict(f'pool "{name}" changed while deleting it; nothing was deleted -- try again')
-        now = ds.get(key)
+        if not self.ds.commit([Compare(self.key, self.rev)], [Put(self.key, pool.to_json())]):
+            raise Conflict(f'pool "{self.name}" changed while deleting it; nothing was deleted -- try again')
+        now = self.ds.get(self.key)
         if now is None or now.value != pool.to_json():
-            raise Conflict(f'pool "{name}" changed while deleting it; try again')
-        rev = now.mod_revision
+            raise Conflict(f'pool "{self.name}" changed while deleting it; try again')
+        self.rev = now.mod_revision
 
-    def restore():
-        if not was_disabled:
-            pool.disabled = False
-            ds.commit([Compare(key, rev)], [Put(key, pool.to_json())])
+    def restore(self) -> None:
+        """Undo step 1 (an ADD won the race against a delete without ``force``)."""
+        if not self.was_disabled:
+            self.pool.disabled = False
+            self.ds.commit([Compare(self.key, self.rev)], [Put(self.key, self.pool.to_json())])
 
-    released: list[str] = []
-    orphan_holders: set[str] = set()   # allocations whose handle record is gone (corruption)
-    blocks_deleted = 0
-    for _ in range(max_rounds):
-        blocks, holders, bad = scan()
-        live = {h: ip for h, ip in holders.items() if h not in orphan_holders}
-        if live and not force:
-            restore()
-            refuse(live, " (allocated while the delete was starting)")
-        for hid in live:
-            if ipam.release(hid) is not None:
-                released.append(hid)
-            else:
-                orphan_holders.add(hid)
-        if live:
-            continue   # re-scan: the released blocks have new revisions
-        groups = []
-        for bkv, b in blocks:
-            ops = [Delete(bkv.key)]
-            if b.node:
-                ops.append(Delete(k.affinity_key(b.node, b.cidr)))
-            groups.append(([Compare(bkv.key, bkv.mod_revision)], ops))
-        for bkv in bad:
-            groups.append(([Compare(bkv.key, bkv.mod_revision)], [Delete(bkv.key)]))
-        if not groups:
-            break
-        blocks_deleted += _commit_chunks(ds, groups)
-    else:
-        raise AdminError(f'pool "{name}": its blocks kept changing; gave up after {max_rounds} rounds '
+    def empty_blocks(self, max_rounds: int) -> tuple[list[str], int]:
+        """Step 2: release the holders (``force``), then delete every block with its affinity,
+        re-scanning until none is left.  Returns (released handles, blocks deleted)."""
+        k = self.k
+        released: list[str] = []
+        orphan_holders: set[str] = set()   # allocations whose handle record is gone (corruption)
+        blocks_deleted = 0
+        for _ in range(max_rounds):
+            blocks, holders, bad = self.scan()
+            live = {h: ip for h, ip in holders.items() if h not in orphan_holders}
+            if live and not self.force:
+                self.restore()
+                self.refuse(live, " (allocated while the delete was starting)")
+            for hid in live:
+                if self.ipam.release(hid) is not None:
+                    released.append(hid)
+                else:
+                    orphan_holders.add(hid)
+            if live:
+                continue   # re-scan: the released blocks have new revisions
+            groups = []
+            for bkv, b in blocks:
+                ops = [Delete(bkv.key)]
+                if b.node:
+                    ops.append(Delete(k.affinity_key(b.node, b.cidr)))
+                groups.append(([Compare(bkv.key, bkv.mod_revision)], ops))
+            for bkv in bad:
+                groups.append(([Compare(bkv.key, bkv.mod_revision)], [Delete(bkv.key)]))
+            if not groups:
+                return released, blocks_deleted
+            blocks_deleted += _commit_chunks(self.ds, groups)
+        raise AdminError(f'pool "{self.name}": its blocks kept changing; gave up after {max_rounds} rounds '
                          f'(the pool stays disabled; run the delete again)')
-    # affinities left without a block (a block deleted by hand, an interrupted delete)
-    stale = []
-    for akv in iter_prefix(ds, k.affinity, keys_only=True):
-        rest = akv.key[len(k.affinity):]
-        _, _, bid = rest.partition("/")
-        try:
-            net = block_from_id(bid)
-        except (ValueError, IndexError):
-            continue
-        if net.version == pool.version and net.subnet_of(pool.cidr):
-            stale.append(([], [Delete(akv.key)]))
-    aff_deleted = _commit_chunks(ds, stale)
-    if ds.count(start, end):
-        raise AdminError(f'pool "{name}": blocks appeared while deleting it; the pool stays disabled -- '
-                         f'run the delete again')
-    if not ds.commit([Compare(key, rev)], [Delete(key)]):
-        raise Conflict(f'pool "{name}" was changed by someone else while deleting it (its blocks are '
-                       f'already released); run the delete again')
-    return {"pool": name, "releasedHandles": released, "blocksDeleted": blocks_deleted,
-            "affinitiesDeleted": aff_deleted, "undecodable": False}
+
+    def delete_stale_affinities(self) -> int:
+        """Step 3: affinities left without a block (a block deleted by hand, an interrupted delete)."""
+        k, pool = self.k, self.pool
+        stale = []
+        for akv in iter_prefix(self.ds, k.affinity, keys_only=True):
+            rest = akv.key[len(k.affinity):]
+            _, _, bid = rest.partition("/")
+            try:
+                net = block_from_id(bid)
+            except (ValueError, IndexError):
+                continue
+            if net.version == pool.version and net.subnet_of(pool.cidr):
+                stale.append(([], [Delete(akv.key)]))
+        return _commit_chunks(self.ds, stale)
+
+    def delete_record(self) -> None:
+        """Step 4: the pool record, once no block is left, compared against step 1's revision."""
+        if self.ds.count(self.start, self.end):
+            raise AdminError(f'pool "{self.name}": blocks appeared while deleting it; the pool stays disabled '
+                             f'-- run the delete again')
+        if not self.ds.commit([Compare(self.key, self.rev)], [Delete(self.key)]):
+            raise Conflict(f'pool "{self.name}" was changed by someone else while deleting it (its blocks are '
+                           f'already released); run the delete again')
 
 
 # ----------------------------------------------------------------------------- config
