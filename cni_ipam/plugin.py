@@ -101,7 +101,7 @@ class _Session:
             held.__enter__()
             self.held = held
         if self.network is None:
-            self.ipam = IPAM(self.ds, ic.etcd_prefix)
+            self.ipam = self._engine(IPAM(self.ds, ic.etcd_prefix))
             return self.ipam
         from .ipam import reclaim, snapshot as snapshots
         self.ident = "\n".join(["cni-ipam snapshot", ic.etcd_prefix, self.node, self.network]
@@ -109,13 +109,20 @@ class _Session:
         self.snapshot_file = snapshots.file_path(ic.lock_file, self.ident)
         self.watch_file = reclaim.file_path(ic.lock_file)
         self.before = snapshots.load(self.snapshot_file, self.ident)
-        self.ipam = IPAM(self.ds, ic.etcd_prefix, use_snapshot=True, snapshot=self.before,
-                         empty_watch=reclaim.load(self.watch_file))
-        self.requests0 = self.ds.requests
+        self.ipam = self._engine(IPAM(self.ds, ic.etcd_prefix, use_snapshot=True, snapshot=self.before,
+                                      empty_watch=reclaim.load(self.watch_file)))
+        self.requests0 = self.ipam.ds.requests
         return self.ipam
+
+    @staticmethod
+    def _engine(ipam):
+        """The engine the verb uses (a seam for tests that interpose on its datastore)."""
+        return ipam
 
     def _close(self) -> None:
         ipam, ds, held = self.ipam, self.ds, self.held
+        if ipam is not None:
+            ds = ipam.ds
         self.ipam = self.ds = self.held = None
         try:
             if ipam is not None and self.snapshot_file is not None:

@@ -17,7 +17,7 @@ import pytest
 
 from cni_ipam.controller.kube import KubeCache, api_client
 from cni_ipam.controller.reconcile import Reconciler
-from cni_ipam.datastore import Compare, open_datastore
+from cni_ipam.datastore import Compare, Put, open_datastore
 from cni_ipam.ipam import gc
 from cni_ipam.ipam.engine import IPAM, AssignRequest
 from cni_ipam.ipam.pool import make_pool
@@ -218,7 +218,7 @@ def leader_guard(ipam):
     """Take the leadership key the way the controller does (for in-process reconcilers)."""
     lid, _ = ipam.ds.lease_grant(60)
     key = gc.leader_key(ipam.keys)
-    assert ipam.ds.commit([Compare(key, 0)], [gc.Put(key, b"test", lease=lid)])
+    assert ipam.ds.commit([Compare(key, 0)], [Put(key, b"test", lease=lid)])
     g = Compare(key, ipam.ds.last_revision)
     return lambda: g
 

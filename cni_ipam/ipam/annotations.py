@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable
 
 from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
+from .store import decode_record, encode_record  # noqa: F401 (the records' codec lives in the store layer)
 
 from ..log import log
 
@@ -185,27 +186,7 @@ def node_matcher(node: str, get_labels: Callable[[], dict]) -> Callable:
     return matches
 
 
-# -- records stored in etcd (no Kubernetes) ----------------------------------------
-
-def encode_record(name: str, field_name: str, values: dict) -> bytes:
-    """``<prefix>/v1/namespaces/<ns>`` = {"name", "annotations"};
-    ``<prefix>/v1/nodes/<node>`` = {"name", "labels"}."""
-    return json.dumps({"name": name, field_name: dict(sorted(values.items()))},
-                      separators=(",", ":")).encode()
-
-
-def decode_record(etcd_key: str, value: bytes | None, field_name: str) -> dict:
-    if not value:
-        return {}
-    try:
-        d = json.loads(value)
-        m = d.get(field_name) or {}
-        if not isinstance(m, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
-            raise ValueError(f"{field_name} must be a map of strings")
-        return m
-    except (ValueError, AttributeError) as e:
-        raise CorruptData(f"corrupt value at etcd key {etcd_key}: {e}") from None
-
+# -- records stored in etcd (no Kubernetes): encode_record / decode_record, in ipam/store.py
 
 # -- Kubernetes --------------------------------------------------------------------
 

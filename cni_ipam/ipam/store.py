@@ -213,6 +213,12 @@ class Keys:
     def node(self, node: str) -> str:
         return self.nodes + escape(node)
 
+    def namespace_name_of_key(self, key: str) -> str:
+        return unescape(key[len(self.namespaces):])
+
+    def node_name_of_key(self, key: str) -> str:
+        return unescape(key[len(self.nodes):])
+
     def leader(self, name: str = "leader") -> str:
         return self.controller + escape(name)
 
@@ -248,6 +254,26 @@ class Affinity:
             return cls(str(d.get("pool", "")), str(d.get("mode", "")))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"undecodable affinity: {e}") from None
+
+
+def encode_record(name: str, field_name: str, values: dict) -> bytes:
+    """``<prefix>/v1/namespaces/<ns>`` = {"name", "annotations"};
+    ``<prefix>/v1/nodes/<node>`` = {"name", "labels"}."""
+    return json.dumps({"name": name, field_name: dict(sorted(values.items()))},
+                      separators=(",", ":")).encode()
+
+
+def decode_record(etcd_key: str, value: bytes | None, field_name: str) -> dict:
+    if not value:
+        return {}
+    try:
+        d = json.loads(value)
+        m = d.get(field_name) or {}
+        if not isinstance(m, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
+            raise ValueError(f"{field_name} must be a map of strings")
+        return m
+    except (ValueError, AttributeError) as e:
+        raise CorruptData(f"corrupt value at etcd key {etcd_key}: {e}") from None
 
 
 _DECODE_ERRORS = (ValueError, BlockError, PoolError, RecursionError)
