@@ -542,3 +542,27 @@ def guards_hold(ds: Datastore, guards: Sequence) -> bool:
         if rev != g.mod_revision:
             return False
     return True
+
+
+def commit_batches(ds: Datastore, txns: Sequence[Txn], max_ops: int | None = None) -> int:
+    """Commit independent ``txns`` packed into as few transactions as etcd's op limit allows
+    (``max_ops``: default ``MAX_TXN_OPS``).  Returns how many of them were committed; a batch
+    that fails on a guard is skipped (the caller re-reads and tries again)."""
+    from ..datastore.base import MAX_TXN_OPS
+    limit = MAX_TXN_OPS if max_ops is None else max_ops
+    done = 0
+    batch_c: list = []
+    batch_o: list = []
+    n = 0
+    for txn in txns:
+        cs, os_, _ = txn.ops()
+        if len(batch_c) + len(cs) > limit or len(batch_o) + len(os_) > limit:
+            if batch_o and ds.commit(batch_c, batch_o):
+                done += n
+            batch_c, batch_o, n = [], [], 0
+        batch_c.extend(cs)
+        batch_o.extend(os_)
+        n += 1
+    if batch_o and ds.commit(batch_c, batch_o):
+        done += n
+    return done
