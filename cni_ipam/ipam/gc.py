@@ -294,7 +294,7 @@ def scan(ipam, page: int = 2000, splits: Splits | None = None) -> StoreView:
     """Pools, affinities (keys only), blocks and handles, streamed in ranges of about ``page``
     keys (``splits``: keep one between passes; see :class:`Splits`).
     Undecodable records are listed in ``undecodable`` and otherwise ignored (never touched)."""
-    from .admin import read_pools
+    from .pools import read_pools
     ds, k = ipam.ds, ipam.keys
     before = ds.requests
     sp = splits or Splits(page)
