@@ -135,9 +135,13 @@ class Keys:
     def block(self, net) -> str:
         return self.blocks + block_id(net)
 
+    def block_id_of_key(self, key: str) -> str:
+        """The block id part of a block key (not checked)."""
+        return key[len(self.blocks):]
+
     def block_of_key(self, key: str):
         """The CIDR a block key stands for (ValueError when it is not a block id)."""
-        return block_from_id(key[len(self.blocks):])
+        return block_from_id(self.block_id_of_key(key))
 
     def blocks_of_family(self, version: int) -> str:
         return self.blocks + "v%d/" % version
