@@ -133,3 +133,22 @@ def test_commit_raises_conflict_and_returns_what_it_wrote():
     with pytest.raises(Conflict):
         store.commit(ds, t)
     assert ds.commits == [([Compare("/k", 0)], [Put("/k", b"v", lease=7)])]
+
+
+def test_only_the_store_layer_builds_transactions():
+    """Nothing outside ipam/store.py and datastore/ builds a Compare, Put or Delete, or commits."""
+    import ast
+    import pathlib
+    root = pathlib.Path(store.__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("datastore/") or rel == "ipam/store.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), rel)):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                if name in ("Compare", "Put", "Delete") or (name == "commit" and isinstance(f, ast.Attribute)):
+                    offenders.append(f"{rel}:{node.lineno} {name}")
+    assert offenders == []
