@@ -1,5 +1,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# two pytest workers (pytest-xdist); the e2e and chaos tests stay on one of them (tests/conftest.py)
+PYTEST_JOBS ?= -n 2 --dist loadgroup
 
 .PHONY: test deps demo unit help
 
@@ -11,10 +13,10 @@ deps:
 	@PYTHON=$(PYTHON) bash scripts/install-deps.sh
 
 test: deps
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 unit: deps
-	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(PYTEST_JOBS) -m "not slow" $(PYTEST_ARGS)
 
 # The seed's walkthrough for real (scripts/demo.py): throwaway etcd, apply conf/pools.yaml, annotate
 # external-ns/internal-ns, three pods per namespace through containerd's CRI, table, show --blocks,
