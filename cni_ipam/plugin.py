@@ -22,14 +22,123 @@ from .constants import (ERR_CHECK_MISMATCH as CHECK_MISMATCH, ERR_INVALID_NETWOR
 
 
 def handle_id(network: str, container_id: str, ifname: str) -> str:
-    """The attachment's handle id (ipam/keys.py: ``<network>/<containerID>/<ifname>``)."""
-    from .ipam.keys import handle_id as hid
+    """The attachment's handle id (ipam/store.py: ``<network>/<containerID>/<ifname>``)."""
+    from .ipam.store import handle_id as hid
     return hid(network, container_id, ifname)
 
 
 def legacy_handle_id(network: str, container_id: str, ifname: str) -> str:
-    from .ipam.keys import legacy_handle_id as lid
+    from .ipam.store import legacy_handle_id as lid
     return lid(network, container_id, ifname)
+
+
+def _cni_error(e: BaseException) -> CNIError | None:
+    """The CNI error for an engine, datastore or lock failure (None: not one of those)."""
+    from .datastore import DatastoreError, DatastoreUnavailable
+    from .ipam.errors import IPAMError
+    if isinstance(e, IPAMError):
+        return CNIError(e.code, e.msg, e.details)
+    if isinstance(e, DatastoreUnavailable):
+        return CNIError(TRY_AGAIN, f"etcd unavailable: {e}")
+    if isinstance(e, DatastoreError):
+        return CNIError(TRY_AGAIN, f"etcd error: {e}")
+    if isinstance(e, LockTimeout):
+        return CNIError(TRY_AGAIN, str(e))
+    if isinstance(e, LockUnusable):
+        return CNIError(TRY_AGAIN if e.transient else INVALID_CONFIG, str(e))
+    return None
+
+
+class _Session:
+    """``with _Session(ic, node, network) as ipam:`` -- one verb's work on the store: the
+    datastore connection (the gateway transport), the host lock (``lock``: one exec at a time
+    per host, so a node never fights itself with CAS conflicts) and, with ``network``, the
+    node's warm snapshot (ipam/snapshot.py) and empty-block observations (ipam/reclaim.py),
+    loaded under the lock from their files next to the lock file and saved back on the way out
+    (also after a failure).  Engine, datastore and lock errors leave as CNI errors.  The
+    snapshot is only a cache: the engine's compares guard every use, so a stale or missing
+    file costs requests, never correctness."""
+
+    def __init__(self, ic: IpamConfig, node: str = "", network: str | None = None, *, lock: bool = True,
+                 map_errors: bool = True):
+        self.ic, self.node, self.network, self.lock, self.map_errors = ic, node, network, lock, map_errors
+        self.ds = self.held = self.ipam = None
+        self.snapshot_file = self.watch_file = self.ident = None
+        self.before = None
+        self.requests0 = self.hits0 = 0
+
+    def __enter__(self):
+        try:
+            return self._open()
+        except Exception as e:
+            self._close()
+            err = _cni_error(e) if self.map_errors else None
+            if err is None:
+                raise
+            raise err from None
+
+    def __exit__(self, et, e, tb) -> bool:
+        try:
+            self._close()
+        except Exception as close_error:
+            if e is None:
+                e = close_error
+        if e is not None and self.map_errors:
+            err = _cni_error(e)
+            if err is not None:
+                raise err from None
+        return False
+
+    def _open(self):
+        from .datastore import open_datastore
+        from .ipam.engine import IPAM
+        ic = self.ic
+        self.ds = open_datastore(ic.etcd_endpoints, transport="gateway", timeout=ic.timeout_seconds,
+                                 ca_cert=ic.etcd_ca_cert_file, cert=ic.etcd_cert_file, key=ic.etcd_key_file,
+                                 username=ic.etcd_username, password=ic.password())
+        if self.lock:
+            held = host_lock(ic.lock_file, ic.lock_timeout_seconds)
+            held.__enter__()
+            self.held = held
+        if self.network is None:
+            self.ipam = self._engine(IPAM(self.ds, ic.etcd_prefix))
+            return self.ipam
+        from .ipam import reclaim, snapshot as snapshots
+        self.ident = "\n".join(["cni-ipam snapshot", ic.etcd_prefix, self.node, self.network]
+                                + sorted(ic.etcd_endpoints))
+        self.snapshot_file = snapshots.file_path(ic.lock_file, self.ident)
+        self.watch_file = reclaim.file_path(ic.lock_file)
+        self.before = snapshots.load(self.snapshot_file, self.ident)
+        self.ipam = self._engine(IPAM(self.ds, ic.etcd_prefix, use_snapshot=True, snapshot=self.before,
+                                      empty_watch=reclaim.load(self.watch_file)))
+        self.requests0 = self.ipam.ds.requests
+        return self.ipam
+
+    @staticmethod
+    def _engine(ipam):
+        """The engine the verb uses (a seam for tests that interpose on its datastore)."""
+        return ipam
+
+    def _close(self) -> None:
+        ipam, ds, held = self.ipam, self.ds, self.held
+        if ipam is not None:
+            ds = ipam.ds
+        self.ipam = self.ds = self.held = None
+        try:
+            if ipam is not None and self.snapshot_file is not None:
+                from .ipam import reclaim, snapshot as snapshots
+                if ipam.snapshot is not None or self.before is not None:
+                    snapshots.save(self.snapshot_file, ipam.snapshot, self.ident)
+                reclaim.save(self.watch_file, ipam.empty_watch)
+                log.debug("etcd requests=%d (snapshot: %s)", ipam.ds.requests - self.requests0,
+                          "used" if ipam.snapshot_hits else "warm" if self.before is not None else "none")
+        finally:
+            try:
+                if held is not None:
+                    held.__exit__(None, None, None)
+            finally:
+                if ds is not None:
+                    ds.close()
 
 
 class Plugin:
@@ -47,45 +156,7 @@ class Plugin:
             raise CNIError(INVALID_CONFIG, str(e)) from None
         return ic, node
 
-    def _ipam(self, ic: IpamConfig):
-        from .datastore import open_datastore
-        from .ipam.engine import IPAM
-        ds = open_datastore(ic.etcd_endpoints, transport="gateway", timeout=ic.timeout_seconds,
-                            ca_cert=ic.etcd_ca_cert_file, cert=ic.etcd_cert_file, key=ic.etcd_key_file,
-                            username=ic.etcd_username, password=ic.password())
-        return IPAM(ds, ic.etcd_prefix)
-
-    def _locked(self, ic: IpamConfig):
-        return host_lock(ic.lock_file, ic.lock_timeout_seconds)
-
-    def _with_snapshot(self, ic: IpamConfig, node: str, network: str, fn):
-        """``fn(ipam)`` with the node's warm snapshot (ipam/snapshot.py) loaded from its file
-        next to the lock file, and the new one written back after (also after a failure: then
-        usually removed).  Called inside ``_run``'s host lock only: one exec at a time reads
-        and writes the file.  The snapshot is only a cache: the engine's compares guard every
-        use, so a stale or missing file costs requests, never correctness."""
-        from .ipam import snapshot as snapshots
-        ident = "\n".join(["cni-ipam snapshot", ic.etcd_prefix, node, network] + sorted(ic.etcd_endpoints))
-        path = snapshots.file_path(ic.lock_file, ident)
-
-        def run(ipam):
-            from .ipam import reclaim
-            ipam.use_snapshot = True
-            ipam.snapshot = before = snapshots.load(path, ident)
-            watch_path = reclaim.file_path(ic.lock_file)
-            ipam.empty_watch = reclaim.load(watch_path)
-            n0, hits0 = ipam.ds.requests, ipam.snapshot_hits
-            try:
-                return fn(ipam)
-            finally:
-                if ipam.snapshot is not None or before is not None:
-                    snapshots.save(path, ipam.snapshot, ident)
-                reclaim.save(watch_path, ipam.empty_watch)
-                log.debug("etcd requests=%d (snapshot: %s)", ipam.ds.requests - n0,
-                          "used" if ipam.snapshot_hits > hits0 else "warm" if before is not None else "none")
-        return run
-
-    def _request(self, env, conf, ic: IpamConfig, node: str):
+    def _request(self, env, conf, ic: IpamConfig, node: str, requested=()):
         from .ipam.engine import AssignRequest
         args = env.args or {}
         return AssignRequest(
@@ -94,8 +165,9 @@ class Plugin:
             network=conf.name, container_id=env.container_id or "", ifname=env.ifname or "",
             pod=args.get("K8S_POD_NAME", ""), namespace=args.get("K8S_POD_NAMESPACE", ""), pod_uid=args.get("K8S_POD_UID", ""),
             mode=ic.mode, assign_v4=ic.assign_ipv4, assign_v6=ic.assign_ipv6,
-            v4_pools=ic.ipv4_pools, v6_pools=ic.ipv6_pools, gateways=ic.gateways, routed_prefix=ic.routed_prefix,
-            annotation_prefix=ic.annotation_prefix, labels_from_etcd=ic.kubernetes is None)
+            v4_pools=ic.ipv4_pools, v6_pools=ic.ipv6_pools, requested=list(requested), gateways=ic.gateways,
+            routed_prefix=ic.routed_prefix, annotation_prefix=ic.annotation_prefix,
+            labels_from_etcd=ic.kubernetes is None)
 
     def _kube(self, ic: IpamConfig):
         """The Kubernetes client (only with a ``kubernetes`` section; imported only then)."""
@@ -105,59 +177,36 @@ class Plugin:
         except K8sError as e:
             raise CNIError(INVALID_CONFIG, f"ipam.kubernetes: {e.msg}") from None
 
-    def _with_kubernetes(self, ic: IpamConfig, req, fn):
-        """Run ``fn()`` with ``req`` filled from the Pod/Namespace (before) and the
-        Node (lazily, from inside the engine), closing the API connection after."""
+    def _from_kubernetes(self, ic: IpamConfig, req, kube):
+        """``req`` with the pool choice of its Pod/Namespace (the Node is read lazily, from
+        inside the engine, through the same ``kube``)."""
         from .ipam.annotations import from_kubernetes
         from .ipam.errors import IPAMError
-        kube = self._kube(ic)
         try:
-            try:
-                from_kubernetes(req, kube, ic.annotation_prefix)
-            except IPAMError as e:
-                raise CNIError(e.code, e.msg, e.details) from None
-            return fn()
-        finally:
-            log.debug("Kubernetes API requests: %s", ", ".join(kube.log) or "none")
-            kube.close()
-
-    def _run(self, ic: IpamConfig, fn, *, lock: bool = True):
-        """Run ``fn(ipam)`` under the host lock, mapping engine errors to CNI errors."""
-        from .datastore import DatastoreError, DatastoreUnavailable
-        from .ipam.errors import IPAMError
-        ipam = None
-        try:
-            ipam = self._ipam(ic)
-            if lock:
-                with self._locked(ic):
-                    return fn(ipam)
-            return fn(ipam)
+            return from_kubernetes(req, kube, ic.annotation_prefix)
         except IPAMError as e:
             raise CNIError(e.code, e.msg, e.details) from None
-        except DatastoreUnavailable as e:
-            raise CNIError(TRY_AGAIN, f"etcd unavailable: {e}") from None
-        except DatastoreError as e:
-            raise CNIError(TRY_AGAIN, f"etcd error: {e}") from None
-        except LockTimeout as e:
-            raise CNIError(TRY_AGAIN, str(e)) from None
-        except LockUnusable as e:
-            raise CNIError(TRY_AGAIN if e.transient else INVALID_CONFIG, str(e)) from None
-        finally:
-            if ipam is not None:
-                ipam.ds.close()
+
+    @staticmethod
+    def _close_kube(kube) -> None:
+        if kube is not None:
+            log.debug("Kubernetes API requests: %s", ", ".join(kube.log) or "none")
+            kube.close()
 
     # -- verbs ---------------------------------------------------------------------
     def add(self, env, conf) -> dict:
         ic, node = self._setup(env, conf)
-        req = self._request(env, conf, ic, node)
-        req.requested = requested_ips(env, conf)
+        req = self._request(env, conf, ic, node, requested_ips(env, conf))
         # (with Kubernetes too: the engine plans from this request's pool choice, fresh from the
         # API, every time; the snapshot only stands in for etcd reads, each guarded by a compare)
-        assign = self._with_snapshot(ic, node, conf.name, lambda ipam: ipam.assign(req))
-        if ic.kubernetes is not None:
-            res = self._with_kubernetes(ic, req, lambda: self._run(ic, assign))
-        else:
-            res = self._run(ic, assign)
+        kube = self._kube(ic) if ic.kubernetes is not None else None
+        try:
+            if kube is not None:
+                req = self._from_kubernetes(ic, req, kube)
+            with _Session(ic, node, conf.name) as ipam:
+                res = ipam.assign(req)
+        finally:
+            self._close_kube(kube)
         h = res.handle
         log.info("ADD %s -> %s%s (attempts %d)", h.id, ", ".join(str(a.interface) for a in h.addresses),
                  " (existing)" if res.existing else "", res.attempts)
@@ -168,8 +217,8 @@ class Plugin:
         ic, node = self._setup(env, conf)
         att = (conf.name, env.container_id or "", env.ifname or "")
         hid = handle_id(*att)
-        h = self._run(ic, self._with_snapshot(ic, node, conf.name, lambda ipam: ipam.release(
-            hid, legacy_id=legacy_handle_id(*att), attachment=att)))
+        with _Session(ic, node, conf.name) as ipam:
+            h = ipam.release(hid, legacy_id=legacy_handle_id(*att), attachment=att)
         log.info("DEL %s -> %s", hid, ", ".join(str(a.ip) for a in h.addresses) if h else "nothing held")
 
     def check(self, env, conf) -> None:
@@ -177,18 +226,16 @@ class Plugin:
         att = (conf.name, env.container_id or "", env.ifname or "")
         hid = handle_id(*att)
         want = prev_result_ips(conf)
-
-        def verify(ipam):
+        with _Session(ic, lock=False) as ipam:
             h = ipam.find_attachment(*att)
             if h is None:
                 raise CNIError(UNKNOWN_CONTAINER, f"no addresses are allocated to {hid}")
             problems = ipam.verify_handle(h)
-            have = {str(a.ip) for a in h.addresses}
-            if have != want:
-                problems.append(f"allocated {sorted(have)} but prevResult has {sorted(want)}")
-            if problems:
-                raise CNIError(CHECK_MISMATCH, f"check failed for {hid}", "; ".join(problems))
-        self._run(ic, verify, lock=False)
+        have = {str(a.ip) for a in h.addresses}
+        if have != want:
+            problems.append(f"allocated {sorted(have)} but prevResult has {sorted(want)}")
+        if problems:
+            raise CNIError(CHECK_MISMATCH, f"check failed for {hid}", "; ".join(problems))
 
     def gc(self, env, conf) -> None:
         ic, node = self._setup(env, conf)
@@ -196,8 +243,8 @@ class Plugin:
             # never read a missing list as "nothing is valid": that would free the whole network
             raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments (or cni.dev/attachments)")
         keep = set(conf.valid_attachments)   # (containerID, ifname): handles are matched by their records
-        released, failed = self._run(ic, self._with_snapshot(ic, node, conf.name,
-                                                             lambda ipam: ipam.gc(conf.name, node, keep)))
+        with _Session(ic, node, conf.name) as ipam:
+            released, failed = ipam.gc(conf.name, node, keep)
         log.info("GC %s on %s: released %d handle(s), %d failure(s)", conf.name, node, len(released), len(failed))
         if failed:
             # corrupt data everywhere: retrying will not help, say so (113); else try again (11)
@@ -211,19 +258,19 @@ class Plugin:
         req = self._request(env, conf, ic, node)
         from .datastore import DatastoreError
         from .ipam.errors import IPAMError
+        kube = None
         try:
-            ipam = self._ipam(ic)
-            try:
-                if ic.kubernetes is not None:
-                    free = self._with_kubernetes(ic, req, lambda: ipam.free_pools(req))
-                else:
-                    free = ipam.free_pools(req)
-            finally:
-                ipam.ds.close()
+            if ic.kubernetes is not None:
+                kube = self._kube(ic)
+                req = self._from_kubernetes(ic, req, kube)
+            with _Session(ic, lock=False, map_errors=False) as ipam:
+                free = ipam.free_pools(req)
         except DatastoreError as e:
             raise CNIError(UNAVAILABLE, f"etcd is not reachable: {e}") from None
         except IPAMError as e:
             raise CNIError(UNAVAILABLE, f"no usable pool: {e.msg}") from None
+        finally:
+            self._close_kube(kube)
         if not free:
             raise CNIError(UNAVAILABLE, f"no free addresses: every usable pool for node {node} is full")
 

@@ -138,9 +138,12 @@ def test_ipaddrs_and_runtime_request():
     c = ann.choose(P, config_pools={4: None, 6: None}, namespace="n", pod="p",
                    pod_annotations={ADDRS: '["10.1.0.9"]'})
     req = AssignRequest(handle_id="h", node="n", assign_v4=True, assign_v6=True)
-    ann.apply_choice(req, c)
-    assert req.requested == [A("10.1.0.9")]
-    assert not req.assign_v4 and not req.assign_v6   # exactly the listed addresses, as Calico
+    got = ann.apply_choice(req, c)
+    assert got.requested == [A("10.1.0.9")]
+    assert not got.assign_v4 and not got.assign_v6   # exactly the listed addresses, as Calico
+    assert req.requested == [] and req.assign_v4 and req.assign_v6   # a new request: the old one unchanged
+    with pytest.raises(AttributeError):
+        req.requested = []   # requests are immutable
     req = AssignRequest(handle_id="h", node="n", requested=[A("10.1.0.9")])
     ann.apply_choice(req, c)             # agreeing: fine
     req = AssignRequest(handle_id="h", node="n", requested=[A("10.1.0.7")])

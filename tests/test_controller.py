@@ -17,7 +17,7 @@ import pytest
 
 from cni_ipam.controller.kube import KubeCache, api_client
 from cni_ipam.controller.reconcile import Reconciler
-from cni_ipam.datastore import Compare, open_datastore
+from cni_ipam.datastore import Compare, Put, open_datastore
 from cni_ipam.ipam import gc
 from cni_ipam.ipam.engine import IPAM, AssignRequest
 from cni_ipam.ipam.pool import make_pool
@@ -160,7 +160,7 @@ def test_once_releases_leaks_by_name_and_by_recreated_uid(api, ipam, cli, tmp_pa
     hid3 = "net.c3.eth0"
     h3 = ipam.get_handle(hid3)
     h3.pod_uid = ""
-    ipam.ds.commit([], [gc.Put(ipam.keys.handle(hid3), h3.to_json())])
+    ipam.ds.commit([], [Put(ipam.keys.handle(hid3), h3.to_json())])
     before = {h.id: [str(a.ip) for a in h.addresses] for h in ipam.handles()}
     kc = api.write_kubeconfig(tmp_path / "kc")
     p = once(cli, kc, "--leak-grace-period", "0")
@@ -218,7 +218,7 @@ def leader_guard(ipam):
     """Take the leadership key the way the controller does (for in-process reconcilers)."""
     lid, _ = ipam.ds.lease_grant(60)
     key = gc.leader_key(ipam.keys)
-    assert ipam.ds.commit([Compare(key, 0)], [gc.Put(key, b"test", lease=lid)])
+    assert ipam.ds.commit([Compare(key, 0)], [Put(key, b"test", lease=lid)])
     g = Compare(key, ipam.ds.last_revision)
     return lambda: g
 
@@ -239,7 +239,7 @@ def test_grace_period_needs_time_and_two_observations(api, ipam, cache):
     api.add_pod("ns", "p1", node="n1")                 # p1 comes back (same name; its handle's uid differs)
     h1 = ipam.get_handle("net.c1.eth0")
     h1.pod_uid = ""                                    # ... and its handle has no uid: it is the same pod
-    ipam.ds.commit([], [gc.Put(ipam.keys.handle(h1.id), h1.to_json())])
+    ipam.ds.commit([], [Put(ipam.keys.handle(h1.id), h1.to_json())])
     assert wait_for(lambda: ("ns", "p1") in cache.pods)
     clock.t += 2
     r = rec.run()
@@ -265,7 +265,7 @@ def test_recheck_against_the_api_before_release(api, ipam, tmp_path):
     api.add_pod("ns", "p0", node="n1")                 # back in the API (its handle has a uid: recreated)
     h = ipam.get_handle("net.c0.eth0")
     h.pod_uid = ""
-    ipam.ds.commit([], [gc.Put(ipam.keys.handle(h.id), h.to_json())])
+    ipam.ds.commit([], [Put(ipam.keys.handle(h.id), h.to_json())])
     rec = Reconciler(ipam, c, grace=0, guard=leader_guard(ipam))
     r = rec.run()
     assert r.released == [] and r.skipped == [("net.c0.eth0", "pod exists")]
@@ -320,7 +320,7 @@ def test_deleted_node(api, ipam, cli, tmp_path):
     borrowed = json.loads(cli("show", "--borrowed", "-o", "json").stdout)["borrowed"]
     assert [b["handle"] for b in borrowed] == ["net.r1-8.eth0"] and borrowed[0]["blockNode"] == "n2"
     # a stray affinity of n2 (its block never created)
-    ipam.ds.commit([], [gc.Put(ipam.keys.affinity_key("n2", make_pool("x", "10.60.0.248/29", 29).cidr), b"{}")])
+    ipam.ds.commit([], [Put(ipam.keys.affinity_key("n2", make_pool("x", "10.60.0.248/29", 29).cidr), b"{}")])
     api.delete_pod("ns", "p1")
     api.delete_pod("ns", "p2")
     api.delete_pod("ns", "r2")
@@ -652,7 +652,7 @@ def test_a_corrupt_block_is_skipped_not_fatal(api, ipam, cache):
     api.delete_pod("ns", "p1")
     assert wait_for(lambda: not cache.pods.get(("ns", "p0")) and not cache.pods.get(("ns", "p1")))
     b2 = next(b for b in gc.scan(ipam).blocks if b.node == "n2")
-    ipam.ds.commit([], [gc.Put(b2.key, b'{"cidr": "10.60.0.8/29", "allocations": {"3": "net.c1.eth0"}}')])
+    ipam.ds.commit([], [Put(b2.key, b'{"cidr": "10.60.0.8/29", "allocations": {"3": "net.c1.eth0"}}')])
     r = Reconciler(ipam, cache, grace=0, guard=leader_guard(ipam)).run()
     assert r.released == ["net.c0.eth0"]
     assert r.skipped and r.skipped[0][0] == "net.c1.eth0" and "undecodable" in r.skipped[0][1]

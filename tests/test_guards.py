@@ -126,13 +126,10 @@ class Interposed(Datastore):
 
 def interpose_plugin(monkeypatch, wrap):
     """Make the plugin's engine use ``wrap(ipam)`` (which may replace ``ipam.ds``)."""
-    orig = plugin_mod.Plugin._ipam
-
-    def patched(self, ic):
-        ipam = orig(self, ic)
+    def patched(ipam):
         wrap(ipam)
         return ipam
-    monkeypatch.setattr(plugin_mod.Plugin, "_ipam", patched)
+    monkeypatch.setattr(plugin_mod._Session, "_engine", staticmethod(patched))
 
 
 def req(cid, node="n1", network="net", **kw):

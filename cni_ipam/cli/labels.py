@@ -113,8 +113,8 @@ def _validate_annotation_values(ns: str, sets: dict, ipam) -> list[str]:
 
 def update(ipam, spec, name: str, sets: dict, removes: list[str], overwrite: bool) -> tuple[dict, bool]:
     """Apply the changes to the record with CAS; returns (the new map, changed?)."""
-    from ..datastore import Compare, Delete, Put
     from ..ipam.annotations import decode_record, encode_record
+    from ..ipam.store import Conflict, Txn, commit
     kind, field, _ = spec
     key = ipam.keys.namespace(name) if kind == "namespace" else ipam.keys.node(name)
     for _attempt in range(MAX_RETRIES):
@@ -133,9 +133,17 @@ def update(ipam, spec, name: str, sets: dict, removes: list[str], overwrite: boo
             new.pop(k, None)
         if new == cur:
             return cur, False
-        op = Put(key, encode_record(name, field, new)) if new else Delete(key)
-        if ipam.ds.commit([Compare(key, kv.mod_revision if kv else 0)], [op]):
+        txn = Txn()
+        txn.read(key, kv.mod_revision if kv else 0)
+        if new:
+            txn.put(key, encode_record(name, field, new))
+        else:
+            txn.delete(key)
+        try:
+            commit(ipam.ds, txn)
             return new, True
+        except Conflict:
+            continue
     raise CLIError(f"{kind} {name}: gave up after {MAX_RETRIES} conflicting concurrent changes")
 
 
@@ -152,16 +160,16 @@ def read(ipam, spec, name: str) -> dict:
 
 def read_all(ipam, spec) -> list[dict]:
     from ..ipam.annotations import decode_record
-    from ..ipam.keys import unescape
     kind, field, _ = spec
-    prefix = ipam.keys.namespaces if kind == "namespace" else ipam.keys.nodes
+    k = ipam.keys
+    prefix, name_of = (k.namespaces, k.namespace_name_of_key) if kind == "namespace" else (k.nodes, k.node_name_of_key)
     out = []
     for kv in ipam.ds.get_prefix(prefix):
         try:
             m = decode_record(kv.key, kv.value, field)
         except Exception as e:
             raise CLIError(str(e)) from None
-        out.append({"name": unescape(kv.key[len(prefix):]), field: m})
+        out.append({"name": name_of(kv.key), field: m})
     return out
 
 

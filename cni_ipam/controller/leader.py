@@ -7,7 +7,7 @@ cannot (it died, was paused, lost etcd) the lease expires, etcd deletes the key,
 and a follower -- which polls the key several times a second -- creates it anew.
 
 The guard: the leader remembers the key's mod revision from its own create.  Every
-write the controller makes carries ``Compare(key, mod_revision)``: once the key
+write the controller makes carries a revision guard on it (``store.revision_guard``): once the key
 has expired or belongs to another replica, that compare fails and nothing is
 written, however late a paused former leader wakes up (see ipam/gc.py).
 """
@@ -18,7 +18,8 @@ import socket
 import threading
 import time
 
-from ..datastore import Compare, DatastoreError, Put
+from ..datastore import DatastoreError
+from ..ipam.store import Conflict, Txn, commit, revision_guard
 from ..log import log
 
 
@@ -53,10 +54,10 @@ class LeaderElector:
             # also when the renewals stopped working: the lease may have expired already
             return bool(self._rev) and time.monotonic() - self._renewed < self.lease_ttl * 2 / 3
 
-    def guard(self) -> Compare | None:
-        """The compare every write must carry (None when not the leader)."""
+    def guard(self):
+        """The guard (a revision compare on the key) every write must carry (None when not the leader)."""
         with self._lock:
-            return Compare(self.key, self._rev) if self._rev else None
+            return revision_guard(self.key, self._rev) if self._rev else None
 
     def lost(self, why: str) -> None:
         """A write found the guard broken: step down at once."""
@@ -98,9 +99,15 @@ class LeaderElector:
             return
         if self._lease is None or self.ds.lease_keepalive(self._lease) <= 0:
             self._lease, _ = self.ds.lease_grant(self.lease_ttl)
-        if self.ds.commit([Compare(self.key, 0)], [Put(self.key, self.identity.encode(), lease=self._lease)]):
-            self.holder = self.identity
-            self._set(self.ds.last_revision)
+        txn = Txn()
+        txn.absent(self.key)
+        txn.put(self.key, self.identity.encode(), lease=self._lease)
+        try:
+            commit(self.ds, txn)
+        except Conflict:
+            return   # another controller took it first
+        self.holder = self.identity
+        self._set(self.ds.last_revision)
 
     def run(self) -> None:
         while not self._stop.is_set():

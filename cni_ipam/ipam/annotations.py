@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable
 
 from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
+from .store import decode_record, encode_record  # noqa: F401 (the records' codec lives in the store layer)
 
 from ..log import log
 
@@ -142,19 +143,19 @@ def choose(prefix: str, *, config_pools: dict[int, list[str] | None], namespace:
     return out
 
 
-def apply_choice(req, choice: PoolChoice) -> None:
-    """Put a choice into an AssignRequest: pools per family, and the pod's ipAddrs
-    (unless the runtime requested addresses itself: then they must agree).  With
-    ipAddrs the pod gets exactly the listed addresses (Calico's rule)."""
-    req.v4_pools, req.v6_pools = choice.pools.get(4), choice.pools.get(6)
-    req.pool_sources = dict(choice.sources)
+def apply_choice(req, choice: PoolChoice, **changes):
+    """The AssignRequest ``req`` with a choice put in (a new request; ``changes``: more fields
+    to set): pools per family, and the pod's ipAddrs (unless the runtime requested addresses
+    itself: then they must agree).  With ipAddrs the pod gets exactly the listed addresses
+    (Calico's rule)."""
+    changes.update(v4_pools=choice.pools.get(4), v6_pools=choice.pools.get(6), pool_sources=dict(choice.sources))
     if choice.ip_addrs:
         if req.requested and set(req.requested) != set(choice.ip_addrs):
             raise InvalidRequest(f"the runtime requested {', '.join(map(str, req.requested))} but "
                                  f"{choice.ip_addrs_source} asks for {', '.join(map(str, choice.ip_addrs))}")
-        req.requested = list(choice.ip_addrs)
         # as Calico: a pod with ipAddrs gets exactly those addresses, nothing picked besides
-        req.assign_v4 = req.assign_v6 = False
+        changes.update(requested=list(choice.ip_addrs), assign_v4=False, assign_v6=False)
+    return req.replace(**changes)
 
 
 # -- node selectors ----------------------------------------------------------------
@@ -185,27 +186,7 @@ def node_matcher(node: str, get_labels: Callable[[], dict]) -> Callable:
     return matches
 
 
-# -- records stored in etcd (no Kubernetes) ----------------------------------------
-
-def encode_record(name: str, field_name: str, values: dict) -> bytes:
-    """``<prefix>/v1/namespaces/<ns>`` = {"name", "annotations"};
-    ``<prefix>/v1/nodes/<node>`` = {"name", "labels"}."""
-    return json.dumps({"name": name, field_name: dict(sorted(values.items()))},
-                      separators=(",", ":")).encode()
-
-
-def decode_record(etcd_key: str, value: bytes | None, field_name: str) -> dict:
-    if not value:
-        return {}
-    try:
-        d = json.loads(value)
-        m = d.get(field_name) or {}
-        if not isinstance(m, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
-            raise ValueError(f"{field_name} must be a map of strings")
-        return m
-    except (ValueError, AttributeError) as e:
-        raise CorruptData(f"corrupt value at etcd key {etcd_key}: {e}") from None
-
+# -- records stored in etcd (no Kubernetes): encode_record / decode_record, in ipam/store.py
 
 # -- Kubernetes --------------------------------------------------------------------
 
@@ -213,8 +194,9 @@ def _k8s_error(e) -> KubernetesError:
     return KubernetesError(e.msg, code=TryAgain.code if e.transient else KubernetesError.code)
 
 
-def from_kubernetes(req, client, prefix: str) -> None:
-    """Fill ``req`` (pools, sources, ipAddrs, node_matches) from the Kubernetes API.
+def from_kubernetes(req, client, prefix: str):
+    """``req`` with its pool choice (pools, sources, ipAddrs, node_matches) from the Kubernetes
+    API (a new request).
 
     GETs the Pod (a 404 is not an error: it may not be visible yet -- fall back
     to the namespace), the Namespace only when the pod does not name pools for
@@ -246,11 +228,10 @@ def from_kubernetes(req, client, prefix: str) -> None:
         raise _k8s_error(e) from None
     choice = choose(prefix, config_pools={4: req.v4_pools, 6: req.v6_pools}, namespace=req.namespace,
                     pod=req.pod, ns_annotations=ns_ann, pod_annotations=pod_ann)
-    apply_choice(req, choice)
 
     def node_labels() -> dict:
         try:
             return labels_of(client.get_node(req.node))
         except K8sError as e:
             raise _k8s_error(e) from None
-    req.node_matches = node_matcher(req.node, node_labels)
+    return apply_choice(req, choice, node_matches=node_matcher(req.node, node_labels))

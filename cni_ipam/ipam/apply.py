@@ -9,19 +9,19 @@ import time
 from cni_ipam._records import dataclass, field
 from typing import Callable, Sequence
 
-from ..datastore import KV, Compare, Put, Read, read_prefix
+from ..datastore import KV, Read, read_prefix
 from .errors import AdminError, Conflict
-from .keys import Keys, unescape
+from .store import Conflict as TxnConflict, Keys, Txn, commit, decode_or_none
 from .manifest import POOL_KIND, Doc, ManifestError, Resource, _Problems, parse_resource, pool_manifest
 from .model import IPAMConfig
-from .pool import Pool, PoolError
+from .pool import Pool
 from .paged import first
 
 
 def poolset_key(keys: Keys) -> str:
     """Bumped by every apply that creates a pool, and compared by every apply: two applies
     that race to create DIFFERENT but overlapping pools cannot both commit."""
-    return keys.root + "poolset"
+    return keys.poolset
 
 
 
@@ -46,23 +46,18 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
                config_kv: KV | None, marker_kv: KV | None):
     """Pure: what applying ``resources`` to the read state would change.
 
-    Returns (changes, compares, ops).  Compares cover EVERY resource of the file (so the
+    Returns (changes, txn).  The txn's guards cover EVERY resource of the file (so the
     whole file is applied against one consistent state or not at all) and the pool-set
     marker (so a concurrent apply creating an overlapping pool makes this one fail)."""
     current: dict[str, tuple[KV, Pool | None]] = {}
     for kv in pool_kvs:
-        name = unescape(kv.key[len(keys.pools):])
-        try:
-            current[name] = (kv, Pool.from_json(kv.value))
-        except PoolError:
-            current[name] = (kv, None)
+        current[keys.pool_name_of_key(kv.key)] = (kv, decode_or_none(kv.key, kv.value, Pool.from_json))
     # overlaps are checked against the stored pools the file does not touch and the pools
     # earlier in the file, so the error names the document that introduces the overlap
     in_file = {r.name for r in resources if r.kind == POOL_KIND}
     final: dict[str, Pool] = {n: p for n, (_, p) in current.items() if p is not None and n not in in_file}
     changes: list[Change] = []
-    compares: list[Compare] = []
-    ops: list = []
+    txn = Txn()
     created = False
     problems = _Problems()
     for r in resources:
@@ -77,13 +72,13 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
                 final[old.name] = old
             continue
         final[p.name] = p
-        compares.append(Compare(key, kv.mod_revision if kv else 0))
+        txn.read(key, kv.mod_revision if kv else 0)
         if old is None:
             created = True
-            ops.append(Put(key, p.to_json()))
+            txn.put(key, p)
             changes.append(Change(POOL_KIND, r.name, "created"))
         elif old.to_dict() != p.to_dict():
-            ops.append(Put(key, p.to_json()))
+            txn.put(key, p)
             changes.append(Change(POOL_KIND, r.name, "configured", _diff(old.to_dict(), p.to_dict())))
         else:
             changes.append(Change(POOL_KIND, r.name, "unchanged"))
@@ -91,24 +86,22 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     for r in resources:
         if r.kind == POOL_KIND:
             continue
-        compares.append(Compare(keys.config, config_kv.mod_revision if config_kv else 0))
+        txn.read(keys.config, config_kv.mod_revision if config_kv else 0)
         old_cfg = None
         if config_kv is not None:
-            try:
-                old_cfg = IPAMConfig.from_json(config_kv.value)
-            except ValueError:
-                old_cfg = None   # replacing an undecodable config with a valid one is the repair
+            # (None when undecodable: replacing it with a valid one is the repair)
+            old_cfg = decode_or_none(keys.config, config_kv.value, IPAMConfig.from_json)
         if old_cfg is not None and old_cfg.to_dict() == r.config.to_dict() and config_kv is not None:
             changes.append(Change("IPAMConfig", r.name, "unchanged"))
         else:
-            ops.append(Put(keys.config, r.config.to_json()))
+            txn.put(keys.config, r.config)
             before = old_cfg.to_dict() if old_cfg else IPAMConfig().to_dict()
             changes.append(Change("IPAMConfig", r.name, "configured", _diff(before, r.config.to_dict())))
     mk = poolset_key(keys)
-    compares.append(Compare(mk, marker_kv.mod_revision if marker_kv else 0))
+    txn.read(mk, marker_kv.mod_revision if marker_kv else 0)
     if created:
-        ops.append(Put(mk, json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()))
-    return changes, compares, ops
+        txn.put(mk, json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
+    return changes, txn
 
 
 def _plan_pool_checks(keys: Keys, r: Resource, current: dict, final: dict) -> bool:
@@ -140,18 +133,20 @@ def apply(ipam, resources: Sequence[Resource], *, dry_run: bool = False,
     k = ipam.keys
     snap = ipam.ds.read([read_prefix(k.pools), Read(k.config), Read(poolset_key(k))])
     if create_only:
-        stored = {unescape(kv.key[len(k.pools):]) for kv in snap[0].kvs}
+        stored = {k.pool_name_of_key(kv.key) for kv in snap[0].kvs}
         for r in resources:
             if r.kind == POOL_KIND and r.name in stored:
                 raise AdminError(f"{r.label} already exists")
-    changes, compares, ops = plan_apply(k, resources, snap[0].kvs, first(snap[1]), first(snap[2]))
-    if dry_run or not ops:
+    changes, txn = plan_apply(k, resources, snap[0].kvs, first(snap[1]), first(snap[2]))
+    if dry_run or not txn.writes:
         return changes
     if before_commit:
         before_commit()
-    if not ipam.ds.commit(compares, ops):
+    try:
+        commit(ipam.ds, txn)
+    except TxnConflict:
         raise Conflict("pools or the IPAM config changed while this apply was running (another apply or "
-                       "pool command won the race); nothing was applied -- run apply again")
+                       "pool command won the race); nothing was applied -- run apply again") from None
     return changes
 
 

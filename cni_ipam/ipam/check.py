@@ -9,9 +9,9 @@ import json
 import socket
 from cni_ipam._records import dataclass, field
 
-from ..datastore import KV, Compare, Delete, Put
+from ..datastore import KV
 from .block import BRIDGE, ROUTED, Block, BlockError
-from .keys import Keys, block_from_id, unescape
+from .store import Affinity, Conflict as TxnConflict, Keys, Txn, block_from_id, block_id, commit, decode_or_none
 from .model import Handle, IPAMConfig
 from .pool import Pool, PoolError
 from .pools import read_pools
@@ -115,14 +115,11 @@ class Checker:
 
     def feed_affinity(self, kv: KV) -> None:
         self.counts["affinities"] += 1
-        rest = kv.key[len(self.k.affinity):]
-        enode, _, bid = rest.partition("/")
-        try:
-            node = unescape(enode)
-            block_from_id(bid)
-        except (ValueError, IndexError, UnicodeDecodeError):
+        got = _affinity_bid(self.k, kv.key)
+        if got is None:
             self.add("undecodable", kv.key, f"affinity key {kv.key} does not name a node and a block")
             return
+        node, bid = got
         try:
             v = json.loads(kv.value)
             if not isinstance(v, dict):
@@ -198,7 +195,7 @@ class Checker:
     def feed_block(self, kv: KV) -> None:
         k = self.k
         self.counts["blocks"] += 1
-        bid = kv.key[len(k.blocks):]
+        bid = k.block_id_of_key(kv.key)
         try:
             net = block_from_id(bid)
         except (ValueError, IndexError):
@@ -358,10 +355,8 @@ def _kind_of_key(k: Keys, key: str) -> str:
 
 def _affinity_bid(k: Keys, key: str) -> tuple[str, str] | None:
     """(node, block id) of an affinity key, or None."""
-    rest = key[len(k.affinity):]
-    enode, _, bid = rest.partition("/")
     try:
-        node = unescape(enode)
+        node, bid = k.affinity_of_key(key)
         block_from_id(bid)
     except (ValueError, IndexError, UnicodeDecodeError):
         return None
@@ -379,7 +374,7 @@ def fixable(k: Keys, f: dict) -> bool:
         what = _kind_of_key(k, f["key"])
         if what == "block":
             try:
-                block_from_id(f["key"][len(k.blocks):])
+                k.block_of_key(f["key"])
                 return True
             except (ValueError, IndexError):
                 return False
@@ -408,7 +403,7 @@ def fix_hint(k: Keys, f: dict) -> str:
         if what == "config":
             return "`cni-ipam apply -f` an IPAMConfig manifest replaces it"
         if what == "pool":
-            name = unescape(key[len(k.pools):])
+            name = k.pool_name_of_key(key)
             return (f"inspect it (`etcdctl get {key}`), then `cni-ipam pool delete {name} --force` and "
                     f"apply its manifest again")
         if what == "handle":
@@ -428,7 +423,7 @@ def fix_hint(k: Keys, f: dict) -> str:
     return "inspect the key with `etcdctl get`"
 
 
-def _rebuild_block(ipam, net, pools: list[Pool]) -> tuple[list[Compare], list] | str:
+def _rebuild_block(ipam, net, pools: list[Pool]) -> Block | str:
     """A block value from the handles that list addresses in ``net`` (the block's own value is
     undecodable): owner from its affinity record, mode from the handles."""
     k = ipam.keys
@@ -458,11 +453,10 @@ def _rebuild_block(ipam, net, pools: list[Pool]) -> tuple[list[Compare], list] |
             b.allocate(hid, ip)
     except BlockError as e:
         return f"block {net}: cannot rebuild it from its handles: {e}"
-    return [], [Put(k.block(net), b.to_json())]
+    return b
 
 
 def block_id_of(net) -> str:
-    from .keys import block_id
     return block_id(net)
 
 
@@ -479,56 +473,52 @@ def fix_findings(ipam, findings: list[dict]) -> list[dict]:
         entry = {"kind": kind, "key": key, "action": "", "done": False}
         out.append(entry)
         kv = ds.get(key)
-        compares = [Compare(key, kv.mod_revision if kv else 0)]
-        ops: list = []
+        txn = Txn()
+        txn.read(key, kv.mod_revision if kv else 0)
         if kind == "block-without-affinity" or (kind == "undecodable" and _kind_of_key(k, key) == "affinity"):
             if kind == "block-without-affinity":
                 bkv = kv
             else:
-                node, bid = _affinity_bid(k, key)
-                bkv = ds.get(k.blocks + bid)
-            try:
-                b = Block.from_json(bkv.value) if bkv else None
-            except BlockError:
-                b = None
+                bkv = ds.get(k.block_of_affinity(key))
+            b = decode_or_none(bkv.key, bkv.value, Block.from_json) if bkv else None
             if b is None or not b.node:
                 if kind == "undecodable":
                     entry["action"] = f"delete {key} (its block is gone or has no owner)"
                     if bkv is not None:
-                        compares.append(Compare(bkv.key, bkv.mod_revision))
+                        txn.read(bkv.key, bkv.mod_revision)
                     else:
-                        compares.append(Compare(k.blocks + bid, 0))
-                    ops = [Delete(key)]
+                        txn.absent(k.block_of_affinity(key))
+                    txn.delete(key)
                 else:
                     entry["why"] = "the block changed or has no owner; run check again"
             else:
                 akey = k.affinity_key(b.node, b.cidr)
                 entry["action"] = f"write {akey} (node {b.node}, block {b.cidr})"
                 akv = kv if akey == key else ds.get(akey)
-                compares = [Compare(bkv.key, bkv.mod_revision), Compare(akey, akv.mod_revision if akv else 0)]
+                txn.read(bkv.key, bkv.mod_revision)   # (the key itself is guarded: it is the block or the affinity)
+                txn.read(akey, akv.mod_revision if akv else 0)
                 if kind == "undecodable" and akey != key:   # an undecodable record under another node's name
-                    compares.append(Compare(key, kv.mod_revision if kv else 0))
-                    ops.append(Delete(key))
-                ops.append(Put(akey, json.dumps({"pool": b.pool, "mode": b.mode}, separators=(",", ":")).encode()))
+                    txn.delete(key)
+                txn.put(akey, Affinity.of(b))
         elif kind == "affinity-without-block":
-            node, bid = _affinity_bid(k, key)
             entry["action"] = f"delete {key}"
-            compares.append(Compare(k.blocks + bid, 0))
-            ops = [Delete(key)]
+            txn.absent(k.block_of_affinity(key))
+            txn.delete(key)
         else:   # undecodable block
-            net = block_from_id(key[len(k.blocks):])
+            net = k.block_of_key(key)
             got = _rebuild_block(ipam, net, pools)
             if isinstance(got, str):
                 entry["why"] = got
             else:
                 entry["action"] = f"rebuild block {net} from the handles holding its addresses"
-                compares += got[0]
-                ops = got[1]
-        if ops:
+                txn.put(k.block(net), got)
+        if txn.writes:
             if kv is None and kind != "affinity-without-block" and kind != "block-without-affinity":
                 entry["why"] = "the key is gone; run check again"
-            elif ds.commit(compares, ops):
-                entry["done"] = True
             else:
-                entry["why"] = "changed while fixing; run check again"
+                try:
+                    commit(ds, txn)
+                    entry["done"] = True
+                except TxnConflict:
+                    entry["why"] = "changed while fixing; run check again"
     return out

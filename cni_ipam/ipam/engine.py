@@ -21,24 +21,27 @@ TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); ann
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable, Iterable
 
-from ..datastore import (KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete, Put, Read,
-                         prefix_end, read_prefix)
+from ..constants import DEFAULT_ANNOTATION_PREFIX, DEFAULT_PREFIX
+from ..datastore import KV, Datastore, DatastoreError, DatastoreUnavailable, Read, read_prefix
 from ..datastore.base import MAX_TXN_OPS
 from .block import BRIDGE, ROUTED, Block, BlockError
 from .errors import (AddressUnavailable, CorruptData, IncompatibleStore, InvalidRequest, IPAMError,
                      PoolExhausted, TryAgain)
-from .keys import LAYOUT, Keys, block_from_id, block_id
 from .model import Assignment, Handle, IPAMConfig, Schema
-from .pool import Pool, PoolError, find_free_block, pool_of_ip, select_pools, start_index
+from .pool import Pool, find_free_block, pool_of_ip, select_pools, start_index
 from .snapshot import Snapshot
+from .store import (LAYOUT, Affinity, Conflict, Keys, Txn, commit, decode_block, decode_config,
+                    decode_handle, decode_pool, decode_schema, handle_id, legacy_handle_id)
 
 from ..log import log
 
 from .reclaim import RECLAIM_EMPTY_AFTER, EmptyBlockWatch  # noqa: F401 (RECLAIM_EMPTY_AFTER: re-exported)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AssignRequest:
+    """What one ADD asks for.  Immutable: a pool choice made elsewhere (Pod/Namespace
+    annotations, ipam/annotations.py) gives a new request (``replace``)."""
     handle_id: str
     node: str
     #: the id an older layout gave this attachment (keys.legacy_handle_id): a record there is
@@ -55,16 +58,19 @@ class AssignRequest:
     assign_v6: bool = False
     v4_pools: list[str] | None = None   # names or CIDRs; None: every matching enabled pool
     v6_pools: list[str] | None = None
-    pools_source: str = "config"        # where v4_pools/v6_pools came from (for messages)
     requested: list = field(default_factory=list)  # specific addresses, at most one per family
     gateways: dict = field(default_factory=dict)   # routed mode: {4: ip, 6: ip}
     routed_prefix: str = "host"   # routed mode: "host" -> /32 or /128; "block" -> the block's prefix
     node_matches: Callable[[Pool], bool] | None = None  # evaluates nodeSelector for this node
-    pool_sources: dict = field(default_factory=dict)    # per family {4: "...", 6: "..."}; else pools_source
+    pool_sources: dict = field(default_factory=dict)    # per family {4: "...", 6: "..."}; default "config"
     # no Kubernetes: read the namespace's annotations and the node's labels from etcd
     # (<prefix>/v1/namespaces/<ns>, <prefix>/v1/nodes/<node>) in the first batched read
     labels_from_etcd: bool = False
-    annotation_prefix: str = "cni.projectcalico.org"
+    annotation_prefix: str = DEFAULT_ANNOTATION_PREFIX
+
+    def replace(self, **changes) -> AssignRequest:
+        """A copy with ``changes`` (the request itself never changes)."""
+        return AssignRequest(**{**{n: getattr(self, n) for n in self.__record_fields__}, **changes})
 
 
 @dataclass
@@ -74,43 +80,24 @@ class AssignResult:
     attempts: int = 1
 
 
-class _Txn:
-    """What one attempt will write, with the revisions it was planned from."""
+class _Plan(Txn):
+    """One attempt's transaction (store.Txn) with the blocks it rewrites, as ``Block``
+    values still being allocated from (encoded by ``ops``)."""
 
-    def __init__(self):
-        self.compares: dict[str, int] = {}
-        self.puts: dict[str, bytes] = {}
+    __slots__ = ("blocks",)
+
+    def __init__(self, by_value: bool = False):
+        super().__init__(by_value)
         self.blocks: dict[str, Block] = {}
-        self.deletes: list[str] = []
 
-    def touch(self, key: str, rev: int, block: Block):
-        self.compares.setdefault(key, rev)
+    def touch(self, key: str, rev: int, value: bytes | None, block: Block) -> None:
+        """The plan allocates from ``block`` (read at ``rev`` holding ``value``)."""
+        self.update(key, rev, value, block)
         self.blocks[key] = block
-
-    def ops(self):
-        for key, b in self.blocks.items():
-            self.puts[key] = b.to_json()
-        return ([Compare(k, r) for k, r in self.compares.items()],
-                [Put(k, v) for k, v in self.puts.items()] + [Delete(k) for k in self.deletes])
 
 
 class _Fallback(Exception):
     """Internal: the snapshot cannot answer this request (a claim, a borrow, data it lacks)."""
-
-
-def _decode(key: str, kv, decoder):
-    return _decode_value(key, kv.value, decoder)
-
-
-def _decode_value(key: str, value: bytes, decoder):
-    try:
-        out = decoder(value)
-    except (ValueError, BlockError, PoolError, RecursionError) as e:
-        raise CorruptData(f"corrupt value at etcd key {key}: {e}") from None
-    if isinstance(out, Block) and not key.endswith("/blocks/" + block_id(out.cidr)):
-        # a value describing another CIDR would hand out that CIDR's addresses: never use it
-        raise CorruptData(f"corrupt value at etcd key {key}: it describes block {out.cidr}")
-    return out
 
 
 def _unavailable(what: str, e: DatastoreUnavailable) -> TryAgain:
@@ -126,25 +113,13 @@ def _unavailable(what: str, e: DatastoreUnavailable) -> TryAgain:
     return TryAgain(f"etcd unavailable during {what}: {text}")
 
 
-def _same(key: str, value: bytes | None) -> Compare:
-    """A guard that ``key`` holds exactly ``value`` (None: that it does not exist)."""
-    return Compare(key, 0) if value is None else Compare(key, value=value)
-
-
-def _affinity_block(key: str, prefix: str):
-    try:
-        return block_from_id(key[len(prefix):])
-    except ValueError as e:
-        raise CorruptData(f"corrupt affinity record at etcd key {key}: not a block id ({e})") from None
-
-
 class IPAM:
     """``use_snapshot`` (or a ``snapshot`` to start from): keep a warm ``Snapshot`` of the
     last ADD's reads in ``self.snapshot`` and try a fast-path ADD as ONE guarded txn from it
     (see ``_assign_from_snapshot``).  Off by default: callers that hold one instance per
     node (the plugin persists it per node under the host lock) turn it on."""
 
-    def __init__(self, ds: Datastore, prefix: str = "/cni-ipam", max_retries: int = 100, *,
+    def __init__(self, ds: Datastore, prefix: str = DEFAULT_PREFIX, max_retries: int = 100, *,
                  use_snapshot: bool = False, snapshot: Snapshot | None = None,
                  empty_watch: EmptyBlockWatch | None = None):
         self.ds = ds
@@ -162,11 +137,11 @@ class IPAM:
     def _retry(self, what: str, attempt_fn):
         for attempt in range(1, self.max_retries + 1):
             try:
-                out = attempt_fn()
+                return attempt_fn(), attempt
+            except Conflict:
+                pass
             except DatastoreUnavailable as e:
                 raise _unavailable(what, e) from None
-            if out is not None:
-                return out, attempt
             self.conflicts += 1
             log.debug("%s: CAS conflict on attempt %d, retrying", what, attempt)
             import random  # only on a conflict: not on every exec's import path
@@ -174,10 +149,10 @@ class IPAM:
         raise TryAgain(f"{what}: gave up after {self.max_retries} conflicting attempts")
 
     def _pools_from(self, kvs) -> list[Pool]:
-        return [_decode(kv.key, kv, Pool.from_json) for kv in kvs]
+        return [decode_pool(kv.key, kv.value) for kv in kvs]
 
     def _config_from(self, res) -> IPAMConfig:
-        return _decode(self.keys.config, res.kvs[0], IPAMConfig.from_json) if res.kvs else IPAMConfig()
+        return decode_config(res.kvs[0].value if res.kvs else None, self.keys.config)
 
     @staticmethod
     def _record_reader(keys: list[str], results) -> Callable[[str], bytes | None]:
@@ -192,10 +167,10 @@ class IPAM:
             out += [self.keys.node(req.node)] + ([self.keys.namespace(req.namespace)] if req.namespace else [])
         return out
 
-    def _schema_guard(self, value: bytes | None, rev: int, txn: _Txn | None = None) -> None:
+    def _schema_guard(self, value: bytes | None, rev: int, txn: Txn | None = None) -> None:
         """Refuse a store whose layout needs a newer binary; with ``txn``: raise the record to
         this binary's LAYOUT with the attempt's writes (guarded by ``rev``, the record as read)."""
-        schema = _decode_value(self.keys.schema, value, Schema.from_json)
+        schema = decode_schema(self.keys.schema, value)
         if schema.min_layout > LAYOUT:
             raise IncompatibleStore(
                 f"the data under {self.keys.root} needs cni-ipam data layout {schema.min_layout} or newer "
@@ -203,14 +178,13 @@ class IPAM:
                 f"upgrade it")
         if txn is not None and schema.layout < LAYOUT:
             from .. import __version__
-            txn.compares[self.keys.schema] = rev
-            txn.puts[self.keys.schema] = Schema(LAYOUT, LAYOUT, f"cni-ipam {__version__}").to_json()
+            txn.update(self.keys.schema, rev, value, Schema(LAYOUT, LAYOUT, f"cni-ipam {__version__}"))
 
     def check_schema(self) -> Schema:
         """Read the schema record; IncompatibleStore when this binary is too old for the store."""
         kv = self.ds.get(self.keys.schema)
         self._schema_guard(kv.value if kv else None, 0)
-        return _decode_value(self.keys.schema, kv.value, Schema.from_json) if kv else Schema()
+        return decode_schema(self.keys.schema, kv.value) if kv else Schema()
 
     # ------------------------------------------------------------------ reads
     def pools(self) -> list[Pool]:
@@ -221,7 +195,7 @@ class IPAM:
 
     def get_handle(self, handle_id: str) -> Handle | None:
         kv = self.ds.get(self.keys.handle(handle_id))
-        return _decode(kv.key, kv, Handle.from_json) if kv else None
+        return decode_handle(kv.key, kv.value) if kv else None
 
     def handles(self, network: str | None = None, node: str | None = None,
                 errors: list | None = None) -> list[Handle]:
@@ -231,7 +205,7 @@ class IPAM:
         out = []
         for kv in self.ds.get_prefix(prefix):
             try:
-                h = _decode(kv.key, kv, Handle.from_json)
+                h = decode_handle(kv.key, kv.value)
             except CorruptData as e:
                 if errors is None:
                     raise
@@ -244,12 +218,11 @@ class IPAM:
     def find_attachment(self, network: str, container_id: str, ifname: str) -> Handle | None:
         """The handle record of an attachment, in this layout or (made by an older version)
         under its layout-1 id when the record's own fields name the attachment."""
-        from .keys import handle_id, legacy_handle_id
         hkey, lkey = self.keys.handle(handle_id(network, container_id, ifname)), \
             self.keys.handle(legacy_handle_id(network, container_id, ifname))
         for key, kv in zip((hkey, lkey), self.ds.get_many([hkey, lkey])):
             if kv is not None:
-                h = _decode(key, kv, Handle.from_json)
+                h = decode_handle(key, kv.value)
                 if key == hkey or h.is_attachment(network, container_id, ifname):
                     return h
         return None
@@ -260,7 +233,7 @@ class IPAM:
         bkeys = list(dict.fromkeys(self.keys.block(a.block) for a in h.addresses))
         blocks = {}
         for key, kv in zip(bkeys, self.ds.get_many(bkeys) if bkeys else []):
-            blocks[key] = _decode(key, kv, Block.from_json) if kv else None
+            blocks[key] = decode_block(key, kv.value) if kv else None
         for a in h.addresses:
             b = blocks[self.keys.block(a.block)]
             if b is None:
@@ -277,7 +250,9 @@ class IPAM:
         create_pool(self, pool)
 
     def set_config(self, cfg: IPAMConfig) -> None:
-        self.ds.commit([], [Put(self.keys.config, cfg.to_json())])
+        txn = Txn()
+        txn.put(self.keys.config, cfg)   # (settings are written whole: no guard)
+        commit(self.ds, txn)
 
     # ------------------------------------------------------------------ assign
     def assign(self, req: AssignRequest) -> AssignResult:
@@ -324,7 +299,8 @@ class IPAM:
             raise InvalidRequest(f"attachment {h.id} already holds {', '.join(str(a.ip) for a in h.addresses)} "
                                  f"but {'; '.join(why)}: DEL it first (or fix the configuration)")
 
-    def _assign_once(self, req: AssignRequest) -> AssignResult | None:
+    def _assign_once(self, req: AssignRequest) -> AssignResult:
+        """One attempt from fresh reads; Conflict when its txn lost against another writer."""
         k = self.keys
         hkey = k.handle(req.handle_id)
         rec_keys = self._record_keys(req)
@@ -336,9 +312,9 @@ class IPAM:
         snap = self.ds.read(reads)
         legacy = snap.pop() if lkey else None   # the attachment's layout-1 key, as read
         if snap[0].kvs:
-            return AssignResult(_decode(hkey, snap[0].kvs[0], Handle.from_json), existing=True)
+            return AssignResult(decode_handle(hkey, snap[0].kvs[0].value), existing=True)
         if legacy is not None and legacy.kvs:
-            old = _decode(lkey, legacy.kvs[0], Handle.from_json)
+            old = decode_handle(lkey, legacy.kvs[0].value)
             if old.is_attachment(req.network, req.container_id, req.ifname):
                 return AssignResult(old, existing=True)   # made by an older version: still this attachment's
             # else another attachment's layout-1 record under the same (ambiguous) id: not ours
@@ -360,46 +336,42 @@ class IPAM:
         def record(key: str):
             return view.records[key][1]
 
-        handle, txn = self._plan(req, view, load, record, fast_only=False)
-        compares, puts = txn.ops()
-        compares.append(Compare(hkey, 0))
+        txn = _Plan()
+        handle = self._plan(req, view, load, record, txn, fast_only=False)
+        txn.absent(hkey)
         if legacy is not None and not legacy.kvs:
-            compares.append(Compare(lkey, 0))   # (an older version's ADD of the same attachment meanwhile)
-        puts.append(Put(hkey, handle.to_json()))
+            txn.absent(lkey)   # (an older version's ADD of the same attachment meanwhile)
+        txn.put(hkey, handle)
         # the pools allocated from must be as read: a pool disabled or being deleted
         # meanwhile (pools.delete_pool disables it first) gets nothing new
         for pkey in dict.fromkeys(k.pool(a.pool) for a in handle.addresses):
             if pkey in view.pools:
-                compares.append(Compare(pkey, view.pools[pkey][0]))
-        if not self.ds.commit(compares, puts):
-            return None
+                txn.read(pkey, view.pools[pkey][0])
+        written = commit(self.ds, txn)
         if self.use_snapshot:
-            self._keep_snapshot(view, txn, req.node)
+            self._keep_snapshot(view, txn, written, req.node)
         return AssignResult(handle)
 
     def _blocks_of(self, view: Snapshot, want: list[str], strict: bool = False) -> dict:
-        """``{key: (mod_revision, Block | None)}`` for ``want`` from ``view.blocks``
+        """``{key: (mod_revision, Block | None, value)}`` for ``want`` from ``view.blocks``
         (``strict``: a key the view lacks -> _Fallback)."""
-        loaded: dict[str, tuple[int, Block | None]] = {}
+        loaded: dict[str, tuple[int, Block | None, bytes | None]] = {}
         for key in want:
             if strict and key not in view.blocks:
                 raise _Fallback(f"block {key} is not in the snapshot")
             rev, value = view.blocks[key]
-            loaded[key] = (rev, _decode_value(key, value, Block.from_json) if value is not None else None)
+            loaded[key] = (rev, decode_block(key, value) if value is not None else None, value)
         return loaded
 
-    def _plan(self, req: AssignRequest, view: Snapshot, load, record, fast_only: bool) -> tuple[Handle, _Txn]:
+    def _plan(self, req: AssignRequest, view: Snapshot, load, record, txn: _Plan, fast_only: bool) -> Handle:
         """Plan one attempt from ``view`` (pools, config, affinities; ``load(keys)`` gives blocks,
-        ``record(key)`` a namespace/node record).  The same code for a fresh read and a snapshot;
-        ``fast_only``: only an allocation from the node's own blocks (else _Fallback)."""
+        ``record(key)`` a namespace/node record) into ``txn``.  The same code for a fresh read
+        and a snapshot; ``fast_only``: only an allocation from the node's own blocks (else _Fallback)."""
         k = self.keys
-        txn = _Txn()
         self._schema_guard(record(k.schema), view.records.get(k.schema, (0, None))[0], txn)
-        pools = [_decode_value(key, value, Pool.from_json) for key, (_, value) in view.pools.items()]
-        cfg = _decode_value(k.config, view.config[1], IPAMConfig.from_json) if view.config[1] is not None \
-            else IPAMConfig()
-        aff_prefix = k.node_affinity(req.node)
-        affine = [_affinity_block(key, aff_prefix) for key in view.affinities]
+        pools = [decode_pool(key, value) for key, (_, value) in view.pools.items()]
+        cfg = decode_config(view.config[1], k.config)
+        affine = [k.affinity_block(key) for key in view.affinities]
 
         requested = {ip.version: ip for ip in req.requested}
         families = [f for f, on in ((4, req.assign_v4), (6, req.assign_v6)) if on or f in requested]
@@ -440,9 +412,9 @@ class IPAM:
                 a, claimed = self._assign_auto(req, fam, eligible[fam], cfg, n_affine, loaded, txn, fast_only)
                 n_affine += claimed
             handle.addresses.append(a)
-        return handle, txn
+        return handle
 
-    def _keep_snapshot(self, view: Snapshot, txn: _Txn, node: str) -> None:
+    def _keep_snapshot(self, view: Snapshot, txn: _Plan, written: dict, node: str) -> None:
         """After a successful normal attempt: keep what it read (+ the blocks it wrote, at the
         commit's revision) as the snapshot -- unless it wrote under the pools or the node's
         affinity prefix (a claim: those ranges are guarded as "nothing newer than the read"),
@@ -451,12 +423,12 @@ class IPAM:
         aff_prefix = self.keys.node_affinity(node)
         if (not rev or not view.revision or len(view.pools) + len(view.affinities) + len(view.blocks)
                 + len(view.records) + 8 > MAX_TXN_OPS
-                or any(key.startswith(aff_prefix) or key.startswith(self.keys.pools) for key in txn.puts)):
+                or any(key.startswith(aff_prefix) or key.startswith(self.keys.pools) for key in written)):
             self.snapshot = None
             return
         for key in txn.blocks:
             if key in view.blocks:
-                view.blocks[key] = (rev, txn.puts[key])
+                view.blocks[key] = (rev, written[key])
         self.snapshot = view
 
     def _assign_from_snapshot(self, req: AssignRequest, snap: Snapshot) -> AssignResult | None:
@@ -481,57 +453,56 @@ class IPAM:
         if req.requested or snap.node != req.node:
             return None
         k = self.keys
-        looked_at: list[str] = []
-        records_used: list[str] = []
+        # CONTENT compares (the values the plan was made from), not revision numbers: a store
+        # restored from a backup reuses revisions for other content (issue: duplicates after a
+        # restore), so only "this key still holds exactly these bytes" proves the plan
+        txn = _Plan(by_value=True)
 
         def load(want: list[str]):
-            looked_at.extend(want)
-            return self._blocks_of(snap, want, strict=True)
+            loaded = self._blocks_of(snap, want, strict=True)
+            for key, (rev, _, value) in loaded.items():
+                txn.read(key, rev, value)   # every block looked at, not only the one allocated from
+            return loaded
 
         def record(key: str):
             if key not in snap.records:
                 raise _Fallback(f"record {key} is not in the snapshot")
-            records_used.append(key)
-            return snap.records[key][1]
+            rev, value = snap.records[key]
+            txn.read(key, rev, value)
+            return value
 
         try:
-            handle, txn = self._plan(req, snap, load, record, fast_only=True)
+            handle = self._plan(req, snap, load, record, txn, fast_only=True)
         except (_Fallback, IPAMError) as e:
             log.debug("assign %s: snapshot not used (%s)", req.handle_id, getattr(e, "msg", e))
             return None
-        _, puts = txn.ops()
-        # CONTENT compares (the values the plan was made from), not revision numbers: a store
-        # restored from a backup reuses revisions for other content (issue: duplicates after a
-        # restore), so only "this key still holds exactly these bytes" proves the plan
-        values = {**{key: v for key, (_, v) in snap.records.items()}, **{key: v for key, (_, v) in snap.blocks.items()}}
-        compares = [_same(key, values[key]) for key in dict.fromkeys([*txn.compares, *looked_at])]
         hkey = k.handle(req.handle_id)
-        compares.append(Compare(hkey, 0))
+        txn.absent(hkey)
         if req.legacy_handle_id:   # nor a record of an older layout under the attachment's old id
-            compares.append(Compare(k.handle(req.legacy_handle_id), 0))
-        r = snap.revision
+            txn.absent(k.handle(req.legacy_handle_id))
         aff = k.node_affinity(req.node)
-        for prefix, known in ((k.pools, snap.pools), (aff, snap.affinities)):
-            end = prefix_end(prefix)
-            compares.append(Compare(prefix, r + 1, range_end=end, result="LESS"))
-            compares += [Compare(key, v) if isinstance(v, int) else _same(key, v[1]) for key, v in known.items()]
-        # fail-closed canary: an etcd that ignored range_end (< 3.3) would read this as "the key
-        # '<prefix>/v1/pools/' has mod revision > 0", which is false (no such key): the txn fails
-        compares.append(Compare(k.pools, 0, range_end=prefix_end(k.pools), result="GREATER"))
-        compares.append(_same(k.config, snap.config[1]))
-        compares += [_same(key, snap.records[key][1]) for key in dict.fromkeys(records_used) if key not in txn.compares]
-        if len(compares) > MAX_TXN_OPS:
+        txn.no_newer(k.pools, snap.revision)
+        for key, (rev, value) in snap.pools.items():
+            txn.read(key, rev, value)
+        txn.no_newer(aff, snap.revision)
+        for key, rev in snap.affinities.items():
+            txn.read(key, rev)   # (the snapshot keeps no affinity values: by revision)
+        txn.canary = k.pools
+        txn.read(k.config, *snap.config)
+        if txn.n_compares() > MAX_TXN_OPS:
             self.snapshot = None
             return None
-        puts.append(Put(hkey, handle.to_json()))
+        txn.put(hkey, handle)
         self.snapshot = None   # until the answer says the txn was applied
-        if not self.ds.commit(compares, puts):
+        try:
+            written = commit(self.ds, txn)
+        except Conflict:
             self.snapshot_misses += 1
             log.debug("assign %s: snapshot is stale (a guarded key changed): re-reading", req.handle_id)
             return None
         rev = self.ds.last_revision
         for key in txn.blocks:
-            snap.blocks[key] = (rev, txn.puts[key])
+            snap.blocks[key] = (rev, written[key])
         self.snapshot = snap
         self.snapshot_hits += 1
         return AssignResult(handle)
@@ -541,7 +512,7 @@ class IPAM:
         ``record(key)``: the node or namespace record (value or None) read with the first
         batch (``labels_from_etcd``); see ipam/annotations.py for the precedence."""
         wanted = {4: req.v4_pools, 6: req.v6_pools}
-        sources = {f: req.pool_sources.get(f, req.pools_source) for f in (4, 6)}
+        sources = {f: req.pool_sources.get(f, "config") for f in (4, 6)}
         matches = req.node_matches or (lambda p: True)
         if req.labels_from_etcd:
             from . import annotations as ann
@@ -565,11 +536,11 @@ class IPAM:
         plen = block.cidr.prefixlen if req.routed_prefix == "block" else (32 if ip.version == 4 else 128)
         return Assignment(ip, block.cidr, block.pool, plen, req.gateways.get(ip.version))
 
-    def _assign_requested(self, req, ip, pool: Pool, cfg: IPAMConfig, loaded, txn: _Txn) -> Assignment:
+    def _assign_requested(self, req, ip, pool: Pool, cfg: IPAMConfig, loaded, txn: _Plan) -> Assignment:
         k = self.keys
         net = pool.block_of(ip)
         key = k.block(net)
-        rev, block = loaded[key]
+        rev, block, value = loaded[key]
         if key in txn.blocks:
             block = txn.blocks[key]
         if block is None:
@@ -578,7 +549,7 @@ class IPAM:
                                      f"are too small for {req.mode} mode")
             block = Block.new(net, pool.name, req.node, req.mode)
             self._claim(req.node, block, txn)
-            rev = 0
+            rev, value = 0, None
         elif block.mode != req.mode:
             raise AddressUnavailable(f"requested address {ip} is in block {net}, claimed in {block.mode} mode; "
                                      f"this network uses {req.mode} mode")
@@ -596,28 +567,28 @@ class IPAM:
             block.allocate(req.handle_id, ip)
         except BlockError as e:
             raise AddressUnavailable(f"requested address {ip} is not available: {e}") from None
-        txn.touch(key, rev, block)
+        txn.touch(key, rev, value, block)
         return self._assignment(req, block, ip)
 
-    def _claim(self, node: str, block: Block, txn: _Txn) -> None:
+    def _claim(self, node: str, block: Block, txn: _Plan) -> None:
         akey = self.keys.affinity_key(node, block.cidr)
-        txn.compares[akey] = 0
-        txn.puts[akey] = b'{"pool":"%s","mode":"%s"}' % (block.pool.encode(), block.mode.encode())
+        txn.absent(akey)
+        txn.put(akey, Affinity.of(block))
 
     def _assign_auto(self, req, fam, pools: list[Pool], cfg: IPAMConfig, n_affine: int,
-                     loaded, txn: _Txn, fast_only: bool = False) -> tuple[Assignment, int]:
+                     loaded, txn: _Plan, fast_only: bool = False) -> tuple[Assignment, int]:
         k = self.keys
         # 1. the node's own blocks, pool by pool, lowest block first
         for p in pools:
-            mine = sorted(((key, rev, b) for key, (rev, b) in loaded.items()
+            mine = sorted(((key, rev, b, value) for key, (rev, b, value) in loaded.items()
                            if b is not None and b.pool == p.name and b.node == req.node
                            and b.mode == req.mode and b.cidr.subnet_of(p.cidr)),
                           key=lambda t: t[2].cidr)
-            for key, rev, b in mine:
+            for key, rev, b, value in mine:
                 b = txn.blocks.get(key, b)
                 if b.free:
                     ip = b.allocate(req.handle_id)
-                    txn.touch(key, rev, b)
+                    txn.touch(key, rev, value, b)
                     return self._assignment(req, b, ip), 0
         if fast_only:
             raise _Fallback("the node's blocks are full: a claim or a borrow needs fresh reads")
@@ -635,7 +606,7 @@ class IPAM:
                 b = Block.new(p.block_at(idx), p.name, req.node, req.mode)
                 self._claim(req.node, b, txn)
                 ip = b.allocate(req.handle_id)
-                txn.touch(k.block(b.cidr), 0, b)
+                txn.touch(k.block(b.cidr), 0, None, b)
                 log.info("claimed block %s of pool %s for node %s", b.cidr, p.name, req.node)
                 return self._assignment(req, b, ip), 1
             # 2b. take over an empty block of another node (idle for RECLAIM_EMPTY_AFTER)
@@ -658,26 +629,21 @@ class IPAM:
         names = ", ".join(p.name for p in pools)
         raise PoolExhausted(f"no free IPv{fam} address for node {req.node} in pool(s) {names}: {reason}")
 
-    def _pool_key_range(self, p: Pool, lo: int, hi: int) -> tuple[str, str]:
-        start = self.keys.block(p.block_at(lo))
-        end = self.keys.block(p.block_at(hi)) if hi < p.n_blocks else self.keys.block(p.block_at(hi - 1)) + "\0"
-        return start, end
-
     def _find_free_block(self, p: Pool, node: str) -> int | None:
         # (an attempt claims at most one block per family, so nothing claimed
         # earlier in the same attempt can be in this pool)
         def list_from(lo, hi, limit):
-            s, e = self._pool_key_range(p, lo, hi)
+            s, e = self.keys.pool_block_range(p, lo, hi)
             res = self.ds.read([Read(s, e, keys_only=True, limit=limit)])[0]
             return [p.block_index(self.keys.block_of_key(kv.key)) for kv in res.kvs]
 
         def counts_in(ranges):
-            reads = [Read(*self._pool_key_range(p, lo, hi), count_only=True) for lo, hi in ranges]
+            reads = [Read(*self.keys.pool_block_range(p, lo, hi), count_only=True) for lo, hi in ranges]
             return [r.count for r in self.ds.read(reads)]
 
         return find_free_block(p.n_blocks, start_index(node, p.n_blocks), list_from, counts_in)
 
-    def _reclaim(self, req, p: Pool, txn: _Txn) -> Assignment | None:
+    def _reclaim(self, req, p: Pool, txn: _Plan) -> Assignment | None:
         """When a pool has no unclaimed block left: take over a block of another node that has
         been empty for RECLAIM_EMPTY_AFTER seconds (a node that went away, or scaled down),
         so that node churn cannot exhaust a small pool.  "Empty that long" is measured by this
@@ -688,11 +654,11 @@ class IPAM:
         pool is out of unclaimed blocks."""
         if not p.usable_in(req.mode):
             return None
-        s, e = self._pool_key_range(p, 0, p.n_blocks)
+        s, e = self.keys.pool_block_range(p, 0, p.n_blocks)
         for kv in self.ds.range(s, e):
             if kv.key in txn.blocks:
                 continue
-            b = _decode(kv.key, kv, Block.from_json)
+            b = decode_block(kv.key, kv.value)
             if b.node == req.node or b.allocations:
                 continue
             if not self.empty_watch.ripe(kv.key, kv.mod_revision):
@@ -700,21 +666,21 @@ class IPAM:
             fresh = Block.new(b.cidr, p.name, req.node, req.mode)
             self._claim(req.node, fresh, txn)
             if b.node:
-                txn.deletes.append(self.keys.affinity_key(b.node, b.cidr))
+                txn.delete(self.keys.affinity_key(b.node, b.cidr))
             ip = fresh.allocate(req.handle_id)
-            txn.touch(kv.key, kv.mod_revision, fresh)
+            txn.touch(kv.key, kv.mod_revision, kv.value, fresh)
             log.info("reclaimed block %s of pool %s from node %s (seen empty for %ds) for node %s",
                      b.cidr, p.name, b.node, self.empty_watch.waited(kv.key), req.node)
             return self._assignment(req, fresh, ip)
         return None
 
-    def _borrow(self, req, p: Pool, txn: _Txn) -> Assignment | None:
-        s, e = self._pool_key_range(p, 0, p.n_blocks)
+    def _borrow(self, req, p: Pool, txn: _Plan) -> Assignment | None:
+        s, e = self.keys.pool_block_range(p, 0, p.n_blocks)
         for kv in self.ds.range(s, e):
-            b = txn.blocks.get(kv.key) or _decode(kv.key, kv, Block.from_json)
+            b = txn.blocks.get(kv.key) or decode_block(kv.key, kv.value)
             if b.mode == ROUTED and b.free and b.node != req.node:
                 ip = b.allocate(req.handle_id)
-                txn.touch(kv.key, kv.mod_revision, b)
+                txn.touch(kv.key, kv.mod_revision, kv.value, b)
                 log.info("borrowed %s from block %s of node %s", ip, b.cidr, b.node)
                 return self._assignment(req, b, ip)
         return None
@@ -730,7 +696,9 @@ class IPAM:
                              lambda: self._release_once(handle_id, legacy_id, attachment))
         return out or None
 
-    def _release_once(self, handle_id: str, legacy_id: str = "", attachment=None):
+    def _release_once(self, handle_id: str, legacy_id: str = "", attachment=None) -> Handle | None:
+        """One attempt: the released handle, None when there is nothing to release; Conflict
+        when its txn lost against another writer."""
         k = self.keys
         hkeys = [k.handle(handle_id)] + ([k.handle(legacy_id)] if legacy_id else [])
         got = self.ds.read([Read(key) for key in hkeys] + [Read(k.schema)])
@@ -739,38 +707,38 @@ class IPAM:
         mine: list[tuple[str, KV, Handle]] = []
         for i, (hkey, res) in enumerate(zip(hkeys, got)):
             if res.kvs:
-                h = _decode(hkey, res.kvs[0], Handle.from_json)
+                h = decode_handle(hkey, res.kvs[0].value)
                 if i == 0 or attachment is None or h.is_attachment(*attachment):
                     mine.append((hkey, res.kvs[0], h))
         if not mine:
-            return False  # nothing to do (falsy but not None: not a conflict)
-        compares = [Compare(hkey, hkv.mod_revision) for hkey, hkv, _ in mine]
-        ops: list = [Delete(hkey) for hkey, _, _ in mine]
+            return None  # nothing to do
+        txn = Txn()
+        for hkey, hkv, _ in mine:
+            txn.read(hkey, hkv.mod_revision)
+            txn.delete(hkey)
         addrs = [(a, h.id) for _, _, h in mine for a in h.addresses]
         bkeys = list(dict.fromkeys(k.block(a.block) for a, _ in addrs))
         for key, kv in zip(bkeys, self.ds.get_many(bkeys) if bkeys else []):
             if kv is None:
                 log.warning("release %s: block %s no longer exists", handle_id, key)
-                compares.append(Compare(key, 0))
+                txn.absent(key)
                 continue
-            b = _decode(key, kv, Block.from_json)
+            b = decode_block(key, kv.value)
             for a, hid in addrs:
                 if a.ip in b.cidr and not b.release(a.ip, hid):
                     log.warning("release %s: %s in block %s is not held by this handle (holder: %s)",
                                 hid, a.ip, b.cidr, b.holder(a.ip))
-            compares.append(Compare(key, kv.mod_revision))
-            ops.append(Put(key, b.to_json()))
-        if not self.ds.commit(compares, ops):
-            return None
+            txn.update(key, kv.mod_revision, kv.value, b)
+        written = commit(self.ds, txn)
         snap = self.snapshot
         if snap is not None:  # the snapshot's copy of a block written here: as written, at the new revision
             rev = self.ds.last_revision
-            for op in ops:
-                if isinstance(op, Put) and op.key in snap.blocks:
+            for key, value in written.items():
+                if key in snap.blocks:
                     if rev:
-                        snap.blocks[op.key] = (rev, op.value)
+                        snap.blocks[key] = (rev, value)
                     else:
-                        del snap.blocks[op.key]
+                        del snap.blocks[key]
         h = mine[0][2]
         for _, _, other in mine[1:]:
             h.addresses += other.addresses
@@ -788,7 +756,7 @@ class IPAM:
             kv = self.ds.get(key)
             if kv is None:
                 continue
-            b = _decode(key, kv, Block.from_json)
+            b = decode_block(key, kv.value)
             hid = b.holder(ip)
             if hid is None:
                 continue
@@ -802,17 +770,22 @@ class IPAM:
 
     def _release_one(self, key, ip, hid):
         kv = self.ds.get(key)
-        b = _decode(key, kv, Block.from_json)
+        b = decode_block(key, kv.value)
         b.release(ip, hid)
-        compares, ops = [Compare(key, kv.mod_revision)], [Put(key, b.to_json())]
+        txn = Txn()
+        txn.update(key, kv.mod_revision, kv.value, b)
         hkey = self.keys.handle(hid)
         hkv = self.ds.get(hkey)
         if hkv is not None:
-            h = _decode(hkey, hkv, Handle.from_json)
+            h = decode_handle(hkey, hkv.value)
             h.addresses = [a for a in h.addresses if a.ip != ip]
-            compares.append(Compare(hkey, hkv.mod_revision))
-            ops.append(Put(hkey, h.to_json()) if h.addresses else Delete(hkey))
-        return True if self.ds.commit(compares, ops) else None
+            txn.read(hkey, hkv.mod_revision)
+            if h.addresses:
+                txn.put(hkey, h)
+            else:
+                txn.delete(hkey)
+        commit(self.ds, txn)
+        return True
 
     # ------------------------------------------------------------------ gc
     def gc(self, network: str, node: str, keep: set[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str, int]]]:
@@ -850,12 +823,12 @@ class IPAM:
             if not on:
                 continue
             for p in select_pools(fam, wanted[fam], pools, req.mode, matches, sources[fam]):
-                s, e = self._pool_key_range(p, 0, p.n_blocks)
+                s, e = self.keys.pool_block_range(p, 0, p.n_blocks)
                 if cfg.auto_allocate_blocks and self.ds.count(s, e) < p.n_blocks:
                     out.append(p.name)
                     continue
                 for kv in self.ds.range(s, e):
-                    b = _decode(kv.key, kv, Block.from_json)
+                    b = decode_block(kv.key, kv.value)
                     if b.free and b.mode == req.mode and (b.node == req.node or (
                             req.mode == ROUTED and not cfg.strict_affinity)):
                         out.append(p.name)

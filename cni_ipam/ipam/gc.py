@@ -2,7 +2,7 @@
 ``cni-ipam node remove``) use to free leaked addresses, empty blocks and the
 affinities of nodes that are gone.
 
-Every function here builds ONE compare-and-swap transaction per object:
+Every function here builds ONE compare-and-swap transaction per object (a store.Txn):
 
 * the records it read are compared on their mod revision (nothing changed since they
   were judged: a handle re-created under the same id, an address allocated in a block
@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..datastore import Compare, Datastore, Delete, Put, Read
+from ..constants import ERR_TRY_AGAIN_LATER
+from ..datastore import Datastore, Read
 from .block import Block
 from .errors import CorruptData, IPAMError
-from .keys import Keys, block_from_id, escape, unescape
-from .model import Handle
+from .store import (BlockInfo, Conflict, HandleInfo, Keys, Txn, block_from_id, commit, decode_block,
+                    decode_handle, decode_or_none, decoded_dicts, guards_hold, iter_range)
+
+__all__ = ["BlockInfo", "HandleInfo", "guards_hold"]   # (re-exported: their home is ipam/store.py)
 
 #: attempts of one object's txn when it loses against a concurrent writer
 RETRIES = 10
@@ -30,30 +33,23 @@ RETRIES = 10
 
 class GuardLost(IPAMError):
     """A guard compare (the controller's leadership) no longer holds: nothing was written."""
-    code = 11
+    code = ERR_TRY_AGAIN_LATER
 
 
 def leader_key(keys: Keys, name: str = "leader") -> str:
     """The controller's leadership key (a lease-backed key; its mod revision is the guard)."""
-    return keys.root + "controller/" + escape(name)
+    return keys.leader(name)
 
 
-def guards_hold(ds: Datastore, guards: Sequence[Compare]) -> bool:
-    """Do ``guards`` (EQUAL compares on mod revisions) hold now?"""
-    if not guards:
+def _commit(ds: Datastore, txn: Txn, guards: Sequence) -> bool:
+    """Commit ``txn`` with ``guards``; on failure tell a lost guard (raise) from a lost CAS (False)."""
+    for g in guards:
+        txn.guard(g)
+    try:
+        commit(ds, txn)
         return True
-    got = ds.read([Read(g.key) for g in guards])
-    for g, res in zip(guards, got):
-        rev = res.kvs[0].mod_revision if res.kvs else 0
-        if rev != g.mod_revision:
-            return False
-    return True
-
-
-def _commit(ds: Datastore, compares: list, ops: list, guards: Sequence[Compare]) -> bool:
-    """Commit; on failure tell a lost guard (raise) from a lost CAS (False)."""
-    if ds.commit(list(compares) + list(guards), ops):
-        return True
+    except Conflict:
+        pass
     if not guards_hold(ds, guards):
         raise GuardLost("this controller is no longer the leader (its leadership key changed); "
                         "nothing was written")
@@ -61,7 +57,7 @@ def _commit(ds: Datastore, compares: list, ops: list, guards: Sequence[Compare])
 
 
 def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision: int | None = None,
-                   guards: Sequence[Compare] = (), retries: int = RETRIES, key: str | None = None,
+                   guards: Sequence = (), retries: int = RETRIES, key: str | None = None,
                    block_keys: Sequence[str] = ()) -> list[str] | None:
     """Release everything one handle holds, all together (one txn: the handle record is deleted
     and every block it holds an address in is rewritten).
@@ -79,67 +75,70 @@ def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision
         if hkv is None or (expect_revision is not None and hkv.mod_revision != expect_revision):
             return None
         try:
-            h = Handle.from_json(hkv.value)
-        except ValueError as e:
-            raise CorruptData(f"handle record {hkey} is undecodable ({e}); not touched") from None
+            h = decode_handle(hkey, hkv.value)
+        except CorruptData as e:
+            raise CorruptData(f"{e.msg}; not touched") from None
         bkeys = list(dict.fromkeys(keys.block(a.block) for a in h.addresses))
         have = {b: (res.kvs[0] if res.kvs else None) for b, res in zip(hint, got[1:])}
         missing = [b for b in bkeys if b not in have]
         if missing:
             have.update(zip(missing, ds.get_many(missing)))
-        compares = [Compare(hkey, hkv.mod_revision)]
-        ops: list = [Delete(hkey)]
+        txn = Txn()
+        txn.read(hkey, hkv.mod_revision)
+        txn.delete(hkey)
         released: list[str] = []
         for bkey in bkeys:
             kv = have[bkey]
             if kv is None:
-                compares.append(Compare(bkey, 0))
+                txn.absent(bkey)
                 continue
             try:
-                b = Block.from_json(kv.value)
-            except ValueError as e:
-                raise CorruptData(f"block {bkey} is undecodable ({e}); handle {handle_id} not released") from None
+                b = decode_block(bkey, kv.value)
+            except CorruptData as e:
+                raise CorruptData(f"{e.msg}; handle {handle_id} not released") from None
             for a in h.addresses:
                 if a.ip in b.cidr and b.release(a.ip, handle_id):
                     released.append(str(a.ip))
-            compares.append(Compare(bkey, kv.mod_revision))
-            ops.append(Put(bkey, b.to_json()))
-        if _commit(ds, compares, ops, guards):
+            txn.update(bkey, kv.mod_revision, kv.value, b)
+        if _commit(ds, txn, guards):
             return released
         hint = bkeys
     raise IPAMError(f"release of handle {handle_id}: gave up after {retries} conflicting attempts")
 
 
 def delete_empty_block(ds: Datastore, keys: Keys, block_key: str, *, expect_revision: int | None,
-                       affinity_keys: Sequence[str] | None = None, guards: Sequence[Compare] = ()) -> bool:
+                       affinity_keys: Sequence[str] | None = None, guards: Sequence = ()) -> bool:
     """Delete a block that is empty at ``expect_revision`` together with its affinity records
     (``affinity_keys``; default: its owner's).  False (nothing written) when the block changed since
     (``expect_revision`` None: whatever its revision now, if it is empty now)."""
     kv = ds.get(block_key)
     if kv is None or (expect_revision is not None and kv.mod_revision != expect_revision):
         return False
-    try:
-        b = Block.from_json(kv.value)
-    except ValueError:
+    b = decode_or_none(block_key, kv.value, Block.from_json)
+    if b is None:
         return False   # undecodable: never touched here (`cni-ipam check` reports it)
     if b.allocations:
         return False
     if affinity_keys is None:
         affinity_keys = [keys.affinity_key(b.node, b.cidr)] if b.node else []
-    compares = [Compare(block_key, kv.mod_revision)]
-    ops: list = [Delete(block_key)] + [Delete(a) for a in dict.fromkeys(affinity_keys)]
-    return _commit(ds, compares, ops, guards)
+    txn = Txn()
+    txn.read(block_key, kv.mod_revision)
+    txn.delete(block_key)
+    for a in affinity_keys:
+        txn.delete(a)
+    return _commit(ds, txn, guards)
 
 
-def delete_affinity(ds: Datastore, keys: Keys, affinity_key: str, *, guards: Sequence[Compare] = ()) -> bool:
+def delete_affinity(ds: Datastore, keys: Keys, affinity_key: str, *, guards: Sequence = ()) -> bool:
     """Delete an affinity record whose block does not exist (compare: the block is still absent)."""
-    rest = affinity_key[len(keys.affinity):]
-    _, _, bid = rest.partition("/")
     kv = ds.get(affinity_key)
     if kv is None:
         return False
-    return _commit(ds, [Compare(affinity_key, kv.mod_revision), Compare(keys.blocks + bid, 0)],
-                   [Delete(affinity_key)], guards)
+    txn = Txn()
+    txn.read(affinity_key, kv.mod_revision)
+    txn.absent(keys.block_of_affinity(affinity_key))
+    txn.delete(affinity_key)
+    return _commit(ds, txn, guards)
 
 
 # ----------------------------------------------------------------------------- a node by hand
@@ -152,16 +151,15 @@ def node_records(ipam, node: str) -> dict:
     affs = [kv.key for kv in ds.get_prefix(k.node_affinity(node), keys_only=True)]
     blocks = []
     for kv in ds.get_prefix(k.blocks):
-        try:
-            b = Block.from_json(kv.value)
-        except ValueError:
+        b = decode_or_none(kv.key, kv.value, Block.from_json)
+        if b is None:
             continue
         if b.node == node:
             blocks.append((kv, b))
     return {"handles": handles, "affinities": affs, "blocks": blocks}
 
 
-def remove_node(ipam, node: str, *, guards: Sequence[Compare] = ()) -> dict:
+def remove_node(ipam, node: str, *, guards: Sequence = ()) -> dict:
     """The node is gone: release every handle recorded on it, delete its blocks that are then
     empty with their affinities, and affinities whose block does not exist.  Blocks still
     holding addresses of other nodes (borrowed) stay, with their affinity.
@@ -178,9 +176,8 @@ def remove_node(ipam, node: str, *, guards: Sequence[Compare] = ()) -> dict:
         fresh = ds.get(kv.key)
         if fresh is None:
             continue
-        try:
-            fb = Block.from_json(fresh.value)
-        except ValueError:
+        fb = decode_or_none(kv.key, fresh.value, Block.from_json)
+        if fb is None:
             continue
         if fb.allocations:
             out["blocksKept"].append({"block": str(fb.cidr), "inUse": fb.in_use})
@@ -189,9 +186,8 @@ def remove_node(ipam, node: str, *, guards: Sequence[Compare] = ()) -> dict:
             out["blocksDeleted"].append(str(fb.cidr))
     kept = {b["block"] for b in out["blocksKept"]}
     for akey in rec["affinities"]:
-        bid = akey[len(k.node_affinity(node)):]
         try:
-            net = block_from_id(bid)
+            net = block_from_id(k.affinity_block_id(akey))
         except (ValueError, IndexError):
             continue
         if str(net) in kept or str(net) in out["blocksDeleted"]:
@@ -203,26 +199,10 @@ def remove_node(ipam, node: str, *, guards: Sequence[Compare] = ()) -> dict:
 
 def affinity_node(keys: Keys, affinity_key: str) -> str:
     """The node an affinity key belongs to."""
-    return unescape(affinity_key[len(keys.affinity):].partition("/")[0])
+    return keys.affinity_of_key(affinity_key)[0]
 
 
 # ----------------------------------------------------------------------------- one read of the store
-
-class BlockInfo:
-    __slots__ = ("key", "rev", "cidr", "pool", "node", "allocations", "empty_since")
-
-    def __init__(self, key, rev, cidr, pool, node, allocations, empty_since):
-        self.key, self.rev, self.cidr, self.pool, self.node = key, rev, cidr, pool, node
-        self.allocations, self.empty_since = allocations, empty_since
-
-
-class HandleInfo:
-    __slots__ = ("id", "rev", "node", "namespace", "pod", "uid", "blocks", "key")
-
-    def __init__(self, id, rev, node, namespace, pod, uid, blocks, key):
-        self.id, self.rev, self.node, self.namespace, self.pod, self.uid = id, rev, node, namespace, pod, uid
-        self.blocks, self.key = blocks, key
-
 
 class StoreView:
     """What one controller pass knows about the store (read page by page, no per-object reads)."""
@@ -279,7 +259,6 @@ class Splits:
                     break
                 start = res.kvs[-1].key + "\0"
         if not pts:
-            from .paged import iter_range
             for kv in iter_range(ds, prefix, end, keys_only=keys_only, page=self.first_page):
                 note(kv)
                 yield kv
@@ -312,36 +291,6 @@ class Splits:
         self.points[prefix] = new
 
 
-def _decoded(kvs, chunk: int = 2000):
-    """(kv, decoded JSON object or None) for each kv; records are parsed ``chunk`` at a time in ONE
-    ``json.loads`` (a JSON array of the values: ~3x faster than one call per record); a chunk
-    with a bad record is parsed record by record."""
-    import json
-    buf: list = []
-
-    def flush():
-        try:
-            ds_ = json.loads(b"[" + b",".join(kv.value for kv in buf) + b"]")
-            if len(ds_) != len(buf):
-                raise ValueError("count")
-            for kv, d in zip(buf, ds_):
-                yield kv, (d if isinstance(d, dict) else None)
-        except (ValueError, UnicodeDecodeError):
-            for kv in buf:
-                try:
-                    d = json.loads(kv.value)
-                except (ValueError, UnicodeDecodeError):
-                    d = None
-                yield kv, (d if isinstance(d, dict) else None)
-        buf.clear()
-    for kv in kvs:
-        buf.append(kv)
-        if len(buf) >= chunk:
-            yield from flush()
-    if buf:
-        yield from flush()
-
-
 def scan(ipam, page: int = 2000, splits: Splits | None = None) -> StoreView:
     """Pools, affinities (keys only), blocks and handles, streamed in ranges of about ``page``
     keys (``splits``: keep one between passes; see :class:`Splits`).
@@ -358,35 +307,21 @@ def scan(ipam, page: int = 2000, splits: Splits | None = None) -> StoreView:
     v.undecodable += bad
     v.pools = {p.name: p.cidr.num_addresses for p in pools}
     for kv in iter_prefix(ds, k.affinity, keys_only=True, page=page):
-        enode, _, bid = kv.key[len(k.affinity):].partition("/")
         try:
-            v.affinities.append((kv.key, unescape(enode), bid))
+            node, bid = k.affinity_of_key(kv.key)
+            v.affinities.append((kv.key, node, bid))
         except (ValueError, UnicodeDecodeError):
             v.undecodable.append(kv.key)
-    for kv, d in _decoded(iter_prefix(ds, k.blocks)):
+    for kv, d in decoded_dicts(iter_prefix(ds, k.blocks)):
         try:
-            allocs = d["allocations"]
-            if not isinstance(allocs, dict):
-                raise TypeError("allocations")
-            v.blocks.append(BlockInfo(kv.key, kv.mod_revision, str(d["cidr"]), str(d.get("pool", "")),
-                                      d.get("node"), {int(o): str(h) for o, h in allocs.items()},
-                                      float(d.get("emptySince", 0.0) or 0.0)))
+            v.blocks.append(BlockInfo.from_dict(kv.key, kv.mod_revision, d))
         except (ValueError, KeyError, TypeError, AttributeError):
             v.undecodable.append(kv.key)
     bk: dict[str, str] = {}
     add = v.handles.append
-    for kv, d in _decoded(iter_prefix(ds, k.handles)):
+    for kv, d in decoded_dicts(iter_prefix(ds, k.handles)):
         try:
-            blocks = []
-            for a in d.get("addresses") or ():
-                b = a["block"]
-                key = bk.get(b)
-                if key is None:
-                    import ipaddress
-                    key = bk[b] = k.block(ipaddress.ip_network(b))
-                blocks.append(key)
-            add(HandleInfo(str(d["id"]), kv.mod_revision, str(d["node"]), d.get("namespace") or "",
-                           d.get("pod") or "", d.get("podUID") or "", blocks, kv.key))
+            add(HandleInfo.from_dict(k, kv.key, kv.mod_revision, d, bk))
         except (ValueError, KeyError, TypeError, AttributeError):
             v.undecodable.append(kv.key)
     v.requests = ds.requests - before

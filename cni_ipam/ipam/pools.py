@@ -1,25 +1,40 @@
 """Pool lifecycle (read, enable/disable, delete) and the global IPAM config."""
 from __future__ import annotations
 
-from ..datastore import KV, Compare, Delete, Put
-from ..datastore.base import MAX_TXN_OPS
-from .block import Block, BlockError
+from ..datastore import KV
+from .block import Block
 from .errors import AdminError, Conflict, NotFound
-from .keys import block_from_id
 from .manifest import config_problem
 from .model import IPAMConfig
 from .pool import Pool, PoolError
-from .paged import cidr_block_range, iter_prefix, iter_range
+from .store import (Conflict as TxnConflict, Txn, block_from_id, commit, commit_batches, decode_or_none,
+                    iter_prefix, iter_range)
+
+
+def _replace(ds, key: str, rev: int, value) -> bool:
+    """Write ``value`` at ``key`` iff it still has mod revision ``rev`` (0: does not exist)."""
+    txn = Txn()
+    txn.read(key, rev)
+    if value is None:
+        txn.delete(key)
+    else:
+        txn.put(key, value)
+    try:
+        commit(ds, txn)
+        return True
+    except TxnConflict:
+        return False
 
 
 def read_pools(ipam) -> tuple[list[Pool], list[str]]:
     """Decodable pools (by name) and the keys of undecodable ones (not fatal for reads)."""
     pools, bad = [], []
     for kv in ipam.ds.get_prefix(ipam.keys.pools):
-        try:
-            pools.append(Pool.from_json(kv.value))
-        except PoolError:
+        p = decode_or_none(kv.key, kv.value, Pool.from_json)
+        if p is None:
             bad.append(kv.key)
+        else:
+            pools.append(p)
     pools.sort(key=lambda p: p.name)
     return pools, bad
 
@@ -42,47 +57,23 @@ def set_pool_disabled(ipam, name: str, disabled: bool, retries: int = 20) -> boo
         if p.disabled == disabled:
             return False
         p.disabled = disabled
-        if ipam.ds.commit([Compare(kv.key, kv.mod_revision)], [Put(kv.key, p.to_json())]):
+        if _replace(ipam.ds, kv.key, kv.mod_revision, p):
             return True
     raise Conflict(f'pool "{name}" kept changing; gave up after {retries} attempts')
-
-
-def _commit_chunks(ds, items: list[tuple[list, list]], max_ops: int = MAX_TXN_OPS) -> int:
-    """Commit (compares, ops) groups, packed into transactions within etcd's op limit.
-    Returns how many groups were committed; failed transactions are skipped (caller re-scans)."""
-    done = 0
-    batch_c: list = []
-    batch_o: list = []
-    n = 0
-
-    def flush():
-        nonlocal batch_c, batch_o, n, done
-        if batch_o and ds.commit(batch_c, batch_o):
-            done += n
-        batch_c, batch_o, n = [], [], 0
-
-    for cs, os_ in items:
-        if len(batch_c) + len(cs) > max_ops or len(batch_o) + len(os_) > max_ops:
-            flush()
-        batch_c.extend(cs)
-        batch_o.extend(os_)
-        n += 1
-    flush()
-    return done
 
 
 def delete_pool(ipam, name: str, *, force: bool = False, max_rounds: int = 30) -> dict:
     """Delete a pool and everything of it, never leaving orphan blocks or affinities.
 
     Without ``force``, refuses while any address is allocated in it.  Steps, each CAS
-    (the methods of ``_PoolDelete``, in this order):
+    (the methods of ``_PoolDeletion``, in this order):
     1. ``disable``: so no ADD can claim or allocate in it any more (ADDs compare the
        pool's revision);
     2. ``empty_blocks``: with ``force`` release every handle holding an address in it,
        then delete each empty block together with its affinity;
     3. ``delete_stale_affinities``: affinities left without a block;
     4. ``delete_record``: the pool record, compared against the revision step 1 wrote."""
-    d = _PoolDelete(ipam, name, force)
+    d = _PoolDeletion(ipam, name, force)
     if d.pool is None:
         return d.delete_undecodable_record()
     d.refuse_if_held()
@@ -94,7 +85,7 @@ def delete_pool(ipam, name: str, *, force: bool = False, max_rounds: int = 30) -
             "affinitiesDeleted": aff_deleted, "undecodable": False}
 
 
-class _PoolDelete:
+class _PoolDeletion:
     """The state ``delete_pool``'s steps share: the pool record and the revision last written."""
 
     def __init__(self, ipam, name: str, force: bool):
@@ -115,11 +106,11 @@ class _PoolDelete:
             self.pool = None
             return
         self.was_disabled = self.pool.disabled
-        self.start, self.end = cidr_block_range(self.k, self.pool.cidr)
+        self.start, self.end = self.k.block_range(self.pool.cidr)
 
     def delete_undecodable_record(self) -> dict:
         """``--force`` on an undecodable record: its blocks cannot be located; just the record goes."""
-        if not self.ds.commit([Compare(self.key, self.rev)], [Delete(self.key)]):
+        if not _replace(self.ds, self.key, self.rev, None):
             raise Conflict(f'pool "{self.name}" changed while deleting it; try again')
         return {"pool": self.name, "releasedHandles": [], "blocksDeleted": 0, "affinitiesDeleted": 0,
                 "undecodable": True}
@@ -128,9 +119,8 @@ class _PoolDelete:
         """(decodable blocks as (kv, Block), {handle: an address it holds}, undecodable block kvs)."""
         blocks, holders, bad = [], {}, []
         for bkv in iter_range(self.ds, self.start, self.end):
-            try:
-                b = Block.from_json(bkv.value)
-            except BlockError:
+            b = decode_or_none(bkv.key, bkv.value, Block.from_json)
+            if b is None:
                 bad.append(bkv)
                 continue
             blocks.append((bkv, b))
@@ -159,7 +149,7 @@ class _PoolDelete:
         if pool.disabled:
             return
         pool.disabled = True
-        if not self.ds.commit([Compare(self.key, self.rev)], [Put(self.key, pool.to_json())]):
+        if not _replace(self.ds, self.key, self.rev, pool):
             raise Conflict(f'pool "{self.name}" changed while deleting it; nothing was deleted -- try again')
         now = self.ds.get(self.key)
         if now is None or now.value != pool.to_json():
@@ -170,7 +160,7 @@ class _PoolDelete:
         """Undo step 1 (an ADD won the race against a delete without ``force``)."""
         if not self.was_disabled:
             self.pool.disabled = False
-            self.ds.commit([Compare(self.key, self.rev)], [Put(self.key, self.pool.to_json())])
+            _replace(self.ds, self.key, self.rev, self.pool)
 
     def empty_blocks(self, max_rounds: int) -> tuple[list[str], int]:
         """Step 2: release the holders (``force``), then delete every block with its affinity,
@@ -193,16 +183,16 @@ class _PoolDelete:
             if live:
                 continue   # re-scan: the released blocks have new revisions
             groups = []
-            for bkv, b in blocks:
-                ops = [Delete(bkv.key)]
-                if b.node:
-                    ops.append(Delete(k.affinity_key(b.node, b.cidr)))
-                groups.append(([Compare(bkv.key, bkv.mod_revision)], ops))
-            for bkv in bad:
-                groups.append(([Compare(bkv.key, bkv.mod_revision)], [Delete(bkv.key)]))
+            for bkv, b in [*blocks, *((bkv, None) for bkv in bad)]:
+                txn = Txn()
+                txn.read(bkv.key, bkv.mod_revision)
+                txn.delete(bkv.key)
+                if b is not None and b.node:
+                    txn.delete(k.affinity_key(b.node, b.cidr))
+                groups.append(txn)
             if not groups:
                 return released, blocks_deleted
-            blocks_deleted += _commit_chunks(self.ds, groups)
+            blocks_deleted += commit_batches(self.ds, groups)
         raise AdminError(f'pool "{self.name}": its blocks kept changing; gave up after {max_rounds} rounds '
                          f'(the pool stays disabled; run the delete again)')
 
@@ -211,22 +201,22 @@ class _PoolDelete:
         k, pool = self.k, self.pool
         stale = []
         for akv in iter_prefix(self.ds, k.affinity, keys_only=True):
-            rest = akv.key[len(k.affinity):]
-            _, _, bid = rest.partition("/")
             try:
-                net = block_from_id(bid)
+                net = block_from_id(k.affinity_block_id(akv.key))
             except (ValueError, IndexError):
                 continue
             if net.version == pool.version and net.subnet_of(pool.cidr):
-                stale.append(([], [Delete(akv.key)]))
-        return _commit_chunks(self.ds, stale)
+                txn = Txn()
+                txn.delete(akv.key)
+                stale.append(txn)
+        return commit_batches(self.ds, stale)
 
     def delete_record(self) -> None:
         """Step 4: the pool record, once no block is left, compared against step 1's revision."""
         if self.ds.count(self.start, self.end):
             raise AdminError(f'pool "{self.name}": blocks appeared while deleting it; the pool stays disabled '
                              f'-- run the delete again')
-        if not self.ds.commit([Compare(self.key, self.rev)], [Delete(self.key)]):
+        if not _replace(self.ds, self.key, self.rev, None):
             raise Conflict(f'pool "{self.name}" was changed by someone else while deleting it (its blocks are '
                            f'already released); run the delete again')
 
@@ -261,7 +251,6 @@ def configure(ipam, *, strict_affinity: bool | None = None, auto_allocate_blocks
             raise AdminError(f"refusing this IPAM config: {problem}")
         if kv is not None and cfg == before:
             return before, cfg
-        if ipam.ds.commit([Compare(ipam.keys.config, kv.mod_revision if kv else 0)],
-                          [Put(ipam.keys.config, cfg.to_json())]):
+        if _replace(ipam.ds, ipam.keys.config, kv.mod_revision if kv else 0, cfg):
             return before, cfg
     raise Conflict(f"the IPAM config kept changing; gave up after {retries} attempts")

@@ -8,7 +8,6 @@ from typing import Sequence
 
 from .block import BRIDGE, ROUTED, Block, BlockError, reserved_ordinals
 from .errors import AdminError, IPAMError
-from .keys import unescape
 from .model import Handle
 from .pool import Pool
 from .pools import get_pool, read_pools
@@ -123,9 +122,8 @@ def block_nodes(ipam) -> list[str]:
     """The nodes that hold an affinity for some block (sorted; read from the affinity keys only)."""
     nodes = set()
     for kv in iter_prefix(ipam.ds, ipam.keys.affinity, keys_only=True):
-        enode = kv.key[len(ipam.keys.affinity):].partition("/")[0]
         try:
-            nodes.add(unescape(enode))
+            nodes.add(ipam.keys.affinity_of_key(kv.key)[0])
         except (ValueError, UnicodeDecodeError):
             continue
     return sorted(nodes)

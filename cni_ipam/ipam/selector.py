@@ -149,7 +149,7 @@ class _Has(_Node):
         return f"has({self.key})"
 
 
-class _Compare(_Node):
+class _Comparison(_Node):
     """``key OP 'value'`` for ==, !=, contains, starts with, ends with."""
 
     __slots__ = ("key", "op", "value")
@@ -473,7 +473,7 @@ class _Parser:
         tok = self.peek()
         if tok.kind == _PUNCT and tok.text in ("==", "!="):
             self.advance()
-            return _Compare(key, tok.text, self.string())
+            return _Comparison(key, tok.text, self.string())
         if tok.kind != _WORD:
             raise self.expected(f"{self._OPS_MSG} after label {key!r}", tok)
         word = tok.value
@@ -482,10 +482,10 @@ class _Parser:
             return self.set_literal(key, negated=word == "notin")
         if word == "contains":
             self.advance()
-            return _Compare(key, "contains", self.string())
+            return _Comparison(key, "contains", self.string())
         if word in ("startswith", "endswith"):
             self.advance()
-            return _Compare(key, word[:-4] + " with", self.string())
+            return _Comparison(key, word[:-4] + " with", self.string())
         if word in ("not", "starts", "ends"):
             second = "in" if word == "not" else "with"
             self.advance()
@@ -494,7 +494,7 @@ class _Parser:
             self.advance()
             if word == "not":
                 return self.set_literal(key, negated=True)
-            return _Compare(key, f"{word} with", self.string())
+            return _Comparison(key, f"{word} with", self.string())
         raise self.expected(f"{self._OPS_MSG} after label {key!r}", tok)
 
     def string(self) -> str:
