@@ -43,7 +43,7 @@ from .pool import Pool, PoolError
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterator, Sequence
+    from typing import Any, Iterator, Sequence
     from ..datastore.base import KV, Datastore
 
 # ============================================================================ keys
@@ -452,11 +452,11 @@ class Txn:
     def __init__(self, by_value: bool = False):
         self.by_value = by_value
         self.reads: dict[str, int] = {}
-        self.values: dict[str, object] = {}
+        self.values: dict[str, Any] = {}   # bytes | None | _NO_VALUE
         self.ranges: list[tuple[str, int]] = []
         self.canary: str | None = None
         self.extra: list = []
-        self.writes: dict[str, object] = {}   # key -> record | bytes | None (delete)
+        self.writes: dict[str, Any] = {}   # key -> record | bytes | None (delete)
         self.leases: dict[str, int] = {}
 
     def read(self, key: str, rev: int, value=_NO_VALUE) -> None:
