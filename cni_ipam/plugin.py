@@ -169,7 +169,7 @@ class Plugin:
         att = (conf.name, env.container_id or "", env.ifname or "")
         hid = handle_id(*att)
         h = self._run(ic, self._with_snapshot(ic, node, conf.name, lambda ipam: ipam.release(
-            hid, legacy_id=legacy_handle_id(*att), attachment=att)))
+            hid, legacy_id=legacy_handle_id(*att), attachment=att, keep=True)))
         log.info("DEL %s -> %s", hid, ", ".join(str(a.ip) for a in h.addresses) if h else "nothing held")
 
     def check(self, env, conf) -> None:
