@@ -53,6 +53,7 @@ def env(etcd_server, etcd_prefix):
 
 @pytest.fixture
 def cli(env):
+    os.environ["TMP_EP"] = env["ETCD_ENDPOINTS"]; os.environ["TMP_PFX"] = env["CNI_IPAM_ETCD_PREFIX"]
     def run(*args, stdin="", check=True):
         p = subprocess.run([sys.executable, "-m", "cni_ipam", *args], env=env, input=stdin,
                            capture_output=True, text=True, timeout=120)
@@ -140,8 +141,13 @@ def test_kept_ids():
 # ----------------------------------------------------------------------------- the plugin
 
 def keep_ips(cli, on=True):
-    p = cli("apply", "-f", "-", stdin=ON if on else OFF)
-    assert "IPAMConfig" in p.stdout, p.stdout
+    import os
+    from cni_ipam.datastore import open_datastore
+    from cni_ipam.ipam.engine import IPAM
+    from cni_ipam.ipam.model import IPAMConfig
+    ds = open_datastore(os.environ["TMP_EP"], transport="grpc")
+    IPAM(ds, os.environ["TMP_PFX"]).set_config(IPAMConfig(keep_statefulset_ips=on))
+    ds.close()
 
 
 def test_pod_recreated_keeps_its_address_and_nobody_else_gets_it(api, ipam, cli, conf):
@@ -234,3 +240,176 @@ def test_flag_off_is_the_old_behaviour(api, ipam, cli, conf):
     keep_ips(cli, on=False)
     w1.delete(c)
     assert show_ip(cli, y)["reason"] == "free"
+
+
+# ----------------------------------------------------------------------------- the controller
+
+class Clock:
+    def __init__(self):
+        self.t = 1_000_000.0
+
+    def __call__(self):
+        return self.t
+
+
+def wait_for(cond, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.fixture
+def cache(api, tmp_path):
+    from cni_ipam.controller.kube import KubeCache, api_client
+    c = KubeCache(api_client(api.write_kubeconfig(tmp_path / "kc-controller")), timeout=5)
+    c.start()
+    assert c.wait_synced(20) and c.statefulsets_synced
+    yield c
+    c.stop()
+
+
+def leader_guard(ipam):
+    from cni_ipam.datastore import Compare
+    from cni_ipam.ipam import gc
+    lid, _ = ipam.ds.lease_grant(60)
+    key = gc.leader_key(ipam.keys)
+    assert ipam.ds.commit([Compare(key, 0)], [gc.Put(key, b"test", lease=lid)])
+    g = Compare(key, ipam.ds.last_revision)
+    return lambda: g
+
+
+def kept(ipam) -> set[str]:
+    return {h.id for h in ipam.handles() if h.id.startswith("sts/")}
+
+
+def test_scale_down_and_deletion_release_after_the_grace_period(api, ipam, cli, conf, cache):
+    from cni_ipam.controller.reconcile import Reconciler
+    keep_ips(cli)
+    c = conf()
+    web = api.add_statefulset("db", "web", replicas=3)
+    pods = [Pod(api, f"web-{i}", "node-a", web) for i in range(3)]
+    ips = [p.ip(c) for p in pods]
+    clock = Clock()
+    rec = Reconciler(ipam, cache, grace=900, guard=leader_guard(ipam), clock=clock)
+    # web-2 restarts (kept, in range: never a candidate), then the StatefulSet scales to 2: web-2 goes
+    pods[2].delete(c)
+    assert kept(ipam) == {"sts/db/web/2"}
+    r = rec.run()
+    assert r.released == [] and r.candidates == 0
+    api.scale_statefulset("db", "web", 2)
+    assert wait_for(lambda: cache.statefulset_replicas()[("db", "web")] == 2)
+    r = rec.run()
+    assert r.released == [] and r.candidates == 1          # a candidate from now on
+    clock.t += 899
+    assert rec.run().released == []                        # seen twice, not long enough
+    clock.t += 2
+    r = rec.run()
+    assert r.released == ["sts/db/web/2"] and r.addresses == 1
+    assert show_ip(cli, ips[2])["reason"] == "free" and kept(ipam) == set()
+    # scaled back up before the grace period is over: kept
+    pods[1].delete(c)
+    api.scale_statefulset("db", "web", 1)
+    assert wait_for(lambda: cache.statefulset_replicas()[("db", "web")] == 1)
+    assert rec.run().candidates == 1
+    api.scale_statefulset("db", "web", 2)
+    assert wait_for(lambda: cache.statefulset_replicas()[("db", "web")] == 2)
+    clock.t += 1000
+    assert rec.run().released == [] and kept(ipam) == {"sts/db/web/1"}
+    # the StatefulSet is deleted (its pods go too): both kept addresses go after the grace period
+    pods[0].delete(c)
+    api.delete_statefulset("db", "web")
+    assert wait_for(lambda: ("db", "web") not in cache.statefulset_replicas())
+    assert rec.run().released == []
+    clock.t += 901
+    r = rec.run()
+    assert sorted(r.released) == ["sts/db/web/0", "sts/db/web/1"]
+    assert all(show_ip(cli, ip)["reason"] == "free" for ip in ips)
+    assert cli("check", check=False).returncode == 0
+
+
+def test_recheck_against_the_api_before_releasing_a_kept_address(api, ipam, cli, conf, cache):
+    """The cache says 'scaled down'; the API says it is back: kept."""
+    from cni_ipam.controller.reconcile import Reconciler
+    keep_ips(cli)
+    c = conf()
+    web = api.add_statefulset("db", "web", replicas=1)
+    w0 = Pod(api, "web-0", "node-a", web)
+    w0.ip(c)
+    w0.delete(c)
+    api.delete_statefulset("db", "web")
+    assert wait_for(lambda: ("db", "web") not in cache.statefulset_replicas())
+    cache._stop.set()                                       # freeze the cache ("stale")
+    for t in list(cache._watches.values()):
+        t.close()
+    api.add_statefulset("db", "web", replicas=1)
+    rec = Reconciler(ipam, cache, grace=0, guard=leader_guard(ipam))
+    r = rec.run()
+    assert r.released == [] and ("sts/db/web/0", "StatefulSet keeps it") in r.skipped
+    assert kept(ipam) == {"sts/db/web/0"}
+    assert "/apis/apps/v1/namespaces/db/statefulsets/web" in api.paths()
+
+
+def test_controller_once_releases_kept_addresses_of_a_deleted_statefulset(api, ipam, cli, conf, tmp_path):
+    keep_ips(cli)
+    c = conf()
+    web = api.add_statefulset("db", "web", replicas=2)
+    db = api.add_statefulset("db", "pg", replicas=1)
+    w = [Pod(api, f"web-{i}", "node-a", web) for i in range(2)]
+    pg = Pod(api, "pg-0", "node-a", db)
+    ips = [p.ip(c) for p in w] + [pg.ip(c)]
+    for p in w + [pg]:
+        p.delete(c)
+    api.delete_statefulset("db", "web")
+    kc = api.write_kubeconfig(tmp_path / "kc-once")
+    p = cli("controller", "--kubeconfig", kc, "--once", "--lease-ttl", "2", "--leak-grace-period", "0")
+    assert f"released {ips[0]} (kept for sts/db/web/0, node node-a): StatefulSet db/web is gone" in p.stderr
+    assert kept(ipam) == {"sts/db/pg/0"}
+    assert show_ip(cli, ips[2])["keptFor"]["statefulSet"] == "pg"
+    # the controller read StatefulSets with a list (+ watch), and GET one per release (the re-check)
+    paths = api.paths()
+    assert "/apis/apps/v1/statefulsets" in paths
+    assert paths.count("/apis/apps/v1/namespaces/db/statefulsets/web") == 2
+    # keepStatefulSetIPs off: what is still kept goes
+    keep_ips(cli, on=False)
+    p = cli("controller", "--kubeconfig", kc, "--once", "--lease-ttl", "2", "--leak-grace-period", "0")
+    assert "(kept for sts/db/pg/0, node node-a): IPAMConfig keepStatefulSetIPs is off" in p.stderr
+    assert kept(ipam) == set()
+
+
+def test_flag_off_the_exec_path_imports_and_reads_nothing_new(api, ipam, cli, etcd_server, etcd_prefix, tmp_path):
+    """keepStatefulSetIPs off: a StatefulSet pod's ADD and DEL never import ipam/sticky.py (nor
+    anything heavy), and make the same etcd requests as any pod's; on: they do use it."""
+    argv = [sys.executable, "-X", "importtime", "-m", "cni_ipam"]
+    c = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, node="node-a", name="net",
+                kubernetes={"kubeconfig": api.write_kubeconfig(tmp_path / "kc.json", fmt="json")})
+    web = api.add_statefulset("db", "web", replicas=2)
+
+    def mods(r):
+        assert r.rc == 0, r.stdout + r.stderr
+        return {ln.rsplit("|", 1)[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+
+    def requests(cid):
+        import re
+        log = open(c["ipam"]["log_file"]).read()
+        got = [int(n) for n in re.findall(rf"(?:ADD|DEL) {cid[:12]} etcd requests=(\d+)", log)]
+        assert len(got) == 2, got      # ADD, DEL
+        return got
+    for i in range(2):                                  # the node's block and its snapshot exist
+        Pod(api, f"warm-{i}", "node-a").ip(c)
+    for on in (False, True):
+        if on:
+            keep_ips(cli)
+        w = Pod(api, f"web-{int(on)}", "node-a", web)
+        plain = Pod(api, f"plain-{int(on)}", "node-a")
+        got = [mods(exec_plugin("ADD", c, container=p.cid, args=p.args(), argv=argv)) for p in (w, plain)]
+        gone = [mods(exec_plugin("DEL", c, container=p.cid, args=p.args(), argv=argv)) for p in (w, plain)]
+        heavy = {"kubernetes", "grpc", "etcd3", "yaml"} & set().union(*got, *gone)
+        assert not heavy, heavy
+        assert ("cni_ipam.ipam.sticky" in got[0] | gone[0]) is on
+        assert "cni_ipam.ipam.sticky" not in got[1] | gone[1]
+        if not on:   # the same requests for a StatefulSet pod as for any pod (ADD, DEL)
+            assert requests(w.cid) == requests(plain.cid), (requests(w.cid), requests(plain.cid))
