@@ -220,7 +220,13 @@ def test_bridge_mode_on_another_node_is_refused_clearly(api, ipam, cli, conf):
     exec_plugin("DEL", conf("node-b"), container=elsewhere.cid, args=elsewhere.args())
     assert show_ip(cli, x)["handle"] == "sts/db/web/0"
     api.delete_pod("db", "web-0")
-    assert Pod(api, "web-0", "node-a", web).ip(conf("node-a")) == x
+    back = Pod(api, "web-0", "node-a", web)
+    assert back.ip(conf("node-a")) == x
+    # the operator frees a kept address by its handle, as the error says
+    back.delete(conf("node-a"))
+    p = cli("release", "--handle", "sts/db/web/0", "--yes")
+    assert x in p.stdout + p.stderr
+    assert show_ip(cli, x)["reason"] == "free" and ipam.handles() == []
 
 
 def test_flag_off_is_the_old_behaviour(api, ipam, cli, conf):
@@ -413,3 +419,20 @@ def test_flag_off_the_exec_path_imports_and_reads_nothing_new(api, ipam, cli, et
         assert "cni_ipam.ipam.sticky" not in got[1] | gone[1]
         if not on:   # the same requests for a StatefulSet pod as for any pod (ADD, DEL)
             assert requests(w.cid) == requests(plain.cid), (requests(w.cid), requests(plain.cid))
+
+
+def test_cni_gc_of_a_statefulset_pod_keeps_its_address(api, ipam, cli, conf):
+    """The runtime's GC (its DEL was lost): the same as a DEL, the address is kept."""
+    keep_ips(cli)
+    c = conf(version="1.1.0")
+    web = api.add_statefulset("db", "web", replicas=1)
+    w0 = Pod(api, "web-0", "node-a", web)
+    x = w0.ip(c)
+    other = Pod(api, "client", "node-a")
+    y = other.ip(c)
+    api.delete_pod("db", "web-0")
+    api.delete_pod("db", "client")
+    r = exec_plugin("GC", dict(c, **{"cni.dev/valid-attachments": []}), container=None, ifname=None, netns=None)
+    assert r.rc == 0, r.stdout + r.stderr
+    assert show_ip(cli, x)["handle"] == "sts/db/web/0" and show_ip(cli, y)["reason"] == "free"
+    assert Pod(api, "web-0", "node-a", web).ip(c) == x
