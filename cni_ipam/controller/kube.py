@@ -94,7 +94,7 @@ class KubeCache:
 
     @property
     def statefulsets_synced(self) -> bool:
-        return self._ok["statefulsets"]
+        return self._ok.get("statefulsets", False)
 
     # -- list + watch ------------------------------------------------------------------
     def _list_fn(self, kind):
@@ -230,7 +230,7 @@ class KubeCache:
         """Wait for pods and nodes (and StatefulSets, unless their list failed: no RBAC rule)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self._stop.is_set() and not (
-                self.synced and (self._ok["statefulsets"] or self._failed["statefulsets"])):
+                self.synced and (self._ok.get("statefulsets") or self._failed["statefulsets"])):
             time.sleep(0.05)
         return self.synced
 
