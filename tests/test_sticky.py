@@ -436,3 +436,23 @@ def test_cni_gc_of_a_statefulset_pod_keeps_its_address(api, ipam, cli, conf):
     assert r.rc == 0, r.stdout + r.stderr
     assert show_ip(cli, x)["handle"] == "sts/db/web/0" and show_ip(cli, y)["reason"] == "free"
     assert Pod(api, "web-0", "node-a", web).ip(c) == x
+
+
+def test_controller_without_the_statefulsets_rule_still_frees_leaks(api, ipam, cli, conf, tmp_path):
+    """An older RBAC (no statefulsets rule): kept addresses stay, leaks are freed as before."""
+    keep_ips(cli)
+    c = conf()
+    web = api.add_statefulset("db", "web", replicas=1)
+    w0 = Pod(api, "web-0", "node-a", web)
+    x = w0.ip(c)
+    w0.delete(c)
+    api.delete_statefulset("db", "web")
+    gone = Pod(api, "gone", "node-a")
+    y = gone.ip(c)
+    api.delete_pod("db", "gone")
+    api.denied_resources = {"statefulsets"}
+    p = cli("controller", "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kc-old")), "--once",
+            "--lease-ttl", "2", "--leak-grace-period", "0")
+    assert "statefulsets is forbidden" in p.stderr and 'in API group "apps"' in p.stderr
+    assert f"released {y} (handle net/{gone.cid}/eth0, node node-a): pod db/gone is gone" in p.stderr
+    assert show_ip(cli, y)["reason"] == "free" and show_ip(cli, x)["handle"] == "sts/db/web/0"

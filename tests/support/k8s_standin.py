@@ -96,6 +96,7 @@ class K8sStandin:
         self.pki = make_pki(self.dir / "pki")
         self.tokens = dict(tokens) if tokens is not None else {GOOD_TOKEN: "system:serviceaccount:kube-system:cni-ipam"}
         self.denied_users: set[str] = set()     # authenticated but not authorised (403)
+        self.denied_resources: set[str] = set() # resources nobody may read (an RBAC rule missing: 403)
         self.namespaces: dict[str, dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.nodes: dict[str, dict] = {}
@@ -428,13 +429,14 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             return self._send(401, status(401, "Unauthorized", "Unauthorized"))
         resource, name, ns = _describe(parts)
-        if user == "?" or user in api.denied_users:
+        if user == "?" or user in api.denied_users or resource in api.denied_resources:
             who = "system:anonymous" if user == "?" else user
             scope = f' in the namespace "{ns}"' if ns else " at the cluster scope"
+            group = parts[1] if parts[:1] == ["apis"] and len(parts) > 1 else ""
             return self._send(403, status(
                 403, "Forbidden", f'{resource} "{name}" is forbidden: User "{who}" cannot get resource '
-                f'"{resource}" in API group ""{scope}' if name else
-                f'{resource} is forbidden: User "{who}" cannot list resource "{resource}" in API group ""{scope}',
+                f'"{resource}" in API group "{group}"{scope}' if name else
+                f'{resource} is forbidden: User "{who}" cannot list resource "{resource}" in API group "{group}"{scope}',
                 {"name": name, "kind": resource} if name else {"kind": resource}))
         if api.fail_status:
             return self._send(api.fail_status, status(api.fail_status, "InternalError",
