@@ -456,3 +456,23 @@ def test_controller_without_the_statefulsets_rule_still_frees_leaks(api, ipam, c
     assert "statefulsets is forbidden" in p.stderr and 'in API group "apps"' in p.stderr
     assert f"released {y} (handle net/{gone.cid}/eth0, node node-a): pod db/gone is gone" in p.stderr
     assert show_ip(cli, y)["reason"] == "free" and show_ip(cli, x)["handle"] == "sts/db/web/0"
+
+
+def test_a_second_network_of_the_pod_never_takes_the_first_ones_address(api, ipam, cli, conf):
+    keep_ips(cli)
+    web = api.add_statefulset("db", "web", replicas=1)
+    net1 = conf()
+    net2 = dict(conf(), name="net2")
+    w0 = Pod(api, "web-0", "node-a", web)
+    x = w0.ip(net1)
+    r = exec_plugin("ADD", net2, container=w0.cid, ifname="net1", args=w0.args())
+    assert r.rc == 0, r.stdout
+    y = r.out["ips"][0]["address"].split("/")[0]
+    w0.delete(net1, remove=False)
+    assert exec_plugin("DEL", net2, container=w0.cid, ifname="net1", args=w0.args()).rc == 0
+    api.delete_pod("db", "web-0")
+    assert show_ip(cli, x)["handle"] == "sts/db/web/0" and show_ip(cli, y)["reason"] == "free"
+    again = Pod(api, "web-0", "node-a", web)
+    r = exec_plugin("ADD", net2, container=again.cid, ifname="net1", args=again.args())   # net2 first
+    assert r.rc == 0 and r.out["ips"][0]["address"].split("/")[0] != x
+    assert again.ip(net1) == x

@@ -38,6 +38,7 @@ from .model import Handle, IPAMConfig
 PREFIX = "sts/"
 NOT_KEPT = object()     # keep(): not kept (flag off, already kept, ...): release as usual
 _FRESH = object()       # no kept record: allocate as usual (and mark the handle)
+_UNMARKED = object()    # the kept record is another attachment's (another network): allocate, not kept
 
 
 def kept_id(namespace: str, statefulset: str, ordinal: int) -> str:
@@ -139,13 +140,16 @@ def assign(ipam, req):
     Returns ``(AssignResult, attempts)``."""
     def attempt():
         out = _resume_once(ipam, req)
-        if out is not _FRESH:
+        if out is not _FRESH and out is not _UNMARKED:
             return out
+        keep_as = req.keep_as
         req.keep_checked = True
+        if out is _UNMARKED:
+            req.keep_as = ""
         try:
             return ipam._assign_once(req)
         finally:
-            req.keep_checked = False
+            req.keep_checked, req.keep_as = False, keep_as
     return ipam._retry(f"assign {req.handle_id}", attempt)
 
 
@@ -163,6 +167,13 @@ def _resume_once(ipam, req):
     kept_kv = got[1].kvs[0]
     kept = _decode(kkey, kept_kv.value, Handle.from_json)
     cfg = _decode(k.config, got[2].kvs[0].value, IPAMConfig.from_json)
+    was = kept.kept_for or {}
+    if (was.get("network"), was.get("ifname")) != (req.network, req.ifname):
+        # a pod with several cni-ipam networks: the slot keeps the first one DEL saw; the
+        # others get (and on DEL release) addresses as usual
+        log.info("ADD %s: %s keeps the address of network %s/%s, not this one's: not kept", req.handle_id,
+                 req.keep_as, was.get("network"), was.get("ifname"))
+        return _UNMARKED
     who = f"pod {req.namespace}/{req.pod}"
     addrs = ", ".join(str(a.ip) for a in kept.addresses)
     hint = f"(or free it: `cni-ipam release --handle {req.keep_as}`)"
