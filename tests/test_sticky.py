@@ -53,7 +53,6 @@ def env(etcd_server, etcd_prefix):
 
 @pytest.fixture
 def cli(env):
-    os.environ["TMP_EP"] = env["ETCD_ENDPOINTS"]; os.environ["TMP_PFX"] = env["CNI_IPAM_ETCD_PREFIX"]
     def run(*args, stdin="", check=True):
         p = subprocess.run([sys.executable, "-m", "cni_ipam", *args], env=env, input=stdin,
                            capture_output=True, text=True, timeout=120)
@@ -141,13 +140,8 @@ def test_kept_ids():
 # ----------------------------------------------------------------------------- the plugin
 
 def keep_ips(cli, on=True):
-    import os
-    from cni_ipam.datastore import open_datastore
-    from cni_ipam.ipam.engine import IPAM
-    from cni_ipam.ipam.model import IPAMConfig
-    ds = open_datastore(os.environ["TMP_EP"], transport="grpc")
-    IPAM(ds, os.environ["TMP_PFX"]).set_config(IPAMConfig(keep_statefulset_ips=on))
-    ds.close()
+    p = cli("apply", "-f", "-", stdin=ON if on else OFF)
+    assert "IPAMConfig" in p.stdout, p.stdout
 
 
 def test_pod_recreated_keeps_its_address_and_nobody_else_gets_it(api, ipam, cli, conf):
@@ -227,6 +221,21 @@ def test_bridge_mode_on_another_node_is_refused_clearly(api, ipam, cli, conf):
     p = cli("release", "--handle", "sts/db/web/0", "--yes")
     assert x in p.stdout + p.stderr
     assert show_ip(cli, x)["reason"] == "free" and ipam.handles() == []
+
+
+def test_the_setting_is_applied_validated_and_shown(cli):
+    assert "keepStatefulSetIPs  false" in cli("config", "show").stdout
+    assert "keepStatefulSetIPs" not in cli("config", "show", "-o", "json").stdout   # absent when off, as before
+    keep_ips(cli)
+    assert cli("config", "show", "-o", "json").stdout and \
+        json.loads(cli("config", "show", "-o", "json").stdout)["keepStatefulSetIPs"] is True
+    assert "keepStatefulSetIPs  true" in cli("config", "show").stdout
+    p = cli("apply", "-f", "-", stdin=ON.replace("true", '"yes"'), check=False)
+    assert p.returncode == 1 and "spec.keepStatefulSetIPs" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    p = cli("apply", "-f", "-", stdin=ON.replace("keepStatefulSetIPs", "keepStatefulSetIps"), check=False)
+    assert p.returncode == 1 and "did you mean" in p.stderr and "keepStatefulSetIPs" in p.stderr, p.stderr
+    keep_ips(cli, on=False)
+    assert "keepStatefulSetIPs  false" in cli("config", "show").stdout
 
 
 def test_flag_off_is_the_old_behaviour(api, ipam, cli, conf):

@@ -187,7 +187,8 @@ def _config_table(cfg) -> str:
     return kv_table([("strictAffinity", "true" if cfg["strictAffinity"] else "false"),
                      ("autoAllocateBlocks", "true" if cfg["autoAllocateBlocks"] else "false"),
                      ("maxBlocksPerHost", f'{cfg["maxBlocksPerHost"]}' + (" (no limit)" if not
-                                                                         cfg["maxBlocksPerHost"] else ""))])
+                                                                         cfg["maxBlocksPerHost"] else "")),
+                     ("keepStatefulSetIPs", "true" if cfg.get("keepStatefulSetIPs") else "false")])
 
 
 def cmd_config_show(args) -> int:
