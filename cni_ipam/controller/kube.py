@@ -6,7 +6,8 @@ when the watch ends it is resumed from the last version seen; when the API says
 that version is too old (410 Gone) the whole list is read again.  Only what the
 controller needs is kept: pods as ``(namespace, name) -> (uid, nodeName)``, nodes as
 ``name -> uid``, StatefulSets (apps/v1) as ``(namespace, name) -> spec.replicas`` (for the
-addresses kept for StatefulSet pods: ipam/sticky.py).  The JSON is parsed here (``_preload_content=False``): the client's
+addresses kept for StatefulSet pods: ipam/sticky.py).  The JSON is parsed here
+(``_preload_content=False``): the client's
 model objects for 150,000 pods would cost minutes and gigabytes.
 
 ``synced`` is False until the first list of both kinds succeeded and again while a
@@ -269,7 +270,7 @@ class KubeCache:
         except Exception as e:  # noqa: BLE001 - unreachable, TLS, timeout
             self.errors += 1
             raise KubeError(f"Kubernetes API: get statefulset {namespace}/{name}: {_err(e)}") from None
-        return self._entry("statefulsets", json.loads(resp.data))[1]
+        return self._entry("statefulsets", json.loads(resp.data))[1]  # type: ignore[attr-defined]  # (raw)
 
     def get_pod(self, namespace: str, name: str) -> str | None:
         """The pod's uid straight from the API (not the cache); None when it does not exist.

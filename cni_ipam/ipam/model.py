@@ -57,7 +57,7 @@ class Handle:
         return (self.network, self.container_id, self.ifname) == (network, container_id, ifname)
 
     def to_json(self) -> bytes:
-        d = {"id": self.id, "node": self.node, "network": self.network, "containerID": self.container_id,
+        d: dict = {"id": self.id, "node": self.node, "network": self.network, "containerID": self.container_id,
              "ifname": self.ifname, "pod": self.pod, "namespace": self.namespace, "podUID": self.pod_uid, "mode": self.mode,
              "created": self.created, "addresses": [a.to_dict() for a in self.addresses]}
         if self.keep_as:

@@ -65,7 +65,8 @@ def _decode(key: str, value: bytes, decoder):
 def _kept_config(ipam, res) -> tuple[int, bool]:
     if not res.kvs:
         return 0, False
-    return res.kvs[0].mod_revision, _decode(ipam.keys.config, res.kvs[0].value, IPAMConfig.from_json).keep_statefulset_ips
+    cfg = _decode(ipam.keys.config, res.kvs[0].value, IPAMConfig.from_json)
+    return res.kvs[0].mod_revision, cfg.keep_statefulset_ips
 
 
 def _update_snapshot(ipam, ops) -> None:
