@@ -62,6 +62,30 @@ def labels(obj: dict | None) -> dict:
     return md.get("labels") or {}
 
 
+def statefulset_slot(obj: dict | None) -> tuple[str, int] | None:
+    """``(statefulset, ordinal)`` of a pod whose controller is a StatefulSet (an ownerReference
+    with kind StatefulSet, apiVersion apps/*, controller true) and whose name is
+    ``<statefulset>-<ordinal>``; None for any other pod."""
+    md = (obj or {}).get("metadata") or {}
+    refs = md.get("ownerReferences")
+    if not refs or not isinstance(refs, list):
+        return None
+    name = md.get("name") or ""
+    for ref in refs:
+        if not isinstance(ref, dict) or ref.get("kind") != "StatefulSet" or ref.get("controller") is not True:
+            continue
+        if not str(ref.get("apiVersion", "")).startswith("apps/"):
+            continue
+        sts = ref.get("name")
+        if not isinstance(sts, str) or not sts or not name.startswith(sts + "-"):
+            return None
+        ordinal = name[len(sts) + 1:]
+        if not (ordinal.isdigit() and ordinal.isascii()) or (len(ordinal) > 1 and ordinal[0] == "0"):
+            return None
+        return sts, int(ordinal)
+    return None
+
+
 def _config_error(msg: str) -> K8sError:
     return K8sError(msg, config_error=True)
 

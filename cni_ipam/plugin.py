@@ -218,7 +218,7 @@ class Plugin:
         att = (conf.name, env.container_id or "", env.ifname or "")
         hid = handle_id(*att)
         with _Session(ic, node, conf.name) as ipam:
-            h = ipam.release(hid, legacy_id=legacy_handle_id(*att), attachment=att)
+            h = ipam.release(hid, legacy_id=legacy_handle_id(*att), attachment=att, keep=True)
         log.info("DEL %s -> %s", hid, ", ".join(str(a.ip) for a in h.addresses) if h else "nothing held")
 
     def check(self, env, conf) -> None:

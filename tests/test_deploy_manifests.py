@@ -89,7 +89,8 @@ def test_rbac_is_least_privilege_without_wildcards():
     assert rules("ClusterRole", "cni-ipam-node") == [(("",), ("namespaces", "nodes", "pods"), ("get",), ())]
     assert rules("Role", "cni-ipam-node-token") == [(("",), ("serviceaccounts/token",), ("create",),
                                                      ("cni-ipam-node",))]
-    assert rules("ClusterRole", "cni-ipam-controller") == [(("",), ("nodes", "pods"), ("get", "list", "watch"), ())]
+    assert rules("ClusterRole", "cni-ipam-controller") == [(("",), ("nodes", "pods"), ("get", "list", "watch"), ()),
+                                                           (("apps",), ("statefulsets",), ("get", "list", "watch"), ())]
     # each binding gives its role to the workload that uses it
     ds = objs[("DaemonSet", "cni-ipam-node")]["spec"]["template"]["spec"]
     dep = objs[("Deployment", "cni-ipam-controller")]["spec"]["template"]["spec"]

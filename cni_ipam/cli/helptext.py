@@ -74,7 +74,10 @@ most of the pool's claimed blocks use, or bridge (the plugin's default) while no
     {"ip": "...", "allocated": true, "pool": "...", "block": "...", "blockNode": "...",
      "handle": "...", "node": "...", "namespace": "...", "pod": "...", "network": "...",
      "containerID": "...", "interface": "eth0", "created": "2026-01-01T00:00:00Z",
-     "reason": null}          # when not allocated: why (free, reserved, not in any pool, ...)
+     "reason": null,          # when not allocated: why (free, reserved, not in any pool, ...)
+     "keptFor": null}         # an address kept for a StatefulSet pod (handle sts/<ns>/<sts>/<n>):
+                              # {"namespace", "statefulSet", "ordinal", "pod", "podUID", "network",
+                              #  "containerID", "ifname", "since"} (pod, network...: its last attachment)
 
 ## show --borrowed
 

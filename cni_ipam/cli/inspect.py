@@ -168,6 +168,12 @@ def _show_ip(args, d: dict) -> int:
         pairs = [("handle", d["handle"]), ("pod", pod), ("node", d["node"]), ("network", d["network"]),
                  ("container", d["containerID"]), ("interface", d["interface"]), ("allocated at", d["created"]),
                  ("pool", d["pool"]), ("block", f'{d["block"]} (node {d["blockNode"]})')]
+        kept = d.get("keptFor")
+        if kept:   # (ipam/sticky.py) no attachment holds it: it waits for the pod's next incarnation
+            pairs[1:2] = [("kept for", f'pod {kept.get("namespace")}/{kept.get("pod")} (StatefulSet '
+                                       f'{kept.get("namespace")}/{kept.get("statefulSet")}, ordinal {kept.get("ordinal")}) '
+                                       f'since {kept.get("since")}')]
+            pairs[3:6] = [("last attachment", f'{kept.get("network")}/{kept.get("containerID")}/{kept.get("ifname")}')]
         if d["reason"]:
             pairs.append(("note", d["reason"]))
         return f'{d["ip"]} is allocated\n' + "\n".join("  " + line for line in kv_table(pairs).splitlines())
@@ -181,7 +187,8 @@ def _config_table(cfg) -> str:
     return kv_table([("strictAffinity", "true" if cfg["strictAffinity"] else "false"),
                      ("autoAllocateBlocks", "true" if cfg["autoAllocateBlocks"] else "false"),
                      ("maxBlocksPerHost", f'{cfg["maxBlocksPerHost"]}' + (" (no limit)" if not
-                                                                         cfg["maxBlocksPerHost"] else ""))])
+                                                                         cfg["maxBlocksPerHost"] else "")),
+                     ("keepStatefulSetIPs", "true" if cfg.get("keepStatefulSetIPs") else "false")])
 
 
 def cmd_config_show(args) -> int:

@@ -5,14 +5,18 @@ objects and a ``resourceVersion``; a watch from that version streams the changes
 when the watch ends it is resumed from the last version seen; when the API says
 that version is too old (410 Gone) the whole list is read again.  Only what the
 controller needs is kept: pods as ``(namespace, name) -> (uid, nodeName)``, nodes as
-``name -> uid``.  The JSON is parsed here (``_preload_content=False``): the client's
+``name -> uid``, StatefulSets (apps/v1) as ``(namespace, name) -> spec.replicas`` (for the
+addresses kept for StatefulSet pods: ipam/sticky.py).  The JSON is parsed here
+(``_preload_content=False``): the client's
 model objects for 150,000 pods would cost minutes and gigabytes.
 
 ``synced`` is False until the first list of both kinds succeeded and again while a
 watch cannot be re-established (the controller judges no leak from a cache that
-may be stale).  ``get_pod`` asks the API directly: the re-check just before a release.
+may be stale); ``statefulsets_synced`` likewise for StatefulSets (not needed for ``synced``:
+a controller without that RBAC rule still frees leaks).  ``get_pod`` / ``get_statefulset``
+ask the API directly: the re-check just before a release.
 
-RBAC: get/list/watch on pods and nodes.
+RBAC: get/list/watch on pods and nodes, and on statefulsets (apps).
 """
 from __future__ import annotations
 
@@ -69,10 +73,13 @@ class KubeCache:
     def __init__(self, api, *, timeout: float = 30.0):
         from kubernetes import client
         self.v1 = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
         self.timeout = timeout
         self.pods: dict[tuple[str, str], tuple[str, str]] = {}
         self.nodes: dict[str, str] = {}
-        self._ok = {"pods": False, "nodes": False}
+        self.statefulsets: dict[tuple[str, str], int] = {}
+        self._ok = {"pods": False, "nodes": False, "statefulsets": False}
+        self._failed = {"pods": False, "nodes": False, "statefulsets": False}   # an error since the start
         self.errors = 0                 # failed API calls (the errors metric)
         self.last_error = ""
         self.requests = 0               # list pages + watches + gets
@@ -84,10 +91,16 @@ class KubeCache:
 
     @property
     def synced(self) -> bool:
-        return all(self._ok.values())
+        return self._ok["pods"] and self._ok["nodes"]
+
+    @property
+    def statefulsets_synced(self) -> bool:
+        return self._ok.get("statefulsets", False)
 
     # -- list + watch ------------------------------------------------------------------
     def _list_fn(self, kind):
+        if kind == "statefulsets":
+            return self.apps.list_stateful_set_for_all_namespaces
         return self.v1.list_pod_for_all_namespaces if kind == "pods" else self.v1.list_node
 
     @staticmethod
@@ -96,6 +109,9 @@ class KubeCache:
         if kind == "pods":
             return (md.get("namespace", ""), md.get("name", "")), (md.get("uid") or "",
                                                                   (obj.get("spec") or {}).get("nodeName") or "")
+        if kind == "statefulsets":
+            replicas = (obj.get("spec") or {}).get("replicas")
+            return (md.get("namespace", ""), md.get("name", "")), (replicas if isinstance(replicas, int) else 1)
         return md.get("name", ""), md.get("uid") or ""
 
     def list_once(self, kind: str) -> str:
@@ -198,21 +214,24 @@ class KubeCache:
                 self.errors += 1
                 self.last_error = f"Kubernetes API: {kind}: {_err(e)}"
                 self._ok[kind] = False
+                self._failed[kind] = True
                 rv = ""   # the cache may have missed changes: list again once the API answers
                 log.warning("controller: %s; retrying in %.1fs", self.last_error, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
 
     def start(self) -> "KubeCache":
-        for kind in ("pods", "nodes"):
+        for kind in ("pods", "nodes", "statefulsets"):
             t = threading.Thread(target=self._loop, args=(kind,), name=f"watch-{kind}", daemon=True)
             t.start()
             self._threads.append(t)
         return self
 
     def wait_synced(self, timeout: float) -> bool:
+        """Wait for pods and nodes (and StatefulSets, unless their list failed: no RBAC rule)."""
         deadline = time.monotonic() + timeout
-        while not self.synced and time.monotonic() < deadline and not self._stop.is_set():
+        while time.monotonic() < deadline and not self._stop.is_set() and not (
+                self.synced and (self._ok.get("statefulsets") or self._failed["statefulsets"])):
             time.sleep(0.05)
         return self.synced
 
@@ -230,6 +249,28 @@ class KubeCache:
     def snapshot(self) -> tuple[dict, dict]:
         with self._lock:
             return self.pods, self.nodes
+
+    def statefulset_replicas(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self.statefulsets)
+
+    def get_statefulset(self, namespace: str, name: str) -> int | None:
+        """The StatefulSet's spec.replicas straight from the API; None when it does not exist.
+        Raises KubeError when the API cannot say."""
+        from kubernetes.client.rest import ApiException
+        self.requests += 1
+        try:
+            resp = self.apps.read_namespaced_stateful_set(name, namespace, _preload_content=False,
+                                                          _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            self.errors += 1
+            raise KubeError(f"Kubernetes API: get statefulset {namespace}/{name}: {_err(e)}") from None
+        except Exception as e:  # noqa: BLE001 - unreachable, TLS, timeout
+            self.errors += 1
+            raise KubeError(f"Kubernetes API: get statefulset {namespace}/{name}: {_err(e)}") from None
+        return self._entry("statefulsets", json.loads(resp.data))[1]  # type: ignore[attr-defined]  # (raw)
 
     def get_pod(self, namespace: str, name: str) -> str | None:
         """The pod's uid straight from the API (not the cache); None when it does not exist.

@@ -16,6 +16,11 @@ Rules (each one a test in tests/test_controller.py):
   stay.
 * Live nodes keep one block; their other blocks that have been empty for the grace period
   (and in two passes) are released, so small pools do not stay locked to idle nodes.
+* An address kept for a StatefulSet pod (kept handle ``sts/<ns>/<sts>/<ordinal>``,
+  ipam/sticky.py) is released when the StatefulSet is gone, has ``spec.replicas`` <= the
+  ordinal, or IPAMConfig keepStatefulSetIPs is off -- after the same grace period and two
+  passes, and after the StatefulSet was looked up in the API once more.  Judged only while
+  the StatefulSet cache is in sync.
 * Nothing is judged from a cache that is not in sync, and nothing is released when the
   API cannot confirm (an outage means no release at all).
 
@@ -69,6 +74,7 @@ class Reconciler:
         self.clock = clock
         self.candidates: dict[str, list] = {}   # handle id -> [first seen, passes seen, handle revision]
         self.empty_seen: dict[str, list] = {}   # block key -> [first seen, passes seen, block revision]
+        self.kept_seen: dict[str, list] = {}    # kept handle id -> [first seen, passes seen, handle revision]
         self.splits = gc.Splits()               # where to cut the big ranges (learned by each pass)
 
     # ------------------------------------------------------------------------------
@@ -133,6 +139,12 @@ class Reconciler:
         guard = self.guard()
         if due and guard is not None:
             self._release(due, blocks, guard, r)
+
+        # -- addresses kept for StatefulSet pods ----------------------------------------
+        if r.judged and r.ok and getattr(self.kube, "statefulsets_synced", False):
+            self._kept(view, now, self.guard(), r)
+        else:
+            self.kept_seen = {}
 
         # -- deleted nodes and empty blocks -----------------------------------------------
         if nodes_known and self.guard() is not None and r.ok:
@@ -213,6 +225,64 @@ class Reconciler:
         for bkey in h.blocks:
             b = blocks.get(bkey)
             self.on_reclaimed(b.pool if b else NO_POOL, h.node or UNKNOWN_NODE, 1)
+
+    @staticmethod
+    def _kept_why(on: bool, replicas: int | None, ns: str, sts: str, ordinal: int) -> str | None:
+        """Why a kept address is no longer kept (None: it stays kept)."""
+        if not on:
+            return "IPAMConfig keepStatefulSetIPs is off"
+        if replicas is None:
+            return f"StatefulSet {ns}/{sts} is gone"
+        if ordinal >= replicas:
+            return f"StatefulSet {ns}/{sts} has {replicas} replica(s)"
+        return None
+
+    def _kept(self, view, now: float, guard, r: PassResult) -> None:
+        from ..ipam.sticky import parse_kept_id
+        kept = [(h, slot) for h in view.handles if h.id.startswith("sts/") and (slot := parse_kept_id(h.id))]
+        if not kept:
+            self.kept_seen = {}
+            return
+        on = self.ipam.get_config().keep_statefulset_ips
+        replicas = self.kube.statefulset_replicas()
+        seen: dict[str, list] = {}
+        for h, (ns, sts, ordinal) in kept:
+            if self._kept_why(on, replicas.get((ns, sts)), ns, sts, ordinal) is None:
+                continue
+            r.candidates += 1
+            ready, _ = self._due(self.kept_seen, h.id, h.rev, now, seen)
+            if not ready or guard is None:
+                continue
+            from .kube import KubeError
+            try:
+                why = self._kept_why(on, self.kube.get_statefulset(ns, sts), ns, sts, ordinal)   # the re-check
+            except KubeError as e:
+                r.ok = False
+                r.errors.append(str(e))
+                log.warning("controller: %s; releasing no kept address until the API answers", e)
+                break
+            if why is None:
+                seen.pop(h.id, None)
+                r.skipped.append((h.id, "StatefulSet keeps it"))
+                log.info("controller: still kept %s: StatefulSet %s/%s has it again (re-checked)", h.id, ns, sts)
+                continue
+            from ..ipam.errors import CorruptData
+            try:
+                got = gc.release_handle(self.ipam.ds, self.ipam.keys, h.id, expect_revision=h.rev, guards=[guard],
+                                        key=h.key, block_keys=h.blocks)
+            except CorruptData as e:
+                log.warning("controller: %s", e.msg)
+                r.skipped.append((h.id, e.msg))
+                continue
+            seen.pop(h.id, None)
+            if got is None:
+                r.skipped.append((h.id, "changed since it was read (the pod took it back)"))
+                continue
+            r.released.append(h.id)
+            r.addresses += len(got)
+            log.info("controller: released %s (kept for %s, node %s): %s", ", ".join(got) or "no address", h.id,
+                     h.node, why)
+        self.kept_seen = seen
 
     def _blocks(self, view, nodes: dict, now: float, r: PassResult) -> None:
         ds, k = self.ipam.ds, self.ipam.keys

@@ -213,6 +213,11 @@ def from_kubernetes(req, client, prefix: str):
                          req.namespace, req.pod)
             else:
                 pod_ann = annotations_of(pod)  # type: ignore[operator]  # (mypy: the __future__ name)
+                if pod.get("metadata", {}).get("ownerReferences"):   # (StatefulSet pods: ipam/sticky.py)
+                    from ..k8s import statefulset_slot
+                    slot = statefulset_slot(pod)
+                    if slot is not None:
+                        req = req.replace(keep_as="sts/%s/%s/%d" % (req.namespace, slot[0], slot[1]))
         if req.namespace:
             asked = {ip.version for ip in req.requested}
             k = key(prefix, IPADDRS)

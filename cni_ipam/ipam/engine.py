@@ -67,6 +67,10 @@ class AssignRequest:
     # (<prefix>/v1/namespaces/<ns>, <prefix>/v1/nodes/<node>) in the first batched read
     labels_from_etcd: bool = False
     annotation_prefix: str = DEFAULT_ANNOTATION_PREFIX
+    #: a StatefulSet pod's kept-handle id ``sts/<ns>/<sts>/<ordinal>`` (set from the Pod's
+    #: ownerReferences; used only with IPAMConfig keepStatefulSetIPs: ipam/sticky.py)
+    keep_as: str = ""
+    keep_checked: bool = False   # sticky.assign found no kept record: allocate as usual (and mark)
 
     def replace(self, **changes) -> AssignRequest:
         """A copy with ``changes`` (the request itself never changes)."""
@@ -98,6 +102,10 @@ class _Plan(Txn):
 
 class _Fallback(Exception):
     """Internal: the snapshot cannot answer this request (a claim, a borrow, data it lacks)."""
+
+
+class _Kept(_Fallback):
+    """Internal: a StatefulSet pod with keepStatefulSetIPs on: ipam/sticky.py plans this ADD."""
 
 
 def _unavailable(what: str, e: DatastoreUnavailable) -> TryAgain:
@@ -271,7 +279,11 @@ class IPAM:
                 log.warning("snapshot txn refused by etcd (%s): not using snapshots", e)
                 self.use_snapshot, self.snapshot = False, None
         if res is None:
-            (res, attempts) = self._retry(f"assign {req.handle_id}", lambda: self._assign_once(req))
+            try:
+                (res, attempts) = self._retry(f"assign {req.handle_id}", lambda: self._assign_once(req))
+            except _Kept:
+                from . import sticky
+                res, attempts = sticky.assign(self, req)
             res.attempts = attempts
         if res.existing:
             self._check_repeat(req, res.handle)
@@ -371,6 +383,9 @@ class IPAM:
         self._schema_guard(record(k.schema), view.records.get(k.schema, (0, None))[0], txn)
         pools = [decode_pool(key, value) for key, (_, value) in view.pools.items()]
         cfg = decode_config(view.config[1], k.config)
+        keep = bool(req.keep_as) and cfg.keep_statefulset_ips
+        if keep and (fast_only or not req.keep_checked):
+            raise _Kept("a StatefulSet pod: its kept address is looked up first")
         affine = [k.affinity_block(key) for key in view.affinities]
 
         requested = {ip.version: ip for ip in req.requested}
@@ -404,6 +419,9 @@ class IPAM:
         handle = Handle(id=req.handle_id, node=req.node, network=req.network, container_id=req.container_id,
                         ifname=req.ifname, pod=req.pod, namespace=req.namespace, pod_uid=req.pod_uid, mode=req.mode,
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if keep:   # DEL keeps its addresses for the pod's next incarnation (no kept record yet: compared)
+            handle.keep_as = req.keep_as
+            txn.absent(k.handle(req.keep_as))
         n_affine = len(affine)
         for fam in families:
             if fam in requested:
@@ -687,18 +705,21 @@ class IPAM:
 
     # ------------------------------------------------------------------ release
     def release(self, handle_id: str, *, legacy_id: str = "",
-                attachment: tuple[str, str, str] | None = None) -> Handle | None:
+                attachment: tuple[str, str, str] | None = None, keep: bool = False) -> Handle | None:
         """Release everything a handle holds.  None when the handle does not exist.
         ``legacy_id``/``attachment``: the id an older layout gave the same attachment
         ``(network, containerID, ifname)``; a record there is released too when its own
-        fields name that attachment (a DEL after an upgrade)."""
+        fields name that attachment (a DEL after an upgrade).
+        ``keep`` (the plugin's DEL and GC): a StatefulSet pod's attachment (``keepAs``) keeps its
+        addresses under its kept handle when keepStatefulSetIPs is on (ipam/sticky.py)."""
         out, _ = self._retry(f"release {handle_id}",
-                             lambda: self._release_once(handle_id, legacy_id, attachment))
+                             lambda: self._release_once(handle_id, legacy_id, attachment, keep))
         return out or None
 
-    def _release_once(self, handle_id: str, legacy_id: str = "", attachment=None) -> Handle | None:
+    def _release_once(self, handle_id: str, legacy_id: str = "", attachment=None,
+                      keep: bool = False) -> Handle | None:
         """One attempt: the released handle, None when there is nothing to release; Conflict
-        when its txn lost against another writer."""
+        when its txn lost against another writer.  ``keep``: see ``release``."""
         k = self.keys
         hkeys = [k.handle(handle_id)] + ([k.handle(legacy_id)] if legacy_id else [])
         got = self.ds.read([Read(key) for key in hkeys] + [Read(k.schema)])
@@ -712,6 +733,11 @@ class IPAM:
                     mine.append((hkey, res.kvs[0], h))
         if not mine:
             return None  # nothing to do
+        if keep and len(mine) == 1 and mine[0][2].keep_as:
+            from . import sticky
+            out = sticky.keep(self, *mine[0])
+            if out is not sticky.NOT_KEPT:
+                return out
         txn = Txn()
         for hkey, hkv, _ in mine:
             txn.read(hkey, hkv.mod_revision)
@@ -798,7 +824,7 @@ class IPAM:
             if (h.container_id, h.ifname) in keep:
                 continue
             try:
-                self.release(h.id)
+                self.release(h.id, keep=True)   # (a StatefulSet pod's: kept, as on DEL)
                 released.append(h.id)
             except IPAMError as e:
                 failed.append((h.id, e.msg, e.code))

@@ -76,7 +76,7 @@ METADATA_FIELDS = ("name", "labels", "annotations", "uid", "resourceVersion", "c
                    "generation")
 POOL_SPEC_FIELDS = ("cidr", "blockSize", "disabled", "nodeSelector", "allowedUses", "ipipMode",
                     "vxlanMode", "natOutgoing", "disableBGPExport")
-CONFIG_SPEC_FIELDS = ("strictAffinity", "autoAllocateBlocks", "maxBlocksPerHost")
+CONFIG_SPEC_FIELDS = ("strictAffinity", "autoAllocateBlocks", "maxBlocksPerHost", "keepStatefulSetIPs")
 ENCAP_MODES = ("Never", "Always", "CrossSubnet")
 ALLOWED_USES = ("Workload", "Tunnel", "LoadBalancer")
 CONFIG_NAME = "default"
@@ -477,7 +477,9 @@ def parse_config_spec(where: str, ctx: str, spec: dict) -> IPAMConfig:
     cfg = IPAMConfig(strict_affinity=problems.run(_bool_field, where, ctx, spec, "strictAffinity",
                                                   d.strict_affinity, default=d.strict_affinity),
                      auto_allocate_blocks=problems.run(_bool_field, where, ctx, spec, "autoAllocateBlocks",
-                                                       d.auto_allocate_blocks, default=d.auto_allocate_blocks))
+                                                       d.auto_allocate_blocks, default=d.auto_allocate_blocks),
+                     keep_statefulset_ips=problems.run(_bool_field, where, ctx, spec, "keepStatefulSetIPs",
+                                                       d.keep_statefulset_ips, default=d.keep_statefulset_ips))
     m = spec.get("maxBlocksPerHost")
     if m is not None:
         if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= 1_000_000:

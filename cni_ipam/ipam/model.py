@@ -45,6 +45,11 @@ class Handle:
     mode: str = "bridge"
     created: str = ""
     addresses: list[Assignment] = field(default_factory=list)
+    #: an attachment of a StatefulSet pod (keepStatefulSetIPs): the kept handle id its addresses
+    #: move to on DEL (ipam/sticky.py); "" otherwise
+    keep_as: str = ""
+    #: a kept handle (ipam/sticky.py): {namespace, statefulSet, ordinal, pod, podUID, network, since}
+    kept_for: dict | None = None
 
     def is_attachment(self, network: str, container_id: str, ifname: str) -> bool:
         """Whether this record is the one of that attachment (its own fields say so; a layout-1
@@ -52,9 +57,13 @@ class Handle:
         return (self.network, self.container_id, self.ifname) == (network, container_id, ifname)
 
     def to_json(self) -> bytes:
-        d = {"id": self.id, "node": self.node, "network": self.network, "containerID": self.container_id,
+        d: dict = {"id": self.id, "node": self.node, "network": self.network, "containerID": self.container_id,
              "ifname": self.ifname, "pod": self.pod, "namespace": self.namespace, "podUID": self.pod_uid, "mode": self.mode,
              "created": self.created, "addresses": [a.to_dict() for a in self.addresses]}
+        if self.keep_as:
+            d["keepAs"] = self.keep_as
+        if self.kept_for is not None:
+            d["keptFor"] = self.kept_for
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
@@ -66,7 +75,9 @@ class Handle:
                        pod=d.get("pod", ""), namespace=d.get("namespace", ""), pod_uid=d.get("podUID", ""),
                        mode=d.get("mode", "bridge"),
                        created=d.get("created", ""),
-                       addresses=[Assignment.from_dict(a) for a in d.get("addresses", [])])
+                       addresses=[Assignment.from_dict(a) for a in d.get("addresses", [])],
+                       keep_as=str(d.get("keepAs") or ""),
+                       kept_for=dict(d["keptFor"]) if isinstance(d.get("keptFor"), dict) else None)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"undecodable handle: {e}") from None
 
@@ -77,10 +88,15 @@ class IPAMConfig:
     strict_affinity: bool = False
     auto_allocate_blocks: bool = True
     max_blocks_per_host: int = 0  # 0: no limit
+    #: StatefulSet pods keep their address across delete + recreate (ipam/sticky.py)
+    keep_statefulset_ips: bool = False
 
     def to_dict(self) -> dict:
-        return {"strictAffinity": self.strict_affinity, "autoAllocateBlocks": self.auto_allocate_blocks,
-                "maxBlocksPerHost": self.max_blocks_per_host}
+        d = {"strictAffinity": self.strict_affinity, "autoAllocateBlocks": self.auto_allocate_blocks,
+             "maxBlocksPerHost": self.max_blocks_per_host}
+        if self.keep_statefulset_ips:   # (opt-in: absent when off, as before the field existed)
+            d["keepStatefulSetIPs"] = True
+        return d
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
@@ -93,7 +109,8 @@ class IPAMConfig:
             d = json.loads(data)
             return cls(strict_affinity=bool(d.get("strictAffinity", False)),
                        auto_allocate_blocks=bool(d.get("autoAllocateBlocks", True)),
-                       max_blocks_per_host=int(d.get("maxBlocksPerHost", 0)))
+                       max_blocks_per_host=int(d.get("maxBlocksPerHost", 0)),
+                       keep_statefulset_ips=bool(d.get("keepStatefulSetIPs", False)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"undecodable IPAM config: {e}") from None
 

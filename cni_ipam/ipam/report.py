@@ -167,7 +167,7 @@ def ip_info(ipam, ip) -> dict:
     pools, _ = read_pools(ipam)
     d: dict = {"ip": str(ip), "allocated": False, "pool": None, "block": None, "blockNode": None,
                "handle": None, "node": None, "namespace": None, "pod": None, "network": None,
-               "containerID": None, "interface": None, "created": None, "reason": None}
+               "containerID": None, "interface": None, "created": None, "reason": None, "keptFor": None}
     p = next((p for p in pools if p.version == ip.version and ip in p.cidr), None)
     if p is None:
         d["reason"] = "not in any pool"
@@ -197,6 +197,8 @@ def ip_info(ipam, ip) -> dict:
         return d
     d.update(node=h.node, namespace=h.namespace or None, pod=h.pod or None, network=h.network or None,
              containerID=h.container_id or None, interface=h.ifname or None, created=h.created or None)
+    if h.kept_for is not None:   # an address kept for a StatefulSet pod (ipam/sticky.py)
+        d["keptFor"] = h.kept_for
     return d
 
 

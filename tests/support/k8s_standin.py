@@ -12,6 +12,8 @@ certificates signed by the same CA, and the read endpoints cni-ipam uses::
     GET /api/v1/nodes                           NodeList
     GET /api/v1/nodes/{name}                    Node
     GET /api/v1/pods?watch=1&resourceVersion=N  watch events (also /api/v1/nodes, namespaced pods)
+    GET /apis/apps/v1/statefulsets              StatefulSetList (all namespaces; also ?watch=1)
+    GET /apis/apps/v1/namespaces/{ns}/statefulsets[/{name}]   StatefulSetList / StatefulSet
 
 with the real JSON shapes (``kind``, ``apiVersion``, ``metadata{name, namespace,
 uid, annotations, labels, resourceVersion, creationTimestamp}``; list items
@@ -94,9 +96,11 @@ class K8sStandin:
         self.pki = make_pki(self.dir / "pki")
         self.tokens = dict(tokens) if tokens is not None else {GOOD_TOKEN: "system:serviceaccount:kube-system:cni-ipam"}
         self.denied_users: set[str] = set()     # authenticated but not authorised (403)
+        self.denied_resources: set[str] = set() # resources nobody may read (an RBAC rule missing: 403)
         self.namespaces: dict[str, dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.nodes: dict[str, dict] = {}
+        self.statefulsets: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str, str]] = []
         self.delay = 0.0                         # seconds to sleep before answering
         self.fail_status: int | None = None      # answer every request with this status
@@ -108,7 +112,7 @@ class K8sStandin:
         self._cond = threading.Condition(self._lock)
         self._events: list[tuple[int, str, str, dict]] = []   # (rv, "pods"|"nodes", type, object)
         self._compacted_rv = 0                    # watches from before this get 410 Gone
-        self._order: dict[str, list | None] = {"pods": None, "nodes": None}   # sorted keys (lists)
+        self._order: dict[str, list | None] = {"pods": None, "nodes": None, "statefulsets": None}  # sorted keys
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -190,10 +194,20 @@ class K8sStandin:
             self.namespaces[name] = obj
         return obj
 
-    def add_pod(self, namespace, name, node="", annotations=None, labels=None) -> dict:
+    def add_pod(self, namespace, name, node="", annotations=None, labels=None, owner=None) -> dict:
+        """``owner``: a StatefulSet object (from ``add_statefulset``) -> the pod's ownerReferences
+        name it as its controller, as the StatefulSet controller does; or a raw ownerReferences list."""
         obj = {"kind": "Pod", "apiVersion": "v1", "metadata": self._meta(name, namespace, annotations, labels),
                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
                "status": {"phase": "Pending"}}
+        if isinstance(owner, dict):
+            md = owner["metadata"]
+            obj["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": md["name"],
+                                                   "uid": md["uid"], "controller": True, "blockOwnerDeletion": True}]
+            obj["metadata"].setdefault("labels", {})["statefulset.kubernetes.io/pod-name"] = name
+            obj["spec"]["hostname"] = name
+        elif owner:
+            obj["metadata"]["ownerReferences"] = list(owner)
         with self._lock:
             old = self.pods.get((namespace, name))
             self.pods[(namespace, name)] = obj
@@ -223,6 +237,44 @@ class K8sStandin:
                 obj = json.loads(json.dumps(obj))
                 obj["metadata"]["resourceVersion"] = str(self._next_rv())
                 self._emit("pods", "DELETED", obj)
+
+    def add_statefulset(self, namespace, name, replicas=1, labels=None) -> dict:
+        """A StatefulSet (apps/v1) as the API serves it; again with the same name: a change
+        (``replicas``: a scale) emitted as MODIFIED."""
+        with self._lock:
+            old = self.statefulsets.get((namespace, name))
+        md = self._meta(name, namespace, None, labels)
+        sel = {"app": name}
+        if old is not None:
+            md["uid"] = old["metadata"]["uid"]
+            md["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+            md["generation"] = old["metadata"]["generation"] + 1
+        else:
+            md["generation"] = 1
+        obj = {"kind": "StatefulSet", "apiVersion": "apps/v1", "metadata": md,
+               "spec": {"replicas": replicas, "selector": {"matchLabels": sel}, "serviceName": name,
+                        "podManagementPolicy": "OrderedReady", "revisionHistoryLimit": 10,
+                        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+                        "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+                        "template": {"metadata": {"labels": sel},
+                                     "spec": {"containers": [{"name": "main", "image": "busybox"}]}}},
+               "status": {"observedGeneration": md["generation"], "replicas": replicas,
+                          "availableReplicas": 0, "collisionCount": 0}}
+        with self._lock:
+            self.statefulsets[(namespace, name)] = obj
+            self._emit("statefulsets", "MODIFIED" if old else "ADDED", obj)
+        return obj
+
+    def scale_statefulset(self, namespace, name, replicas) -> dict:
+        return self.add_statefulset(namespace, name, replicas)
+
+    def delete_statefulset(self, namespace, name) -> None:
+        with self._lock:
+            obj = self.statefulsets.pop((namespace, name), None)
+            if obj is not None:
+                obj = json.loads(json.dumps(obj))
+                obj["metadata"]["resourceVersion"] = str(self._next_rv())
+                self._emit("statefulsets", "DELETED", obj)
 
     def delete_node(self, name) -> None:
         with self._lock:
@@ -377,13 +429,14 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             return self._send(401, status(401, "Unauthorized", "Unauthorized"))
         resource, name, ns = _describe(parts)
-        if user == "?" or user in api.denied_users:
+        if user == "?" or user in api.denied_users or resource in api.denied_resources:
             who = "system:anonymous" if user == "?" else user
             scope = f' in the namespace "{ns}"' if ns else " at the cluster scope"
+            group = parts[1] if parts[:1] == ["apis"] and len(parts) > 1 else ""
             return self._send(403, status(
                 403, "Forbidden", f'{resource} "{name}" is forbidden: User "{who}" cannot get resource '
-                f'"{resource}" in API group ""{scope}' if name else
-                f'{resource} is forbidden: User "{who}" cannot list resource "{resource}" in API group ""{scope}',
+                f'"{resource}" in API group "{group}"{scope}' if name else
+                f'{resource} is forbidden: User "{who}" cannot list resource "{resource}" in API group "{group}"{scope}',
                 {"name": name, "kind": resource} if name else {"kind": resource}))
         if api.fail_status:
             return self._send(api.fail_status, status(api.fail_status, "InternalError",
@@ -402,7 +455,12 @@ class _Handler(BaseHTTPRequestHandler):
         """Stream changes after ``resourceVersion`` (chunked JSON lines, as the API does)."""
         api = self.api
         rest = parts[2:] if parts[:2] == ["api", "v1"] else None
-        if rest == ["pods"]:
+        apps = parts[3:] if parts[:3] == ["apis", "apps", "v1"] else None
+        if apps == ["statefulsets"]:
+            kind, ns = "statefulsets", None
+        elif apps is not None and len(apps) == 3 and apps[0] == "namespaces" and apps[2] == "statefulsets":
+            kind, ns = "statefulsets", apps[1]
+        elif rest == ["pods"]:
             kind, ns = "pods", None
         elif rest is not None and len(rest) == 3 and rest[0] == "namespaces" and rest[2] == "pods":
             kind, ns = "pods", rest[1]
@@ -454,8 +512,9 @@ class _Handler(BaseHTTPRequestHandler):
                         last_bookmark = time.monotonic()
                         with api._cond:
                             cur = max(since, api._last_rv)
-                        chunk({"type": "BOOKMARK", "object": {"kind": "Pod" if kind == "pods" else "Node",
-                                                              "apiVersion": "v1",
+                        chunk({"type": "BOOKMARK", "object": {
+                            "kind": {"pods": "Pod", "nodes": "Node"}.get(kind, "StatefulSet"),
+                            "apiVersion": "apps/v1" if kind == "statefulsets" else "v1",
                                                               "metadata": {"resourceVersion": str(cur)}}})
             if not api._stopping.is_set():
                 self.wfile.write(b"0\r\n\r\n")
@@ -508,16 +567,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, parts, q):
         api = self.api
-        if parts[:2] != ["api", "v1"]:
+        if parts[:3] == ["apis", "apps", "v1"]:
+            rest = ["apps"] + parts[3:]        # the apps/v1 group: StatefulSets
+        elif parts[:2] == ["api", "v1"]:
+            rest = parts[2:]
+        else:
             return None
-        rest = parts[2:]
 
         def one(obj, kind, name):
             if obj is None:
                 return 404, status(404, "NotFound", f'{kind} "{name}" not found', {"name": name, "kind": kind})
             return 200, obj
 
-        def lst(kind, objs):
+        def lst(kind, objs, api_version="v1"):
             limit = int(q.get("limit", ["0"])[0] or 0)
             start = int(base64.b64decode(q["continue"][0]).decode()) if q.get("continue") else 0
             md = {"resourceVersion": str(api._last_rv)}
@@ -530,7 +592,7 @@ class _Handler(BaseHTTPRequestHandler):
                 o.pop("kind", None)
                 o.pop("apiVersion", None)
                 items.append(o)
-            return 200, {"kind": kind, "apiVersion": "v1", "metadata": md, "items": items}
+            return 200, {"kind": kind, "apiVersion": api_version, "metadata": md, "items": items}
 
         def ordered(kind):
             keys = api._order.get(kind)
@@ -553,6 +615,13 @@ class _Handler(BaseHTTPRequestHandler):
             return lst("NodeList", ordered("nodes"))
         if len(rest) == 2 and rest[0] == "nodes":
             return one(api.nodes.get(rest[1]), "nodes", rest[1])
+        if rest == ["apps", "statefulsets"]:
+            return lst("StatefulSetList", ordered("statefulsets"), "apps/v1")
+        if len(rest) == 4 and rest[:2] == ["apps", "namespaces"] and rest[3] == "statefulsets":
+            return lst("StatefulSetList", [v for k, v in sorted(api.statefulsets.items()) if k[0] == rest[2]],
+                       "apps/v1")
+        if len(rest) == 5 and rest[:2] == ["apps", "namespaces"] and rest[3] == "statefulsets":
+            return one(api.statefulsets.get((rest[2], rest[4])), "statefulsets.apps", rest[4])
         return None
 
 
@@ -570,8 +639,8 @@ class _LazyList:
 
 
 def _describe(parts) -> tuple[str, str, str]:
-    """(resource, name, namespace) of an /api/v1 path, for RBAC-style messages."""
-    rest = parts[2:] if parts[:2] == ["api", "v1"] else parts
+    """(resource, name, namespace) of an /api/v1 (or /apis/<group>/<version>) path, for RBAC-style messages."""
+    rest = parts[2:] if parts[:2] == ["api", "v1"] else parts[3:] if parts[:1] == ["apis"] else parts
     if len(rest) >= 3 and rest[0] == "namespaces":
         return rest[2], (rest[3] if len(rest) > 3 else ""), rest[1]
     if len(rest) == 2:
