@@ -9,6 +9,7 @@
     <prefix>/v1/schema                         the data layout version (LAYOUT) and the oldest one that may use it
     <prefix>/v1/namespaces/<ns>                namespace annotations (without Kubernetes)
     <prefix>/v1/nodes/<node>                   node labels (without Kubernetes)
+    <prefix>/v1/reservations                   every IPReservation, in one record (ipam/reservation.py)
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class Keys:
         self.namespaces = self.root + "namespaces/"
         self.nodes = self.root + "nodes/"
         self.schema = self.root + "schema"
+        self.reservations = self.root + "reservations"
 
     def pool(self, name: str) -> str:
         return self.pools + escape(name)

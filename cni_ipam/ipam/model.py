@@ -71,16 +71,23 @@ class Handle:
             raise ValueError(f"undecodable handle: {e}") from None
 
 
+MAX_COOLDOWN = 1200   # seconds (Calico's IPCooldownSeconds limit)
+
+
 @dataclass
 class IPAMConfig:
     """Cluster-wide settings (``kind: IPAMConfig``)."""
     strict_affinity: bool = False
     auto_allocate_blocks: bool = True
     max_blocks_per_host: int = 0  # 0: no limit
+    #: a released address is not handed out again for this long (0: off); at most MAX_COOLDOWN
+    ip_cooldown_seconds: int = 0
 
     def to_dict(self) -> dict:
         return {"strictAffinity": self.strict_affinity, "autoAllocateBlocks": self.auto_allocate_blocks,
-                "maxBlocksPerHost": self.max_blocks_per_host}
+                "maxBlocksPerHost": self.max_blocks_per_host,
+                # only when set: the record (and its -o json) stays as older versions wrote it
+                **({"ipCooldownSeconds": self.ip_cooldown_seconds} if self.ip_cooldown_seconds else {})}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
@@ -93,7 +100,8 @@ class IPAMConfig:
             d = json.loads(data)
             return cls(strict_affinity=bool(d.get("strictAffinity", False)),
                        auto_allocate_blocks=bool(d.get("autoAllocateBlocks", True)),
-                       max_blocks_per_host=int(d.get("maxBlocksPerHost", 0)))
+                       max_blocks_per_host=int(d.get("maxBlocksPerHost", 0)),
+                       ip_cooldown_seconds=max(0, min(MAX_COOLDOWN, int(d.get("ipCooldownSeconds", 0) or 0))))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"undecodable IPAM config: {e}") from None
 
