@@ -1,0 +1,79 @@
+"""Pool features (issue #16) end to end: the real plugin exec'd as a runtime does, the CLI as a
+subprocess, the real etcd, and the Kubernetes API stand-in for namespace labels."""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from cni_ipam.ipam.pool import make_pool
+from tests.plugin_helpers import assert_error, exec_plugin, netconf
+from tests.support.k8s_standin import K8sStandin
+from tests.test_cli_common import cli, ipam  # noqa: F401 (fixtures)
+
+N = ipaddress.ip_network
+V4 = "cni.projectcalico.org/ipv4pools"
+
+
+def k8s_args(ns, pod, cid):
+    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={cid}"
+
+
+def ip_of(r):
+    assert r.rc == 0, r.stdout + r.stderr
+    return ipaddress.ip_interface(r.out["ips"][0]["address"]).ip
+
+
+def three_pools(ipam):
+    ipam.create_pool(make_pool("blue", "10.95.0.0/24", 29, namespace_selector="team == 'blue'"))
+    ipam.create_pool(make_pool("general", "10.96.0.0/24", 29, namespace_selector="!has(team)"))
+    ipam.create_pool(make_pool("special", "10.97.0.0/24", 29, assignment_mode="Manual"))
+
+
+def test_namespace_selector_and_manual_pools_with_kubernetes(ipam, etcd_server, etcd_prefix, tmp_path):
+    three_pools(ipam)
+    with K8sStandin(tmp_path) as api:
+        api.add_namespace("web", labels={"team": "blue"})
+        api.add_namespace("batch")
+        api.add_namespace("red", labels={"team": "red"})
+        api.add_namespace("vip", labels={"team": "red"}, annotations={V4: '["special"]'})
+        api.add_node("node-a")
+        for ns, pod in (("web", "w"), ("batch", "b"), ("red", "r"), ("vip", "v")):
+            api.add_pod(ns, pod, node="node-a")
+        api.add_pod("batch", "pinned", node="node-a", annotations={V4: '["special"]'})
+        conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path,
+                       kubernetes={"kubeconfig": api.write_kubeconfig(tmp_path / "kc")})
+
+        def add(ns, pod):
+            return exec_plugin("ADD", conf, container=f"{ns}-{pod}", args=k8s_args(ns, pod, f"{ns}-{pod}"))
+        assert ip_of(add("web", "w")) in N("10.95.0.0/24")        # namespaceSelector matches
+        assert ip_of(add("batch", "b")) in N("10.96.0.0/24")      # !has(team); never the Manual pool
+        # the Manual pool named by a pod or a namespace annotation
+        assert ip_of(add("batch", "pinned")) in N("10.97.0.0/24")
+        assert ip_of(add("vip", "v")) in N("10.97.0.0/24")
+        # no pool's namespaceSelector matches "red" (the Manual one is never chosen automatically)
+        e = assert_error(add("red", "r"), 7, names="matches this node and the pod's namespace")
+        assert "blue" in e["msg"] and "special" not in e["msg"]
+
+
+def test_namespace_label_command_without_kubernetes(cli, ipam, etcd_server, etcd_prefix, tmp_path):
+    three_pools(ipam)
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    assert cli("namespace", "annotate", "web", "owner=me").rc == 0
+    r = cli("namespace", "label", "web", "team=blue")
+    assert r.rc == 0 and r.stdout == "namespace/web labeled\n", r.stderr
+    got = cli("namespace", "get", "web", "-o", "json").json()
+    assert got == {"name": "web", "annotations": {"owner": "me"}, "labels": {"team": "blue"}}
+    assert "team=blue" in cli("namespace", "get", "web").stdout
+    r = cli("namespace", "label", "web", "team=r d")
+    assert r.rc != 0 and "invalid label value" in r.stderr
+
+    def add(ns, pod):
+        return exec_plugin("ADD", conf, container=f"{ns}-{pod}", args=k8s_args(ns, pod, f"{ns}-{pod}"))
+    assert ip_of(add("web", "a")) in N("10.95.0.0/24")
+    assert ip_of(add("plain", "a")) in N("10.96.0.0/24")
+    # relabel: the next pod of the namespace follows the labels (the snapshot's compare sees the change)
+    assert cli("namespace", "label", "web", "team-").rc == 0
+    assert ip_of(add("web", "b")) in N("10.96.0.0/24")
+    # removing the labels kept the annotations
+    assert cli("namespace", "get", "web", "-o", "json").json() == {"name": "web", "annotations": {"owner": "me"}}
