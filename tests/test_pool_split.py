@@ -98,3 +98,48 @@ def test_split_refusals(cli, ipam):
     r = cli("pool", "split", "nope", "--into", "2")
     assert r.rc != 0 and 'pool "nope" does not exist' in r.stderr
     assert sorted(p.name for p in ipam.pools()) == ["p", "p-1"]
+
+
+MIGRATION_NEW_POOL = """\
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata:
+  name: new-pool
+spec:
+  cidr: 10.99.0.0/24
+  blockSize: 29
+"""
+
+
+def test_migration_procedure_from_the_readme(cli, ipam, etcd_server, etcd_prefix, tmp_path):
+    """README "Pool features" -> "Migrate to another pool", step by step."""
+    ipam.create_pool(make_pool("old-pool", "10.98.0.0/24", 29))
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    for i in range(3):
+        assert ip_in(exec_plugin("ADD", conf, container=f"pod{i}"), "10.98.0.0/24")
+    # 1. add the new pool
+    assert cli("apply", "-f", "-", stdin=MIGRATION_NEW_POOL).rc == 0
+    # 2. disable the old pool: new pods get addresses from the new one only
+    assert cli("pool", "disable", "old-pool").rc == 0
+    assert ip_in(exec_plugin("ADD", conf, container="fresh"), "10.99.0.0/24")
+    # running pods keep their addresses meanwhile (a repeated ADD returns the same)
+    assert ip_in(exec_plugin("ADD", conf, container="pod0"), "10.98.0.0/24")
+    # the old pool refuses to be deleted while addresses are in use
+    r = cli("pool", "delete", "old-pool")
+    assert r.rc != 0
+    # 3. recreate the pods (DEL + ADD with a new container, as a rollout does)
+    for i in range(3):
+        assert exec_plugin("DEL", conf, container=f"pod{i}").rc == 0
+        assert ip_in(exec_plugin("ADD", conf, container=f"pod{i}-new"), "10.99.0.0/24")
+    # 4. the old pool is empty: show says so, delete it
+    show = {p["name"]: p for p in cli("show", "-o", "json").json()["pools"]}
+    assert show["old-pool"]["inUse"] == 0
+    r = cli("pool", "delete", "old-pool")
+    assert r.rc == 0, r.stderr
+    assert [p.name for p in ipam.pools()] == ["new-pool"]
+    assert cli("check").rc == 0
+
+
+def ip_in(r, cidr):
+    assert r.rc == 0, r.stdout + r.stderr
+    return ipaddress.ip_interface(r.out["ips"][0]["address"]).ip in N(cidr)
