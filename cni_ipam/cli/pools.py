@@ -163,7 +163,10 @@ def cmd_get(args) -> int:
                  ("blocks", f"{p.n_blocks} \u00d7 /{p.block_size} ({p.block_addresses} address"
                             f"{'es' if p.block_addresses != 1 else ''} each), {claimed} claimed"),
                  ("disabled", _v(p.disabled)), ("nodeSelector", p.node_selector),
-                 ("allowedUses", ",".join(p.allowed_uses))]
+                 ("allowedUses", ",".join(p.allowed_uses)),
+                 ("assignmentMode", p.assignment_mode + ("  (used only when named)" if p.assignment_mode == "Manual"
+                                                         else "")),
+                 ("namespaceSelector", p.namespace_selector)]
         for k in ("ipipMode", "vxlanMode", "natOutgoing", "disableBGPExport"):
             if k in s:
                 pairs.append((k, _v(s[k]) + "  (kept for Calico; no effect on allocation)"))

@@ -1,0 +1,97 @@
+"""IPReservation administration (CLI only): read, plan an apply, delete, and find allocations
+inside reservations.  The record format and the interval arithmetic are ipam/reservation.py."""
+from __future__ import annotations
+
+from ..datastore import Compare, Delete, Put
+from .block import Block, BlockError
+from .errors import IPAMError
+from .reservation import KIND, Reservation, Reserved, decode, encode
+
+API_VERSION = "projectcalico.org/v3"
+
+
+class ReservationNotFound(IPAMError):
+    code = 1
+
+
+def read(ipam) -> tuple:
+    """(the record's KV or None, [Reservation])."""
+    kv = ipam.ds.get(ipam.keys.reservations)
+    try:
+        return kv, decode(kv.value if kv else None)
+    except ValueError as e:
+        raise IPAMError(f"corrupt value at etcd key {ipam.keys.reservations}: {e}") from None
+
+
+def manifest(r: Reservation) -> dict:
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": r.name}, "spec": r.to_spec()}
+
+
+def plan(current: list[Reservation], incoming: list[Reservation]) -> tuple[list[Reservation], list[dict]]:
+    """The reservations after applying ``incoming`` (created or replaced by name), and the
+    changes ``[{kind, name, action}]`` (action: created, configured, unchanged)."""
+    by_name = {r.name: r for r in current}
+    changes = []
+    for r in incoming:
+        old = by_name.get(r.name)
+        action = "created" if old is None else ("unchanged" if old.cidrs == r.cidrs else "configured")
+        changes.append({"kind": KIND, "name": r.name, "action": action})
+        by_name[r.name] = r
+    return sorted(by_name.values(), key=lambda r: r.name), changes
+
+
+def txn_parts(keys, kv, new: list[Reservation]) -> tuple[list, list]:
+    """Compare + op writing ``new`` over the record as read (``kv``)."""
+    cmp = Compare(keys.reservations, kv.mod_revision if kv else 0)
+    op = Put(keys.reservations, encode(new)) if new else Delete(keys.reservations)
+    return [cmp], [op]
+
+
+def delete(ipam, name: str, retries: int = 20) -> None:
+    for _ in range(retries):
+        kv, cur = read(ipam)
+        if not any(r.name == name for r in cur):
+            raise ReservationNotFound(f'IPReservation "{name}" does not exist')
+        cs, ops = txn_parts(ipam.keys, kv, [r for r in cur if r.name != name])
+        if ipam.ds.commit(cs, ops):
+            return
+    raise IPAMError(f'IPReservation "{name}" kept changing; gave up after {retries} attempts')
+
+
+def allocations_inside(reserved: Reserved, block: Block) -> list[tuple]:
+    """[(ip, handle, reservation name)] for addresses of ``block`` allocated inside a reservation."""
+    out = []
+    iv = reserved.intervals(block.cidr)
+    if not iv:
+        return out
+    for o, hid in sorted(block.allocations.items()):
+        if any(a <= o < b for a, b in iv):
+            ip = block.ip(o)
+            r = reserved.which(ip)
+            out.append((ip, hid, r.name if r else "?"))
+    return out
+
+
+def unallocated_reserved(reserved: Reserved, block: Block) -> int:
+    """How many of the block's free addresses are reserved (not counted as free by show)."""
+    iv = reserved.intervals(block.cidr)
+    if not iv:
+        return 0
+    return sum(1 for o in block.free if any(a <= o < b for a, b in iv))
+
+
+def findings(ipam, reserved: Reserved | None = None) -> list[dict]:
+    """Every allocation inside a reservation: [{ip, handle, reservation, block, key}]."""
+    if reserved is None:
+        reserved = Reserved(read(ipam)[1])
+    out = []
+    if not reserved:
+        return out
+    for kv in ipam.ds.get_prefix(ipam.keys.blocks):
+        try:
+            b = Block.from_json(kv.value)
+        except BlockError:
+            continue   # (check reports undecodable blocks itself)
+        for ip, hid, name in allocations_inside(reserved, b):
+            out.append({"ip": str(ip), "handle": hid, "reservation": name, "block": str(b.cidr), "key": kv.key})
+    return out
