@@ -141,7 +141,9 @@ def test_pool_validation():
     assert p.n_blocks == 8 and p.block_at(7) == N4("172.16.0.56/29")
     assert make_pool("d", "10.0.0.0/16").block_size == 26
     assert make_pool("d6", "fd00::/48").block_size == 122
-    for args, msg in [(("x", "10.0.0.1/24", 26), "invalid cidr"), (("x", "10.0.0.0/24", 19), "out of range"),
+    for args, msg in [(("x", "10.0.0.1/24", 26), "has host bits set"), (("x", "10.0.0.0/33", 26), "not a valid CIDR"),
+                      (("x", "127.0.0.0/24", 26), "loopback"), (("x", "::ffff:0:0/120", 122), "IPv4-mapped"),
+                      (("X_bad", "10.0.0.0/24", 26), "not a valid name"), (("x", "10.0.0.0/24", 19), "out of range"),
                       (("x", "10.0.0.0/24", 33), "out of range"), (("x", "fd00::/64", 115), "out of range"),
                       (("x", "10.0.0.0/28", 26), "larger than the pool"),
                       (("x", "169.254.0.0/24", 26), "link-local"), (("x", "fe80::/64", 122), "link-local")]:

@@ -14,7 +14,7 @@ from cni_ipam.datastore import Delete, Put
 from cni_ipam.ipam.block import ROUTED, Block
 from cni_ipam.ipam.engine import AssignRequest
 from cni_ipam.ipam.errors import PoolExhausted
-from cni_ipam.ipam import admin
+from cni_ipam.ipam import check
 from cni_ipam.ipam.model import Handle
 from cni_ipam.ipam.pool import make_pool
 from tests.test_cli_common import SEED_POOLS, cli, ipam  # noqa: F401 (fixtures)
@@ -342,7 +342,7 @@ def test_check_finds_each_kind_of_corruption(cli, ipam, corrupt, kinds):
     ipam.create_pool(make_pool("external-pool", "172.16.0.0/26", 29))
     ipam.create_pool(make_pool("internal-pool", "192.168.0.0/16", 29))
     hs = _setup(ipam)
-    assert admin.check(ipam)["clean"]
+    assert check.check(ipam)["clean"]
     needle = corrupt(ipam, hs)
     r = cli("check")
     assert r.rc == 1, r.stdout
@@ -375,7 +375,7 @@ def test_check_finds_each_kind_of_corruption(cli, ipam, corrupt, kinds):
         assert r.stdout.startswith("fixed: ")
         assert cli("check").rc == 0
         # what the pods hold is intact: every handle's addresses are still held by their blocks
-        assert admin.check(ipam)["clean"]
+        assert check.check(ipam)["clean"]
         assert {h.id for h in ipam.handles()} == set(hs)
 
 

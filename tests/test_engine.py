@@ -269,3 +269,28 @@ def test_empty_blocks_of_gone_nodes_are_reclaimed_when_the_pool_is_out_of_blocks
     clock[0] += 1
     assert ipam.assign(req("other", node="n4")).handle.addresses[0].block == b.block
     assert Block.from_json(ipam.ds.get(ipam.keys.block(b.block)).value).node == "n4"
+
+
+def test_create_pool_is_apply_with_its_validator_and_poolset_guard(ipam):
+    """``IPAM.create_pool`` (how tests set up pools) runs the manifest validator and the
+    pool-set-guarded transaction of ``cni-ipam apply``: one rule set, and overlapping creates
+    cannot both commit."""
+    from cni_ipam.ipam import apply, manifest
+    from cni_ipam.ipam.errors import AdminError, Conflict
+    from cni_ipam.ipam.pool import Pool
+    ipam.create_pool(make_pool("a", "10.130.0.0/24", 29))
+    assert ipam.ds.get(apply.poolset_key(ipam.keys)) is not None     # the marker apply bumps
+    with pytest.raises(AdminError, match='IPPool "a" already exists'):
+        ipam.create_pool(make_pool("a", "10.131.0.0/24", 29))
+    with pytest.raises(manifest.ManifestError, match='overlaps pool "a"'):
+        ipam.create_pool(make_pool("b", "10.130.0.128/25", 29))
+    # a Pool built by hand (bypassing make_pool) still meets the manifest rules
+    with pytest.raises(manifest.ManifestError, match="loopback"):
+        ipam.create_pool(Pool(name="lo", cidr=ipaddress.ip_network("127.0.0.0/24"), block_size=29))
+    # an apply and a create racing to add overlapping pools: the one committing second loses
+    doc = manifest.Doc("race", {"apiVersion": manifest.OUR_API_VERSION, "kind": manifest.POOL_KIND,
+                                "metadata": {"name": "c"}, "spec": {"cidr": "10.132.0.0/24", "blockSize": 29}})
+    with pytest.raises(Conflict):
+        apply.apply(ipam, manifest.parse_resources([doc]),
+                    before_commit=lambda: ipam.create_pool(make_pool("d", "10.132.0.0/25", 29)))
+    assert sorted(p.name for p in ipam.pools()) == ["a", "d"]

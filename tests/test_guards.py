@@ -19,7 +19,7 @@ import pytest
 from cni_ipam import plugin as plugin_mod
 from cni_ipam.datastore import Datastore, DatastoreError, Put, open_datastore
 from cni_ipam.datastore.base import MAX_TXN_OPS
-from cni_ipam.ipam import admin
+from cni_ipam.ipam import apply, manifest
 from cni_ipam.ipam.block import Block, BlockError
 from cni_ipam.ipam.engine import IPAM, AssignRequest
 from cni_ipam.ipam.errors import PoolExhausted, TryAgain
@@ -384,11 +384,11 @@ def test_snapshot_txn_refused_by_etcd_falls_back_to_the_usual_way(store, etcd_pr
 # =========================================================================== guards > MAX_TXN_OPS
 def _apply_pools(ipam, pools: list[dict]):
     """Pools through the production validator and ``apply`` (one txn)."""
-    docs = [admin.Doc(f"test document {i + 1}", {"apiVersion": admin.OUR_API_VERSION, "kind": admin.POOL_KIND,
+    docs = [manifest.Doc(f"test document {i + 1}", {"apiVersion": manifest.OUR_API_VERSION, "kind": manifest.POOL_KIND,
                                                  "metadata": {"name": p["name"]},
                                                  "spec": {k: v for k, v in p.items() if k != "name"}})
             for i, p in enumerate(pools)]
-    return admin.apply(ipam, admin.parse_resources(docs))
+    return apply.apply(ipam, manifest.parse_resources(docs))
 
 
 def _many_pools(n, start=0):
@@ -441,7 +441,7 @@ def test_snapshot_too_large_to_guard_is_not_used(store, etcd_server, etcd_prefix
 # =========================================================================== boundaries
 def test_host_sized_pools_v4_32_and_v6_128_through_the_validator(store):
     """A /32 and a /128 pool (blockSize = the pool's prefix) pass the production validator
-    (``admin.parse_resources`` + ``apply``) and hand out their one address, once."""
+    (``manifest.parse_resources`` + ``apply``) and hand out their one address, once."""
     _apply_pools(store, [{"name": "host4", "cidr": "10.213.0.7/32", "blockSize": 32},
                          {"name": "host6", "cidr": "fd00:213::7/128", "blockSize": 128}])
     pools = {p.name: p for p in store.pools()}

@@ -235,7 +235,7 @@ def test_hostile_names_stay_under_the_prefix(etcd_server, etcd_prefix, tmp_path)
         runs.append((conf, f"c{i}", ifname, args, r))
     kvs = ds.get_prefix(etcd_prefix + "/")
     root = etcd_prefix + "/v1/"
-    shapes = {"pools": 1, "blocks": 2, "affinity": 3, "handles": 3, "config": 0, "schema": 0}
+    shapes = {"pools": 1, "blocks": 2, "affinity": 3, "handles": 3, "config": 0, "schema": 0, "poolset": 0}
     for kv in kvs:
         assert kv.key.startswith(root), kv.key
         rest = kv.key[len(root):]

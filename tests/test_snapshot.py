@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cni_ipam.datastore import Delete, Put, open_datastore
-from cni_ipam.ipam import admin, annotations as ann
+from cni_ipam.ipam import annotations as ann, pools
 from cni_ipam.ipam import snapshot as snapshots
 from cni_ipam.ipam.block import Block
 from cni_ipam.ipam.engine import IPAM, AssignRequest
@@ -142,7 +142,7 @@ def test_pool_disabled(ipam, other):
     ipam.create_pool(make_pool("a", "10.73.0.0/24", 26))
     ipam.create_pool(make_pool("b", "10.74.0.0/24", 26))
     assert warm(ipam, req("h1"), req("h2"))[-1].addresses[0].pool == "a"
-    admin.set_pool_disabled(other, "a", True)
+    pools.set_pool_disabled(other, "a", True)
     assert _stale(ipam, "h3").handle.addresses[0].pool == "b"
     assert ipam.snapshot is None            # that ADD claimed a block in b
     assert ipam.assign(req("h4")).handle.addresses[0].pool == "b"
@@ -171,7 +171,7 @@ def test_pool_deleted_with_force(ipam, other):
     ipam.create_pool(make_pool("a", "10.77.0.0/24", 26))
     ipam.create_pool(make_pool("b", "10.78.0.0/24", 26))
     warm(ipam, req("h1"), req("h2"))
-    admin.delete_pool(other, "a", force=True)
+    pools.delete_pool(other, "a", force=True)
     r = _stale(ipam, "h3")
     assert r.handle.addresses[0].pool == "b"
     assert ipam.get_handle("h1") is None and ipam.verify_handle(r.handle) == []

@@ -58,7 +58,7 @@ def _nonneg_int(s: str) -> int:
 # ----------------------------------------------------------------------------- show
 
 def cmd_show(args) -> int:
-    from ..ipam import admin
+    from ..ipam import report
     modes = [m for m, on in (("--ip", args.ip is not None), ("--borrowed", args.borrowed)) if on]
     if len(modes) > 1:
         raise CLIError(f"{' and '.join(modes)} cannot be combined")
@@ -69,10 +69,10 @@ def cmd_show(args) -> int:
             ip = ipaddress.ip_address(args.ip.strip())
         except ValueError:
             raise CLIError(f"--ip: {args.ip!r} is not an IP address") from None
-        return _show_ip(args, admin.ip_info(open_ipam(args), ip))
+        return _show_ip(args, report.ip_info(open_ipam(args), ip))
     ipam = open_ipam(args)
     if args.borrowed:
-        rows = admin.borrowed(ipam, node=args.node)
+        rows = report.borrowed(ipam, node=args.node)
 
         def fmt(d):
             if not d["borrowed"]:
@@ -82,7 +82,7 @@ def cmd_show(args) -> int:
                            r["namespace"] or None, r["pod"] or None] for r in d["borrowed"]])
         emit(args, {"borrowed": rows}, fmt)
         return 0
-    usages, blocks, bad = admin.usage(ipam, node=args.node, blocks=args.blocks)
+    usages, blocks, bad = report.usage(ipam, node=args.node, blocks=args.blocks)
     for key in bad:
         warn(f"{key} is undecodable and was not counted (run `cni-ipam check`)")
     empty_node = _no_blocks_for_node(ipam, args.node) if (
@@ -148,8 +148,8 @@ def _capacity_notes(pools: list[dict]) -> str:
 
 def _no_blocks_for_node(ipam, node: str) -> str:
     """`show --node X` where X holds nothing: say so, and which nodes do hold blocks."""
-    from ..ipam import admin
-    nodes = admin.block_nodes(ipam)
+    from ..ipam import report
+    nodes = report.block_nodes(ipam)
     if not nodes:
         return f"node {node!r} holds no blocks; no node holds any block yet"
     from difflib import get_close_matches
@@ -185,18 +185,18 @@ def _config_table(cfg) -> str:
 
 
 def cmd_config_show(args) -> int:
-    from ..ipam import admin
-    kv, cfg = admin.get_config(open_ipam(args))
+    from ..ipam import pools
+    kv, cfg = pools.get_config(open_ipam(args))
     emit(args, cfg.to_dict(), lambda d: _config_table(d) + ("" if kv else "\n(defaults: nothing stored yet)"))
     return 0
 
 
 def cmd_configure(args) -> int:
-    from ..ipam import admin
+    from ..ipam import pools
     if args.strict_affinity is None and args.auto_allocate_blocks is None and args.max_blocks_per_host is None:
         raise CLIError("nothing to change: give --strict-affinity, --auto-allocate-blocks and/or "
                        "--max-blocks-per-host")
-    before, after = admin.configure(open_ipam(args), strict_affinity=args.strict_affinity,
+    before, after = pools.configure(open_ipam(args), strict_affinity=args.strict_affinity,
                                     auto_allocate_blocks=args.auto_allocate_blocks,
                                     max_blocks_per_host=args.max_blocks_per_host)
     changed = before != after

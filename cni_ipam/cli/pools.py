@@ -68,7 +68,7 @@ def register(sub) -> None:
 # ----------------------------------------------------------------------------- apply
 
 def _read_manifest(path: str) -> tuple[bytes, str]:
-    from ..ipam.admin import MAX_MANIFEST_BYTES
+    from ..ipam.manifest import MAX_MANIFEST_BYTES
     try:
         if path == "-":
             return sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1), "<stdin>"
@@ -81,24 +81,24 @@ def _read_manifest(path: str) -> tuple[bytes, str]:
 
 
 def cmd_apply(args) -> int:
-    from ..ipam import admin
+    from ..ipam import apply, manifest
     if args.filename.count("-") > 1:
         raise CLIError("stdin (-f -) can be given only once")
     resources = []
     docs = []
     for path in args.filename:
         data, source = _read_manifest(path)
-        docs.extend(admin.load_documents(data, source))
-    if len(docs) > admin.MAX_RESOURCES:
-        raise CLIError(f"{len(docs)} resources; at most {admin.MAX_RESOURCES} can be applied at once")
-    resources = admin.parse_resources(docs)
+        docs.extend(manifest.load_documents(data, source))
+    if len(docs) > manifest.MAX_RESOURCES:
+        raise CLIError(f"{len(docs)} resources; at most {manifest.MAX_RESOURCES} can be applied at once")
+    resources = manifest.parse_resources(docs)
     ipam = open_ipam(args)
     pause = os.environ.get("CNI_IPAM_TEST_APPLY_DELAY")   # test hook: widen the read->commit window
 
     def before_commit():
         if pause:
             time.sleep(float(pause))
-    changes = admin.apply(ipam, resources, dry_run=args.dry_run, before_commit=before_commit)
+    changes = apply.apply(ipam, resources, dry_run=args.dry_run, before_commit=before_commit)
     suffix = " (dry run)" if args.dry_run else ""
 
     def fmt(data):
@@ -126,13 +126,14 @@ def _v(x) -> str:
 # ----------------------------------------------------------------------------- pool commands
 
 def cmd_list(args) -> int:
-    from ..ipam import admin
+    from ..ipam import manifest
+    from ..ipam.pools import read_pools
     ipam = open_ipam(args)
-    pools, bad = admin.read_pools(ipam)
+    pools, bad = read_pools(ipam)
     for key in bad:
         warn(f"pool record {key} is undecodable (run `cni-ipam check`)")
-    data = {"apiVersion": admin.OUR_API_VERSION, "kind": "IPPoolList",
-            "items": [admin.pool_manifest(p) for p in pools]}
+    data = {"apiVersion": manifest.OUR_API_VERSION, "kind": "IPPoolList",
+            "items": [manifest.pool_manifest(p) for p in pools]}
 
     def fmt(_):
         if not pools:
@@ -150,15 +151,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_get(args) -> int:
-    from ..ipam import admin
+    from ..ipam import manifest, pools, report
     ipam = open_ipam(args)
-    _, p = admin.get_pool(ipam, args.name)
-    data = admin.pool_manifest(p)
+    _, p = pools.get_pool(ipam, args.name)
+    data = manifest.pool_manifest(p)
 
     def fmt(_):
         from .common import kv_table
         s = data["spec"]
-        claimed = admin.claimed_blocks(ipam, p)
+        claimed = report.claimed_blocks(ipam, p)
         pairs = [("name", p.name), ("cidr", s["cidr"]), ("blockSize", s["blockSize"]),
                  ("blocks", f"{p.n_blocks} \u00d7 /{p.block_size} ({p.block_addresses} address"
                             f"{'es' if p.block_addresses != 1 else ''} each), {claimed} claimed"),
@@ -176,9 +177,9 @@ def cmd_get(args) -> int:
 
 
 def cmd_enable_disable(args) -> int:
-    from ..ipam import admin
+    from ..ipam import pools
     ipam = open_ipam(args)
-    changed = admin.set_pool_disabled(ipam, args.name, args.disabled)
+    changed = pools.set_pool_disabled(ipam, args.name, args.disabled)
     state = "disabled" if args.disabled else "enabled"
     print(f'pool "{args.name}" {state}' if changed else f'pool "{args.name}" was already {state}')
     return 0
@@ -200,15 +201,15 @@ def cmd_split(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    from ..ipam import admin
+    from ..ipam import errors, pools, report
     from .common import confirm
     ipam = open_ipam(args)
     holders = []
     try:
-        holders = admin.pool_holders(ipam, args.name)
-    except admin.NotFound:
+        holders = report.pool_holders(ipam, args.name)
+    except errors.NotFound:
         raise
-    except admin.AdminError:
+    except errors.AdminError:
         pass   # an undecodable pool record: delete_pool says what to do
     n_addr = sum(len(h["inPool"]) for h in holders)
     if holders and (args.force or args.dry_run) and not args.yes:
@@ -232,7 +233,7 @@ def cmd_delete(args) -> int:
                                               yes=args.yes, what="pool delete --force"):
         print("nothing deleted", file=sys.stderr)
         return 0
-    rep = admin.delete_pool(ipam, args.name, force=args.force)
+    rep = pools.delete_pool(ipam, args.name, force=args.force)
 
     def fmt(r):
         parts = [f'pool "{r["pool"]}" deleted']

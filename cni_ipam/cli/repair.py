@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 
 def cmd_release(args) -> int:
-    from ..ipam import admin
+    from ..ipam import errors, release
     if args.leaked or args.kubeconfig:
         return cmd_release_leaked(args)
     if not args.ip and not args.handle:
@@ -62,7 +62,7 @@ def cmd_release(args) -> int:
             raise CLIError(f"--ip: {s!r} is not an IP address") from None
     ipam = open_ipam(args)
     from .common import confirm
-    preview, missing_pre = admin.release_preview(ipam, ips, args.handle)
+    preview, missing_pre = release.release_preview(ipam, ips, args.handle)
     if preview and not args.yes:
         print(f"{'would release' if args.dry_run else 'will release'} {len(preview)} address(es):", file=sys.stderr)
         for r in preview:
@@ -80,13 +80,13 @@ def cmd_release(args) -> int:
     released: list[dict] = []
     missing: list[str] = []
     if ips:
-        done, not_allocated = admin.release_ips(ipam, ips)
+        done, not_allocated = release.release_ips(ipam, ips)
         released += [{"ip": ip, "handle": hid} for ip, hid in done]
         missing += [f"{ip} is not allocated" for ip in not_allocated]
     for hid in args.handle:
         try:
-            got = admin.release_handle(ipam, hid)
-        except admin.NotFound as e:
+            got = release.release_handle(ipam, hid)
+        except errors.NotFound as e:
             missing.append(e.msg)
             continue
         released += [{"ip": ip, "handle": hid} for ip in got]
@@ -98,11 +98,11 @@ def cmd_release(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from ..ipam import admin
+    from ..ipam import check
     if (args.yes or args.dry_run) and not args.fix:
         raise CLIError("--yes and --dry-run go with --fix")
     ipam = open_ipam(args)
-    rep = admin.check(ipam)
+    rep = check.check(ipam)
     s = rep["scanned"]
     if not s["pools"] and not rep["findings"] and not s["blocks"] and not s["handles"]:
         raise CLIError(f"nothing to check: no pools, blocks or handles under etcd prefix {last_prefix()} "
@@ -135,7 +135,7 @@ def cmd_check(args) -> int:
 
 
 def _check_fix(args, ipam, rep) -> int:
-    from ..ipam import admin
+    from ..ipam import check
     from .common import confirm
     todo = [f for f in rep["findings"] if f.get("fixable")]
     rest = [f for f in rep["findings"] if not f.get("fixable")]
@@ -158,8 +158,8 @@ def _check_fix(args, ipam, rep) -> int:
         emit(args, res, lambda d: "")
         return 1
     res["confirmed"] = True
-    res["fixes"] = admin.fix_findings(ipam, todo)
-    after = admin.check(ipam)
+    res["fixes"] = check.fix_findings(ipam, todo)
+    after = check.check(ipam)
     res["remaining"] = after["findings"]
     emit(args, res, lambda d: "\n".join(
         [(f'fixed: {x["action"]}' if x["done"] else f'not fixed: {x["kind"]} {x["key"]}: {x.get("why", "")}')

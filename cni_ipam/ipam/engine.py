@@ -299,14 +299,10 @@ class IPAM:
 
     # ------------------------------------------------------------------ writes: pools & config
     def create_pool(self, pool: Pool) -> None:
-        """Create a pool (CAS on 'does not exist'); refuses overlaps."""
-        for p in self.pools():
-            if p.name == pool.name:
-                raise InvalidRequest(f"pool {pool.name!r} already exists")
-            if p.cidr.version == pool.cidr.version and p.cidr.overlaps(pool.cidr):
-                raise InvalidRequest(f"pool {pool.name!r}: cidr {pool.cidr} overlaps pool {p.name!r} ({p.cidr})")
-        if not self.ds.commit([Compare(self.keys.pool(pool.name), 0)], [Put(self.keys.pool(pool.name), pool.to_json())]):
-            raise InvalidRequest(f"pool {pool.name!r} was created concurrently")
+        """Create a pool through ``cni-ipam apply``'s validator and pool-set-guarded transaction
+        (``apply.create_pool``): refuses an existing name, an overlap or an invalid pool."""
+        from .apply import create_pool   # the admin path: never loaded by the plugin's exec path
+        create_pool(self, pool)
 
     def set_config(self, cfg: IPAMConfig) -> None:
         self.ds.commit([], [Put(self.keys.config, cfg.to_json())])
@@ -399,7 +395,7 @@ class IPAM:
             compares.append(Compare(lkey, 0))   # (an older version's ADD of the same attachment meanwhile)
         puts.append(Put(hkey, handle.to_json()))
         # the pools allocated from must be as read: a pool disabled or being deleted
-        # meanwhile (admin.delete_pool disables it first) gets nothing new
+        # meanwhile (pools.delete_pool disables it first) gets nothing new
         for pkey in dict.fromkeys(k.pool(a.pool) for a in handle.addresses):
             if pkey in view.pools:
                 compares.append(Compare(pkey, view.pools[pkey][0]))

@@ -41,3 +41,19 @@ class IncompatibleStore(IPAMError):
     """The store was written in a data layout this binary is too old to use safely
     (``<prefix>/v1/schema``'s ``minLayout`` is above ``keys.LAYOUT``): upgrade the binary."""
     code = 115
+
+
+# -- refusals of the admin commands (cli/) ---------------------------------------
+
+class AdminError(IPAMError):
+    """An admin operation was refused; ``msg`` is one line for the operator."""
+    code = 1
+
+
+class NotFound(AdminError):
+    pass
+
+
+class Conflict(AdminError):
+    """A compare-and-swap lost against a concurrent writer."""
+

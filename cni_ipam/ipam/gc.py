@@ -279,7 +279,7 @@ class Splits:
                     break
                 start = res.kvs[-1].key + "\0"
         if not pts:
-            from .admin import iter_range
+            from .paged import iter_range
             for kv in iter_range(ds, prefix, end, keys_only=keys_only, page=self.first_page):
                 note(kv)
                 yield kv
@@ -346,7 +346,7 @@ def scan(ipam, page: int = 2000, splits: Splits | None = None) -> StoreView:
     """Pools, affinities (keys only), blocks and handles, streamed in ranges of about ``page``
     keys (``splits``: keep one between passes; see :class:`Splits`).
     Undecodable records are listed in ``undecodable`` and otherwise ignored (never touched)."""
-    from .admin import read_pools
+    from .pools import read_pools
     ds, k = ipam.ds, ipam.keys
     before = ds.requests
     sp = splits or Splits(page)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from cni_ipam._records import dataclass, field
 
-from .errors import IPAMError
+from .errors import AdminError, IPAMError
 
 from ..log import log
 
@@ -152,7 +152,6 @@ def _ask(prompt: str) -> bool:
     """Prompt on stderr, answer from stdin (a terminal or a pipe).  No answer at all (stdin
     at its end: not a terminal) is an error naming --yes, as for every command that asks."""
     import sys
-    from .admin import AdminError
     sys.stderr.write(prompt)
     sys.stderr.flush()
     line = sys.stdin.readline() if sys.stdin else ""

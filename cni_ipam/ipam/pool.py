@@ -141,25 +141,11 @@ class Pool:
 
 
 def make_pool(name: str, cidr: str, block_size: int | None = None, **kw) -> Pool:
-    """Build and validate a pool (the rules every pool must satisfy on its own)."""
-    try:
-        net = ipaddress.ip_network(cidr, strict=True)
-    except ValueError as e:
-        raise PoolError(f"pool {name!r}: invalid cidr {cidr!r}: {e}") from None
-    if block_size is None:
-        block_size = DEFAULT_BLOCK_SIZE[net.version]
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise PoolError(f"pool {name!r}: blockSize must be an integer")
-    lo, hi = BLOCK_SIZE_RANGE[net.version]
-    if not lo <= block_size <= hi:
-        raise PoolError(f"pool {name!r}: blockSize {block_size} is out of range "
-                        f"{lo}-{hi} for IPv{net.version}")
-    if block_size < net.prefixlen:
-        raise PoolError(f"pool {name!r}: blockSize /{block_size} is larger than the pool {net}")
-    link_local = ipaddress.ip_network("169.254.0.0/16" if net.version == 4 else "fe80::/10")
-    if net.overlaps(link_local):
-        raise PoolError(f"pool {name!r}: cidr {net} overlaps the link-local range {link_local}")
-    return Pool(name=name, cidr=net, block_size=block_size, **kw)
+    """Build a pool from its fields through THE pool validator, ``manifest.parse_resource``
+    (the rules of ``cni-ipam apply``); ``kw`` are Pool fields (``disabled``, ``node_selector``,
+    ...).  PoolError names every problem."""
+    from .manifest import pool_from_fields   # the admin path: never loaded by the plugin's exec path
+    return pool_from_fields(name, cidr, block_size, **kw)
 
 
 # -- pool selection ------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""``cni-ipam apply``: a file of validated resources against the stored state, in ONE transaction.
+
+``plan_apply`` is pure; ``apply`` reads, plans and commits.  ``create_pool`` is the same
+path for a single new pool (what the tests and benchmarks use to set up pools)."""
+from __future__ import annotations
+
+import json
+import time
+from cni_ipam._records import dataclass, field
+from typing import Callable, Sequence
+
+from ..datastore import KV, Compare, Put, Read, read_prefix
+from .errors import AdminError, Conflict
+from .keys import Keys, unescape
+from .manifest import POOL_KIND, Doc, ManifestError, Resource, _Problems, parse_resource, pool_manifest
+from .model import IPAMConfig
+from .pool import Pool, PoolError
+from .paged import first
+
+
+def poolset_key(keys: Keys) -> str:
+    """Bumped by every apply that creates a pool, and compared by every apply: two applies
+    that race to create DIFFERENT but overlapping pools cannot both commit."""
+    return keys.root + "poolset"
+
+
+
+@dataclass
+class Change:
+    kind: str
+    name: str
+    action: str                      # created | configured | unchanged
+    fields: dict = field(default_factory=dict)   # configured: field -> [old, new]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "action": self.action,
+                "changed": {k: {"from": o, "to": n} for k, (o, n) in self.fields.items()}}
+
+
+def _diff(old: dict, new: dict) -> dict:
+    keys = list(new) + [k for k in old if k not in new]
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+
+
+def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV],
+               config_kv: KV | None, marker_kv: KV | None):
+    """Pure: what applying ``resources`` to the read state would change.
+
+    Returns (changes, compares, ops).  Compares cover EVERY resource of the file (so the
+    whole file is applied against one consistent state or not at all) and the pool-set
+    marker (so a concurrent apply creating an overlapping pool makes this one fail)."""
+    current: dict[str, tuple[KV, Pool | None]] = {}
+    for kv in pool_kvs:
+        name = unescape(kv.key[len(keys.pools):])
+        try:
+            current[name] = (kv, Pool.from_json(kv.value))
+        except PoolError:
+            current[name] = (kv, None)
+    # overlaps are checked against the stored pools the file does not touch and the pools
+    # earlier in the file, so the error names the document that introduces the overlap
+    in_file = {r.name for r in resources if r.kind == POOL_KIND}
+    final: dict[str, Pool] = {n: p for n, (_, p) in current.items() if p is not None and n not in in_file}
+    changes: list[Change] = []
+    compares: list[Compare] = []
+    ops: list = []
+    created = False
+    problems = _Problems()
+    for r in resources:
+        if r.kind != POOL_KIND:
+            continue
+        ok = problems.run(_plan_pool_checks, keys, r, current, final, default=False)
+        p = r.pool
+        key = keys.pool(r.name)
+        kv, old = current.get(r.name, (None, None))
+        if not ok:
+            if old is not None:    # refused: the stored pool stays, and later pools must not overlap it
+                final[old.name] = old
+            continue
+        final[p.name] = p
+        compares.append(Compare(key, kv.mod_revision if kv else 0))
+        if old is None:
+            created = True
+            ops.append(Put(key, p.to_json()))
+            changes.append(Change(POOL_KIND, r.name, "created"))
+        elif old.to_dict() != p.to_dict():
+            ops.append(Put(key, p.to_json()))
+            changes.append(Change(POOL_KIND, r.name, "configured", _diff(old.to_dict(), p.to_dict())))
+        else:
+            changes.append(Change(POOL_KIND, r.name, "unchanged"))
+    problems.raise_any()
+    for r in resources:
+        if r.kind == POOL_KIND:
+            continue
+        compares.append(Compare(keys.config, config_kv.mod_revision if config_kv else 0))
+        old_cfg = None
+        if config_kv is not None:
+            try:
+                old_cfg = IPAMConfig.from_json(config_kv.value)
+            except ValueError:
+                old_cfg = None   # replacing an undecodable config with a valid one is the repair
+        if old_cfg is not None and old_cfg.to_dict() == r.config.to_dict() and config_kv is not None:
+            changes.append(Change("IPAMConfig", r.name, "unchanged"))
+        else:
+            ops.append(Put(keys.config, r.config.to_json()))
+            before = old_cfg.to_dict() if old_cfg else IPAMConfig().to_dict()
+            changes.append(Change("IPAMConfig", r.name, "configured", _diff(before, r.config.to_dict())))
+    mk = poolset_key(keys)
+    compares.append(Compare(mk, marker_kv.mod_revision if marker_kv else 0))
+    if created:
+        ops.append(Put(mk, json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()))
+    return changes, compares, ops
+
+
+def _plan_pool_checks(keys: Keys, r: Resource, current: dict, final: dict) -> bool:
+    """A pool of the file against the stored state: undecodable stored record, cidr/blockSize
+    change, overlaps (raises ManifestError)."""
+    p = r.pool
+    key = keys.pool(r.name)
+    kv, old = current.get(r.name, (None, None))
+    if kv is not None and old is None:
+        raise ManifestError(f"{r.where}: {r.label}: the stored pool at etcd key {key} is undecodable; "
+                            f"it is not overwritten blindly -- inspect it, then `cni-ipam pool delete "
+                            f"{r.name} --force`")
+    if old is not None and (old.cidr != p.cidr or old.block_size != p.block_size):
+        fld = "cidr" if old.cidr != p.cidr else "blockSize"
+        was, now = (old.cidr, p.cidr) if fld == "cidr" else (old.block_size, p.block_size)
+        raise ManifestError(f"{r.where}: {r.label}: spec.{fld}: cannot change on an existing pool "
+                            f"({was} -> {now}); create a new pool, move workloads, then delete this one")
+    for other in final.values():
+        if other.version == p.version and other.cidr.overlaps(p.cidr):
+            raise ManifestError(f'{r.where}: {r.label}: spec.cidr: {p.cidr} overlaps pool '
+                                f'"{other.name}" ({other.cidr})')
+    return True
+
+
+def apply(ipam, resources: Sequence[Resource], *, dry_run: bool = False,
+          before_commit: Callable[[], None] | None = None, create_only: bool = False) -> list[Change]:
+    """Validate ``resources`` against the stored state and write them in ONE transaction.
+    ``create_only``: refuse (``AdminError``) when a pool of the file already exists."""
+    k = ipam.keys
+    snap = ipam.ds.read([read_prefix(k.pools), Read(k.config), Read(poolset_key(k))])
+    if create_only:
+        stored = {unescape(kv.key[len(k.pools):]) for kv in snap[0].kvs}
+        for r in resources:
+            if r.kind == POOL_KIND and r.name in stored:
+                raise AdminError(f"{r.label} already exists")
+    changes, compares, ops = plan_apply(k, resources, snap[0].kvs, first(snap[1]), first(snap[2]))
+    if dry_run or not ops:
+        return changes
+    if before_commit:
+        before_commit()
+    if not ipam.ds.commit(compares, ops):
+        raise Conflict("pools or the IPAM config changed while this apply was running (another apply or "
+                       "pool command won the race); nothing was applied -- run apply again")
+    return changes
+
+
+def create_pool(ipam, pool: Pool) -> Change:
+    """Create one pool the way ``cni-ipam apply`` does: its manifest through THE validator
+    (``manifest.parse_resource``), then the pool-set-guarded transaction of ``apply``, so
+    two overlapping creates racing each other cannot both commit.  Refuses an existing
+    name, an overlap or a pool the manifest rules reject.  (Tests and benchmarks set up
+    their pools with it, through ``IPAM.create_pool``.)"""
+    r = parse_resource(Doc(f'pool "{pool.name}"', pool_manifest(pool)))
+    return apply(ipam, [r], create_only=True)[0]
