@@ -77,3 +77,68 @@ def test_namespace_label_command_without_kubernetes(cli, ipam, etcd_server, etcd
     assert ip_of(add("web", "b")) in N("10.96.0.0/24")
     # removing the labels kept the annotations
     assert cli("namespace", "get", "web", "-o", "json").json() == {"name": "web", "annotations": {"owner": "me"}}
+
+
+def test_reservation_through_the_plugin_and_the_cli(cli, ipam, etcd_server, etcd_prefix, tmp_path):
+    ipam.create_pool(make_pool("p", "10.93.0.0/28", 29))    # 2 blocks of 5 bridge addresses
+    assert cli("apply", "-f", "-", stdin=RESERVATION).rc == 0, "apply IPReservation"
+    r = cli("reservation", "list")
+    assert r.rc == 0 and "infra" in r.stdout and "10.93.0.8/29, 10.93.0.3/32" in r.stdout
+    got = cli("reservation", "get", "infra", "-o", "json").json()
+    assert got == {"apiVersion": "projectcalico.org/v3", "kind": "IPReservation", "metadata": {"name": "infra"},
+                   "spec": {"reservedCIDRs": ["10.93.0.8/29", "10.93.0.3/32"]}}
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    # a requested address inside the reservation: code 111 naming it, nothing allocated
+    e = assert_error(exec_plugin("ADD", conf, container="req", args="IP=10.93.0.3"), 111,
+                     names="reserved by IPReservation 'infra'")
+    assert "10.93.0.3" in e["msg"]
+    # automatic: 4 addresses (.2, .4, .5, .6); never .3 nor the reserved block
+    ips = [ip_of(exec_plugin("ADD", conf, container=f"c{i}")) for i in range(4)]
+    assert sorted(map(str, ips)) == ["10.93.0.2", "10.93.0.4", "10.93.0.5", "10.93.0.6"]
+    assert_error(exec_plugin("ADD", conf, container="c4"), 110)
+    # show: the reserved addresses apart
+    pool = next(p for p in cli("show", "-o", "json").json()["pools"] if p["name"] == "p")
+    assert pool["ipReserved"] == 6 and pool["inUse"] == 4 and pool["free"] == 0
+    # delete: the addresses can be handed out again
+    assert cli("reservation", "delete", "infra").rc == 0
+    assert cli("reservation", "list", "-o", "json").json()["items"] == []
+    assert ip_of(exec_plugin("ADD", conf, container="c4")) == ipaddress.ip_address("10.93.0.3")
+    r = cli("reservation", "delete", "infra")
+    assert r.rc != 0 and 'IPReservation "infra" does not exist' in r.stderr
+
+
+RESERVATION = """\
+apiVersion: projectcalico.org/v3
+kind: IPReservation
+metadata:
+  name: infra
+spec:
+  reservedCIDRs:
+  - 10.93.0.8/29
+  - 10.93.0.3
+"""
+
+COOLDOWN = """\
+apiVersion: projectcalico.org/v3
+kind: IPAMConfig
+metadata:
+  name: default
+spec:
+  ipCooldownSeconds: 1200
+  strictAffinity: true
+"""
+
+
+def test_cooldown_through_the_plugin(cli, ipam, etcd_server, etcd_prefix, tmp_path):
+    ipam.create_pool(make_pool("p", "10.94.0.0/29", 29))     # one bridge block: 5 addresses
+    assert cli("apply", "-f", "-", stdin=COOLDOWN).rc == 0
+    assert cli("config", "show", "-o", "json").json()["ipCooldownSeconds"] == 1200
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    ips = [ip_of(exec_plugin("ADD", conf, container=f"c{i}")) for i in range(4)]
+    assert exec_plugin("DEL", conf, container="c0").rc == 0
+    # the last never-used address first, then nothing: c0's address cools for 20 minutes
+    assert ip_of(exec_plugin("ADD", conf, container="c4")) not in ips
+    e = assert_error(exec_plugin("ADD", conf, container="c5"), 110, names="cooling down")
+    assert "ipCooldownSeconds 1200" in e["msg"] and "frees up at" in e["msg"]
+    # an explicit request may take a cooling address
+    assert ip_of(exec_plugin("ADD", conf, container="c6", args=f"IP={ips[0]}")) == ips[0]

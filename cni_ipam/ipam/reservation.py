@@ -38,11 +38,11 @@ class Reservation:
 def parse_cidrs(name: str, items) -> list:
     """``spec.reservedCIDRs``: a non-empty list of CIDRs or plain addresses (a /32 or /128)."""
     if not isinstance(items, list) or not items:
-        raise ReservationError(f"IPReservation {name!r}: spec.reservedCIDRs must be a non-empty list of CIDRs")
+        raise ReservationError(f"IPReservation {name!r}: must be a non-empty list of CIDRs (spec.reservedCIDRs)")
     out = []
     for item in items:
         if not isinstance(item, str):
-            raise ReservationError(f"IPReservation {name!r}: reservedCIDRs item {item!r} is not a string")
+            raise ReservationError(f"IPReservation {name!r}: item {item!r} is not a string")
         try:
             net = ipaddress.ip_network(item.strip(), strict=False)
         except ValueError as e:

@@ -80,6 +80,35 @@ def unallocated_reserved(reserved: Reserved, block: Block) -> int:
     return sum(1 for o in block.free if any(a <= o < b for a, b in iv))
 
 
+def unclaimed_reserved_capacity(reserved: Reserved, pool, mode: str, claimed: set) -> int:
+    """Addresses inside reservations that the pool's UNCLAIMED blocks would hand out in ``mode``
+    (``claimed``: the claimed block indexes).  Interval arithmetic: blocks wholly reserved count
+    a block's capacity each; only the (at most two per reserved range) partly reserved blocks
+    are looked at one by one."""
+    from .block import reserved_ordinals, usable_in_mode
+    if not usable_in_mode(pool.block_size, pool.version, mode):
+        return 0
+    first = pool.block_at(0)
+    per_block = first.num_addresses - len(reserved_ordinals(first, mode))
+    total = 0
+    full = reserved.full_block_ranges(pool)
+    for lo, hi in full:
+        total += (hi - lo - sum(1 for i in claimed if lo <= i < hi)) * per_block
+    size = pool.block_addresses
+    partial = set()
+    for a, b in reserved.intervals(pool.cidr):
+        for o in (a, b - 1):
+            idx = o // size
+            if not any(lo <= idx < hi for lo, hi in full):
+                partial.add(idx)
+    for idx in partial - claimed:
+        net = pool.block_at(idx)
+        iv = reserved.intervals(net)
+        skip = reserved_ordinals(net, mode)
+        total += sum(b - a for a, b in iv) - sum(1 for o in skip if any(a <= o < b for a, b in iv))
+    return total
+
+
 def findings(ipam, reserved: Reserved | None = None) -> list[dict]:
     """Every allocation inside a reservation: [{ip, handle, reservation, block, key}]."""
     if reserved is None:

@@ -58,7 +58,8 @@ def _owner(parts: list[Pool], net) -> Pool:
 
 def split_pool(ipam, name: str, n: int, *, dry_run: bool = False, max_rounds: int = 30) -> dict:
     """Split pool ``name`` into ``n``; returns {pool, into: [{name, cidr}], blocks, steps}."""
-    from .admin import Conflict, NotFound, cidr_block_range, iter_range   # (CLI only; lazy)
+    from .errors import Conflict, NotFound
+    from .paged import cidr_block_range, iter_range
     ds, k = ipam.ds, ipam.keys
     key = k.pool(name)
     kv = ds.get(key)
