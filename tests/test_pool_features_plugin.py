@@ -142,3 +142,22 @@ def test_cooldown_through_the_plugin(cli, ipam, etcd_server, etcd_prefix, tmp_pa
     assert "ipCooldownSeconds 1200" in e["msg"] and "frees up at" in e["msg"]
     # an explicit request may take a cooling address
     assert ip_of(exec_plugin("ADD", conf, container="c6", args=f"IP={ips[0]}")) == ips[0]
+
+
+def test_check_reports_allocations_inside_a_reservation(cli, ipam, etcd_server, etcd_prefix, tmp_path):
+    ipam.create_pool(make_pool("p", "10.93.0.0/28", 29))
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    first = ip_of(exec_plugin("ADD", conf, container="c0", args="IP=10.93.0.3"))
+    assert cli("check").rc == 0
+    assert cli("apply", "-f", "-", stdin=RESERVATION).rc == 0     # reserves 10.93.0.3 (and .8/29)
+    r = cli("check", "-o", "json")
+    assert r.rc == 1
+    f = r.json()["findings"]
+    assert [x["kind"] for x in f] == ["allocation-in-reservation"]
+    assert f[0]["ip"] == str(first) and f[0]["reservation"] == "infra" and "release --ip 10.93.0.3" in f[0]["fix"]
+    assert "allocation-in-reservation: 10.93.0.3" in cli("check").stdout
+    # the pod keeps its address until released; then check is clean and the address is never handed out
+    assert ip_of(exec_plugin("ADD", conf, container="c0", args="IP=10.93.0.3")) == first
+    assert exec_plugin("DEL", conf, container="c0").rc == 0
+    assert cli("check").rc == 0
+    assert_error(exec_plugin("ADD", conf, container="c1", args="IP=10.93.0.3"), 111, names="IPReservation 'infra'")
