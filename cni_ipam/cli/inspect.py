@@ -119,8 +119,8 @@ def cmd_show(args) -> int:
         notes = _capacity_notes(d["pools"])
         held = [u for u in d["pools"] if u.get("ipReserved")]
         if held:   # addresses IPReservations keep out of CAPACITY, counted apart
-            line = "Not in CAPACITY, reserved by IPReservations: " + ", ".join(
-                f'{u["name"]} {u["ipReserved"]}' for u in held) + " (cni-ipam reservation list)"
+            line = "Reserved by IPReservations (not in CAPACITY): " + ", ".join(
+                f'{u["name"]} {u["ipReserved"]}' for u in held)
             import textwrap
             notes = (notes + "\n" if notes else "") + textwrap.fill(line, 80, break_on_hyphens=False)
         if notes:
