@@ -207,6 +207,15 @@ class IPAM:
     def _config_from(self, res) -> IPAMConfig:
         return _decode(self.keys.config, res.kvs[0], IPAMConfig.from_json) if res.kvs else IPAMConfig()
 
+    def _cooldown(self, res) -> int:
+        """ipCooldownSeconds from a read of the config key; a release never fails on a corrupt
+        config (it needs nothing else from it): then no cooldown, and a warning."""
+        try:
+            return self._config_from(res).ip_cooldown_seconds
+        except CorruptData as e:
+            log.warning("release: %s; releasing without a cooldown", e.msg)
+            return 0
+
     @staticmethod
     def _record_reader(keys: list[str], results) -> Callable[[str], bytes | None]:
         got = {key: (r.kvs[0].value if r.kvs else None) for key, r in zip(keys, results)}
@@ -799,7 +808,7 @@ class IPAM:
         got = self.ds.read([Read(key) for key in hkeys] + [Read(k.config), Read(k.schema)])
         schema = got[-1].kvs[0].value if got[-1].kvs else None
         self._schema_guard(schema, 0)
-        cooldown = self._config_from(got[-2]).ip_cooldown_seconds   # (release times kept only with one)
+        cooldown = self._cooldown(got[-2])   # (release times are kept only with a cooldown set)
         got = got[:-1]
         mine: list[tuple[str, KV, Handle]] = []
         for i, (hkey, res) in enumerate(zip(hkeys, got)):
@@ -868,7 +877,7 @@ class IPAM:
     def _release_one(self, key, ip, hid):
         kv = self.ds.get(key)
         b = _decode(key, kv, Block.from_json)
-        b.release(ip, hid, cooldown=self.get_config().ip_cooldown_seconds)
+        b.release(ip, hid, cooldown=self._cooldown(self.ds.read([Read(self.keys.config)])[0]))
         compares, ops = [Compare(key, kv.mod_revision)], [Put(key, b.to_json())]
         hkey = self.keys.handle(hid)
         hkv = self.ds.get(hkey)
