@@ -1,20 +1,27 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# two pytest workers (pytest-xdist); the e2e and chaos tests stay on one of them (tests/conftest.py)
+PYTEST_JOBS ?= -n 2 --dist loadgroup
 
 .PHONY: test deps demo unit help
 
 help:
 	@echo "make demo   - the seed's walkthrough on a throwaway etcd"
-	@echo "make test   - install what is missing, run every test (starts its own etcd)"
+	@echo "make test   - install what is missing, type-check cni_ipam/ (mypy), run every test (starts its own etcd)"
 
 deps:
 	@PYTHON=$(PYTHON) bash scripts/install-deps.sh
 
-test: deps
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+test: deps typecheck
+	$(PYTHON) -m pytest -q $(PYTEST_JOBS) $(PYTEST_ARGS)
+
+# mypy over cni_ipam/ (config: [tool.mypy] in pyproject.toml; lenient, no strict mode)
+.PHONY: typecheck
+typecheck: deps
+	$(PYTHON) -m mypy
 
 unit: deps
-	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(PYTEST_JOBS) -m "not slow" $(PYTEST_ARGS)
 
 # The seed's walkthrough for real (scripts/demo.py): throwaway etcd, apply conf/pools.yaml, annotate
 # external-ns/internal-ns, three pods per namespace through containerd's CRI, table, show --blocks,

@@ -12,8 +12,13 @@ one source per class was ~0.5 ms a class, ~10 ms of every exec -- issue 17).  A 
 ``dataclasses``-style ``__init__`` then and calls it, so the ``TypeError`` is the usual one.  Differences from ``dataclasses``: assigning to a
 frozen field raises ``AttributeError`` (not its subclass ``FrozenInstanceError``); no
 ``fields``/``asdict``/``replace``.
+
+Type checkers see the standard library's ``dataclass`` and ``field`` (the ``TYPE_CHECKING``
+branch at the end): the classes are typed as dataclasses, which is what they behave as
+(tests/test_records.py compares the two).
 """
 _MISSING = object()
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 
 
 class Field:
@@ -23,25 +28,28 @@ class Field:
         self.default, self.default_factory = default, default_factory
 
 
-def field(*, default=_MISSING, default_factory=_MISSING):
+def _field(*, default=_MISSING, default_factory=_MISSING):
     return Field(default, default_factory)
 
 
-def dataclass(cls=None, /, *, frozen=False, slots=False, eq=True, repr=True):
+def _dataclass(cls=None, /, *, frozen=False, slots=False, eq=True, repr=True):
     def wrap(cls):
         names = []
         for base in reversed(cls.__mro__[1:]):
             names += [n for n in getattr(base, "__record_fields__", ()) if n not in names]
-        own = [n for n in cls.__dict__.get("__annotations__", {}) if n not in names]
+        annotated = list(cls.__dict__.get("__annotations__", {}))
+        own = [n for n in annotated if n not in names]
         names += own
         defaults = dict(getattr(cls, "__record_defaults__", {}))
-        for n in own:
+        for n in annotated:   # new fields, and inherited ones redefined here (their place stays)
             v = cls.__dict__.get(n, _MISSING)
             if isinstance(v, Field):
                 defaults[n] = v
                 delattr(cls, n)
             elif v is not _MISSING:
                 defaults[n] = Field(v, _MISSING)
+            else:
+                defaults.pop(n, None)
         ns = _methods(names, defaults, frozen, hasattr(cls, "__post_init__"))
         d = dict(cls.__dict__)
         for k, v in ns.items():
@@ -65,7 +73,7 @@ def dataclass(cls=None, /, *, frozen=False, slots=False, eq=True, repr=True):
                         pass
             return cls
         d["__slots__"] = tuple(own)
-        for n in own:
+        for n in annotated:
             d.pop(n, None)
         d.pop("__dict__", None)
         d.pop("__weakref__", None)
@@ -117,7 +125,7 @@ def _methods(names, defaults, frozen, post_init) -> dict:
     specs = tuple((n, defaults[n].default if n in defaults else _MISSING,
                    defaults[n].default_factory if n in defaults else _MISSING) for n in names)
     setter = object.__setattr__ if frozen else setattr
-    exact = []
+    exact: list = []
 
     def __init__(self, *args, **kw):
         if len(args) <= count:
@@ -161,3 +169,9 @@ def _methods(names, defaults, frozen, post_init) -> dict:
     for k, f in out.items():
         f.__qualname__ = k
     return out
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dataclasses import dataclass, field
+else:
+    dataclass, field = _dataclass, _field

@@ -11,10 +11,10 @@ import ipaddress
 import os
 from cni_ipam._records import dataclass, field
 
+from .constants import DEFAULT_ANNOTATION_PREFIX, DEFAULT_ENDPOINTS, DEFAULT_PREFIX, is_dns_subdomain
+from .datastore.base import EndpointError, parse_endpoint
 from .log import log
 
-DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
-DEFAULT_PREFIX = "/cni-ipam"
 DEFAULT_LOCK_FILE = "/var/run/cni-ipam/ipam.lock"
 DEFAULT_LOG_FILE = "/var/log/cni-ipam/cni-ipam.log"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,7 +51,7 @@ class IpamConfig:
     log_level: str = "info"
     timeout_seconds: float = 10.0
     lock_timeout_seconds: float = 120.0   # a node-reboot burst queues many ADDs behind the host lock
-    annotation_prefix: str = "cni.projectcalico.org"
+    annotation_prefix: str = DEFAULT_ANNOTATION_PREFIX
     kubernetes: dict | None = None
 
     @property
@@ -126,19 +126,10 @@ def _routes(k, v):
     return out
 
 
-_LDH = "-abcdefghijklmnopqrstuvwxyz0123456789"
-
-
-def _dns_subdomain(v: str) -> bool:
-    r"""``[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*`` without `re` at import."""
-    return all(label and not label.strip(_LDH) and label[0] != "-" and label[-1] != "-"
-               for label in v.split("."))
-
-
 def _annotation_prefix(k, v):
     # an annotation key's prefix is a DNS subdomain (Kubernetes' rule), e.g. cni.projectcalico.org
     v = _str(k, v)
-    if not (len(v) <= 253 and _dns_subdomain(v)):
+    if not is_dns_subdomain(v):
         raise ConfigError(f"ipam.{k} must be a DNS subdomain like 'cni.projectcalico.org', not {v!r}")
     return v
 
@@ -161,24 +152,15 @@ def _kubernetes(k, v):
 
 
 def _check_endpoint(e: str) -> None:
-    """``http(s)://host[:port][/path]`` with a host and a valid port; no credentials in it."""
-    if not (e.startswith("http://") or e.startswith("https://")):
-        raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not an http:// or https:// URL")
-    hostport = e.partition("://")[2].split("/", 1)[0]
-    if "@" in hostport:  # never echo this one: it holds credentials
-        raise ConfigError("ipam.etcd_endpoints: credentials in an endpoint URL are not allowed; "
-                          "use etcd_username and etcd_password (or etcd_password_file)")
-    if hostport.startswith("["):
-        host, close, port = hostport[1:].partition("]")
-        if not close or (port and not port.startswith(":")):
-            raise ConfigError(f"ipam.etcd_endpoints: {e!r} is not a valid URL")
-        port = port[1:]
-    else:
-        host, _, port = hostport.partition(":")
-    if not host:
-        raise ConfigError(f"ipam.etcd_endpoints: {e!r} has no host")
-    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise ConfigError(f"ipam.etcd_endpoints: {e!r} has an invalid port")
+    """``http(s)://host[:port][/path]`` with a host and a valid port; no credentials in it
+    (datastore.base.parse_endpoint: the rule the transports use)."""
+    try:
+        parse_endpoint(e)
+    except EndpointError as err:
+        if err.credentials:  # never echo this one: it holds credentials
+            raise ConfigError("ipam.etcd_endpoints: credentials in an endpoint URL are not allowed; "
+                              "use etcd_username and etcd_password (or etcd_password_file)") from None
+        raise ConfigError(f"ipam.etcd_endpoints: {err}") from None
 
 
 def parse_ipam_config(ipam: dict) -> IpamConfig:

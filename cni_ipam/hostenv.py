@@ -41,7 +41,7 @@ def _on_alarm(signum, frame):
     raise _Alarm
 
 
-def _wait_blocking(fd: int, timeout: float) -> bool:
+def _wait_blocking(fd: int, timeout: float) -> bool | None:
     """Wait for the lock in the kernel (woken the moment it is released) under a SIGALRM
     timer.  True: locked; False: timed out; None: no signals here (not the main thread)."""
     import _signal

@@ -20,6 +20,7 @@ answer) the HTTP status and the API's own message.
 from __future__ import annotations
 
 import base64
+import builtins  # (list[...] in class KubeClient, which has a list method)
 import http.client
 import json
 import os
@@ -51,7 +52,7 @@ class NotFound(K8sError):
     pass
 
 
-def annotations(obj: dict | None) -> dict:
+def annotations(obj: dict | None) -> dict:  # type: ignore[no-redef]  # (the __future__ name)
     md = (obj or {}).get("metadata") or {}
     return md.get("annotations") or {}
 
@@ -246,8 +247,8 @@ class KubeClient:
             if fresh:
                 self._conn = self._connect(max(0.1, deadline - time.monotonic()))
             try:
-                self._conn.request(method, url, body=body, headers=headers)
-                resp = self._conn.getresponse()
+                self._conn.request(method, url, body=body, headers=headers)  # type: ignore[union-attr]
+                resp = self._conn.getresponse()  # type: ignore[union-attr]
                 answer = resp.read()
                 status = resp.status
                 if resp.will_close:
@@ -333,15 +334,15 @@ class KubeClient:
             if not cont:
                 return items
 
-    def list_pods(self, namespace: str | None = None) -> list[dict]:
+    def list_pods(self, namespace: str | None = None) -> "builtins.list[dict]":
         if namespace:
             return self.list(f"/api/v1/namespaces/{_q(namespace)}/pods", f"pods in namespace {namespace}")
         return self.list("/api/v1/pods", "pods")
 
-    def list_namespaces(self) -> list[dict]:
+    def list_namespaces(self) -> "builtins.list[dict]":
         return self.list("/api/v1/namespaces", "namespaces")
 
-    def list_nodes(self) -> list[dict]:
+    def list_nodes(self) -> "builtins.list[dict]":
         return self.list("/api/v1/nodes", "nodes")
 
 

@@ -17,8 +17,8 @@ from .hostenv import LockTimeout, LockUnusable, host_lock, setup_logging
 from .log import log
 
 # CNI error codes used here (spec: 3 unknown container, 7 invalid config, 11 try again, 50 unavailable)
-UNKNOWN_CONTAINER, INVALID_CONFIG, TRY_AGAIN, UNAVAILABLE = 3, 7, 11, 50
-CHECK_MISMATCH = 114
+from .constants import (ERR_CHECK_MISMATCH as CHECK_MISMATCH, ERR_INVALID_NETWORK_CONFIG as INVALID_CONFIG,  # noqa: E402
+                        ERR_PLUGIN_NOT_AVAILABLE as UNAVAILABLE, ERR_TRY_AGAIN_LATER as TRY_AGAIN, ERR_UNKNOWN_CONTAINER as UNKNOWN_CONTAINER)
 
 
 def handle_id(network: str, container_id: str, ifname: str) -> str:

@@ -34,7 +34,7 @@ if ! command -v prometheus >/dev/null 2>&1; then
 fi
 
 here=$(pwd)
-if ! $PY -c 'import etcd3, yaml, pytest, hypothesis, pyroute2, PyInstaller, cri_api, kubernetes, prometheus_client' >/dev/null 2>&1 \
+if ! $PY -c 'import etcd3, yaml, pytest, xdist, hypothesis, pyroute2, PyInstaller, cri_api, kubernetes, prometheus_client' >/dev/null 2>&1 \
    || ! $PY -c "import cni_ipam, os, sys; sys.exit(0 if os.path.realpath(cni_ipam.__file__).startswith(os.path.realpath('$here') + '/') else 1)" >/dev/null 2>&1; then
   echo "install-deps: pip install -e .[test,dev,controller]" >&2
   $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,dev,controller]'
@@ -44,4 +44,10 @@ fi
 if ! $PY -c 'import kubernetes_validate' >/dev/null 2>&1; then
   echo "install-deps: pip install kubernetes-validate" >&2
   $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore 'kubernetes-validate>=1.30'
+fi
+
+# the type checker `make typecheck` (part of `make test`) runs over cni_ipam/
+if ! $PY -c 'import mypy' >/dev/null 2>&1; then
+  echo "install-deps: pip install mypy" >&2
+  $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore 'mypy>=1.8'
 fi

@@ -21,6 +21,23 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long-running test (deselect with -m 'not slow')")
 
 
+#: tests that share machine-wide things (the built bundle in dist/, containerd, podman, network
+#: namespaces, the image build): under ``pytest -n 2 --dist loadgroup`` (``make test``) they all
+#: run one after the other on ONE worker, while the other worker runs the rest
+SERIAL_DIRS = ("e2e", "chaos")
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            part = Path(str(item.fspath)).resolve().relative_to(tests_dir).parts[0]
+        except ValueError:
+            continue
+        if part in SERIAL_DIRS:
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
 @pytest.fixture(scope="session")
 def etcd_server():
     """An etcd for the whole session: ``$CNI_IPAM_TEST_ETCD`` (an endpoint URL) if set,

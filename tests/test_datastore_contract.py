@@ -1,7 +1,10 @@
-"""One contract for every datastore transport, against a real etcd (no mocks).
+"""One contract for every datastore, against a real etcd (no mocks) -- and the in-memory one.
 
-Each test runs once per transport (``gateway``: JSON gateway over http.client;
-``grpc``: python3-etcd3).  Keys live under the per-test ``etcd_prefix``.
+Each test runs once per datastore (``gateway``: JSON gateway over http.client;
+``grpc``: python3-etcd3; ``memory``: ``datastore.memory.MemoryDatastore``, which must keep the
+same contract: the engine's fast tests run on it).  Tests about endpoints, TLS, auth and
+failover run on the etcd transports only (``etcd_only``).  Keys live under the per-test
+``etcd_prefix``.
 """
 from __future__ import annotations
 
@@ -13,14 +16,20 @@ import threading
 import time
 from pathlib import Path
 
+import re
+
 import pytest
 
 from cni_ipam.datastore import (Compare, DatastoreError, DatastoreUnavailable, Delete, Put, Read,
                                 open_datastore, prefix_end, read_key, read_prefix)
 from cni_ipam.datastore.base import MAX_TXN_OPS
-from tests.support.etcd import EtcdServer, free_port, make_test_certs
+from cni_ipam.datastore.memory import MemoryDatastore, MemoryStore
+from tests.support.etcd import EtcdServer, delete_prefix, free_port, make_test_certs
 
-TRANSPORTS = ["gateway", "grpc"]
+TRANSPORTS = ["gateway", "grpc", "memory"]
+ETCD_TRANSPORTS = ["gateway", "grpc"]
+#: a test about the network side of a transport (endpoints, TLS, auth, failover): etcd only
+etcd_only = pytest.mark.parametrize("transport", ETCD_TRANSPORTS, indirect=True)
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -28,13 +37,38 @@ def transport(request) -> str:
     return request.param
 
 
+def _param_transport(request) -> str | None:
+    callspec = getattr(request.node, "callspec", None)
+    return callspec.params.get("transport") if callspec is not None else None
+
+
 @pytest.fixture
-def open_ds(etcd_server, transport):
-    """Factory: ``open_ds(endpoints=None, transport=<param>, timeout=5, **kw)``; all closed after."""
+def etcd_prefix(request):
+    """conftest's ``etcd_prefix``, without starting etcd for the memory datastore."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")[:80] or "test"
+    prefix = f"/t/{name}-{secrets.token_hex(4)}"
+    if _param_transport(request) == "memory":
+        yield prefix
+        return
+    server = request.getfixturevalue("etcd_server")
+    yield prefix
+    delete_prefix(server.endpoint, prefix)
+
+
+@pytest.fixture
+def open_ds(request, transport):
+    """Factory: ``open_ds(endpoints=None, transport=<param>, timeout=5, **kw)``; all closed after.
+    For ``memory`` every client of one test shares one ``MemoryStore`` (one etcd)."""
     opened = []
+    store = MemoryStore()
+    server = None if transport == "memory" else request.getfixturevalue("etcd_server")
 
     def _open(endpoints=None, *, transport=transport, timeout=5.0, **kw):
-        ds = open_datastore(endpoints or etcd_server.endpoint, transport=transport, timeout=timeout, **kw)
+        if transport == "memory":
+            assert endpoints is None and not kw, "the memory datastore has no endpoints, TLS or auth"
+            ds = MemoryDatastore(store)
+        else:
+            ds = open_datastore(endpoints or server.endpoint, transport=transport, timeout=timeout, **kw)
         opened.append(ds)
         return ds
 
@@ -285,6 +319,7 @@ def _silent_listener():
     return s
 
 
+@etcd_only
 def test_unavailable_endpoint_times_out(open_ds):
     silent = [_silent_listener(), _silent_listener()]
     try:
@@ -307,6 +342,7 @@ def test_unavailable_endpoint_times_out(open_ds):
             s.close()
 
 
+@etcd_only
 def test_refused_endpoints_fail_after_one_round(open_ds):
     """Connection refused everywhere: no waiting for the deadline -- one attempt per endpoint,
     then an error naming each endpoint and why (a huge timeout shows nothing waits for it)."""
@@ -321,6 +357,7 @@ def test_refused_endpoints_fail_after_one_round(open_ds):
     assert ds.requests == 2
 
 
+@etcd_only
 def test_https_against_plain_http_says_so(open_ds, etcd_server):
     if not etcd_server.endpoint.startswith("http://"):
         pytest.skip("needs a plain-http etcd")
@@ -357,6 +394,7 @@ def test_unresolvable_and_unroutable_count_as_unreachable():
     assert g._unreachable("Deadline Exceeded", False) is None
 
 
+@etcd_only
 def test_dead_endpoint_is_skipped(open_ds, etcd_server, etcd_prefix):
     dead = f"http://127.0.0.1:{free_port()}"
     ds = open_ds([dead, etcd_server.endpoint], timeout=5.0)
@@ -423,6 +461,7 @@ def tls_auth_etcd(tmp_path_factory):
         server.stop()
 
 
+@etcd_only
 def test_tls_and_auth(tls_auth_etcd, transport):
     server, certs = tls_auth_etcd
     tls = dict(ca_cert=certs.ca, cert=certs.client_cert, key=certs.client_key)
@@ -483,6 +522,7 @@ def _use_after_failure(ds, key: str) -> None:
     assert ds.requests - before == 1
 
 
+@etcd_only
 @pytest.mark.parametrize("how", ["kill", "pause"])
 def test_cluster_failover(etcd_cluster, transport, how):
     leader = etcd_cluster.leader()
@@ -505,6 +545,7 @@ def test_cluster_failover(etcd_cluster, transport, how):
         etcd_cluster.heal()
 
 
+@etcd_only
 def test_member_restart_is_transparent(etcd_cluster, transport):
     """A client whose member is restarted (its keep-alive connection / channel is dead) just goes on."""
     etcd_cluster.heal()
@@ -542,10 +583,11 @@ def test_gateway_imports_no_grpc():
 
 
 # --------------------------------------------------------------------------- leases (grpc: long-running code)
-def test_lease_grant_keepalive_revoke(etcd_server, etcd_prefix):
+@pytest.mark.parametrize("transport", ["grpc", "memory"], indirect=True)
+def test_lease_grant_keepalive_revoke(open_ds, etcd_prefix):
     """A key put with a lease lives while the lease is renewed, goes when it is revoked, and a
     compare on its mod revision fails once it is gone (the controller's leadership guard)."""
-    ds = open_datastore(etcd_server.endpoint, transport="grpc", timeout=5)
+    ds = open_ds()
     try:
         lid, ttl = ds.lease_grant(5)
         assert lid > 0 and 0 < ttl <= 5

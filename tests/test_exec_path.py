@@ -14,7 +14,7 @@ from cni_ipam import _json
 from cni_ipam._records import dataclass, field
 from cni_ipam.cni.env import _valid_name
 from cni_ipam.cni.version import parse_version
-from cni_ipam.config import _dns_subdomain
+from cni_ipam.constants import DNS_SUBDOMAIN_RE, is_dns_subdomain as _dns_subdomain
 from cni_ipam.hostenv import LockTimeout, host_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +58,7 @@ def test_string_checks_are_the_regexes():
     version = re.compile(r"([0-9]+)(?:\.([0-9]+))?(?:\.([0-9]+))?")
     name = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
     dns = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+    assert dns.pattern == DNS_SUBDOMAIN_RE   # the one the CLI compiles (cli/labels.py)
     rnd = random.Random(17)
     alphabet = "0a9Zz.-_.\u0661é \n"
     for _ in range(20000):

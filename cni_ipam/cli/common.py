@@ -13,8 +13,8 @@ import os
 import sys
 from cni_ipam._records import dataclass, field
 
-DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
-DEFAULT_PREFIX = "/cni-ipam"
+from cni_ipam.constants import DEFAULT_ENDPOINTS, DEFAULT_PREFIX  # noqa: F401 (re-exported)
+from cni_ipam.datastore.base import EndpointError, parse_endpoint
 DEFAULT_TIMEOUT = 10.0
 OUTPUT_FORMATS = ("table", "json", "yaml")
 #: table output that fits 80 columns by default; ``-o wide`` (some commands) shows every column
@@ -166,8 +166,8 @@ def _ipam_section(path: str) -> dict:
         raise CLIError(f"--cni-conf: {path} is not valid JSON: {e}") from None
     if not isinstance(conf, dict):
         raise CLIError(f"--cni-conf: {path} is not a CNI network config (not a JSON object)")
-    candidates = conf.get("plugins") if isinstance(conf.get("plugins"), list) else [conf]
-    sections = [p.get("ipam") for p in candidates if isinstance(p, dict) and isinstance(p.get("ipam"), dict)]
+    candidates: list = conf["plugins"] if isinstance(conf.get("plugins"), list) else [conf]
+    sections: list[dict] = [p["ipam"] for p in candidates if isinstance(p, dict) and isinstance(p.get("ipam"), dict)]
     ours = [s for s in sections if s.get("type") == "cni-ipam"]
     if not ours:
         raise CLIError(f"--cni-conf: {path} has no ipam section of type cni-ipam")
@@ -278,9 +278,12 @@ def connection_settings(args) -> Connection:
             eps = [e.strip() for e in eps.split(",") if e.strip()]
         if not eps:
             raise CLIError("no etcd endpoints given")
-        for e in eps:
-            if not (e.startswith("http://") or e.startswith("https://")):
-                raise CLIError(f"etcd endpoint {e!r} is not an http:// or https:// URL")
+        for url in eps:
+            try:
+                parse_endpoint(url)
+            except EndpointError as err:
+                raise CLIError("etcd endpoint URLs must not hold credentials: use --etcd-username and "
+                               "--etcd-password-file" if err.credentials else f"etcd endpoint {err}") from None
         c.endpoints = list(eps)
     prefix, _ = pick("etcd_prefix")
     if prefix is not None:

@@ -92,7 +92,7 @@ def cmd_show(args) -> int:
         data["blocks"] = blocks
     wide = is_wide(args)
 
-    def fmt(d):
+    def fmt(d):  # type: ignore[no-redef]
         if not d["pools"]:
             return "no pools"
         if empty_node:

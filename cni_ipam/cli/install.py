@@ -41,6 +41,8 @@ import os
 import shutil
 import sys
 
+from cni_ipam.constants import DEFAULT_PREFIX
+
 DEFAULT_CONFLIST = "10-cni-ipam-bridge.conflist"   # the example shipped in conf/ (used with --conflist)
 MANIFEST = "install-manifest.json"
 SRC_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -185,7 +187,7 @@ def _replace_file(data: bytes | None, dest: str, mode: int, copy_from: str | Non
             shutil.copyfile(copy_from, tmp)
         else:
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(data)  # type: ignore[arg-type]  # (None only with copy_from)
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
     finally:
@@ -222,7 +224,7 @@ class Manifest:
     def __init__(self, root: str):
         self.root = root
         self.path = os.path.join(root, MANIFEST)
-        self.data = {"version": 1, "files": {}, "builds": [], "dirs": [], "backups": {}}
+        self.data: dict = {"version": 1, "files": {}, "builds": [], "dirs": [], "backups": {}}
         try:
             with open(self.path) as f:
                 loaded = json.load(f)
@@ -421,7 +423,7 @@ def install(args, out=sys.stdout) -> int:
     values = {"__CNI_NET_DIR__": host_conf_dir, "__ETCD_TLS_DIR__": on_host(tls_dest),
               "__KUBECONFIG_FILEPATH__": on_host(kubeconfig) if kubeconfig else "",
               "__ETCD_ENDPOINTS__": os.environ.get("ETCD_ENDPOINTS", ""),
-              "__ETCD_PREFIX__": os.environ.get("CNI_IPAM_ETCD_PREFIX", "") or "/cni-ipam",
+              "__ETCD_PREFIX__": os.environ.get("CNI_IPAM_ETCD_PREFIX", "") or DEFAULT_PREFIX,
               "__KUBERNETES_NODE_NAME__": os.environ.get("KUBERNETES_NODE_NAME", "")}
 
     # 1. everything that could refuse, before anything is changed
@@ -502,8 +504,8 @@ def install(args, out=sys.stdout) -> int:
         sync_tls(tls_files, tls_dest, manifest)
         _say(out, f"etcd-tls: {tls_dest}: {', '.join(sorted(tls_files)) or 'none in ' + args.etcd_tls}")
     if keeper is not None:
-        manifest.makedirs(os.path.dirname(kubeconfig))
-        manifest.file(kubeconfig, kind="kubeconfig")     # rewritten while it runs: removed whatever it holds
+        manifest.makedirs(os.path.dirname(kubeconfig))  # type: ignore[arg-type]  # (set with keeper)
+        manifest.file(kubeconfig, kind="kubeconfig")  # type: ignore[arg-type]     # rewritten while it runs: removed whatever it holds
         manifest.save()
         try:
             keeper.write()

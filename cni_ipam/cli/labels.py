@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 
+from cni_ipam.constants import DNS_SUBDOMAIN_RE
 from .common import CLIError, add_connection_args, add_output_arg, emit, open_ipam, warn
 
 _NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_RE)
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 MAX_RETRIES = 20
 

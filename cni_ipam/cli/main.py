@@ -52,7 +52,7 @@ def _help_topic(args) -> int:
         print("help topics: " + ", ".join(helptext.TOPICS) + "  (and `cni-ipam COMMAND --help`)")
         return 0
     text = CONNECTION_HELP if topic == "connection" else helptext.TOPICS[topic]
-    sys.stdout.write(text)
+    sys.stdout.write(text or "")
     return 0
 
 

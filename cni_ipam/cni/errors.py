@@ -22,20 +22,11 @@ __all__ = [
     "ERR_INTERNAL",
 ]
 
-ERR_INCOMPATIBLE_CNI_VERSION = 1
-ERR_UNSUPPORTED_FIELD = 2
-ERR_UNKNOWN_CONTAINER = 3
-ERR_INVALID_ENVIRONMENT_VARIABLES = 4
-ERR_IO_FAILURE = 5
-ERR_DECODING_FAILURE = 6
-ERR_INVALID_NETWORK_CONFIG = 7
-ERR_TRY_AGAIN_LATER = 11
-#: STATUS only: the plugin cannot service ADD requests at all.
-ERR_PLUGIN_NOT_AVAILABLE = 50
-#: STATUS only: the plugin can service ADD, but with limited connectivity.
-ERR_LIMITED_CONNECTIVITY = 51
-#: Plugin-specific (100+): an unexpected failure inside this plugin.
-ERR_INTERNAL = 999
+# (the codes live in cni_ipam/constants.py with this plugin's own 100+ codes)
+from ..constants import (ERR_DECODING_FAILURE, ERR_INCOMPATIBLE_CNI_VERSION, ERR_INTERNAL,  # noqa: F401
+                         ERR_INVALID_ENVIRONMENT_VARIABLES, ERR_INVALID_NETWORK_CONFIG, ERR_IO_FAILURE,
+                         ERR_LIMITED_CONNECTIVITY, ERR_PLUGIN_NOT_AVAILABLE, ERR_TRY_AGAIN_LATER,
+                         ERR_UNKNOWN_CONTAINER, ERR_UNSUPPORTED_FIELD)
 
 
 class CNIError(Exception):

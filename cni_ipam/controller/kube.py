@@ -54,7 +54,7 @@ def _err(e: Exception) -> str:
     if isinstance(e, ApiException):
         msg = e.reason or ""
         try:
-            msg = json.loads(e.body).get("message") or msg
+            msg = json.loads(e.body).get("message") or msg  # type: ignore[arg-type]  # (None: TypeError, caught)
         except (TypeError, ValueError, AttributeError):
             pass
         return f"HTTP {e.status}: {msg}"
@@ -79,7 +79,7 @@ class KubeCache:
         self.relists = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._watches: dict[str, object] = {}
+        self._watches: dict = {}
         self._lock = threading.Lock()
 
     @property
@@ -247,4 +247,4 @@ class KubeCache:
         except Exception as e:  # noqa: BLE001 - unreachable, TLS, timeout
             self.errors += 1
             raise KubeError(f"Kubernetes API: get pod {namespace}/{name}: {_err(e)}") from None
-        return (json.loads(resp.data).get("metadata") or {}).get("uid") or ""
+        return (json.loads(resp.data).get("metadata") or {}).get("uid") or ""  # type: ignore[attr-defined]

@@ -275,7 +275,7 @@ class Reconciler:
                 in_use[key] = in_use.get(key, 0) + 1
                 if b.node and node != b.node:
                     borrowed[key] = borrowed.get(key, 0) + 1
-        cands = {}
+        cands: dict = {}
         for (pool, node), n in cand_addrs.items():
             key = (pool if pool in pools else NO_POOL, node)
             cands[key] = cands.get(key, 0) + n

@@ -22,10 +22,9 @@ import binascii
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from . import _netio as socket  # create_connection on _socket: no `socket` import (issue 17)
 import sys
-import time
 
-from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read, Unreachable, with_failover, client_endpoints)
+from .base import (KV, UNAVAILABLE_MARKERS, Compare, Datastore, DatastoreError, Delete, Endpoint, Put,
+                   RangeResult, Read, Refused, Unreachable, client_endpoints, compare_target)
 
 TYPE_CHECKING = False  # (typing is not imported at run time: annotations are strings here)
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,9 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # gRPC codes meaning "try elsewhere / later": CANCELLED, DEADLINE_EXCEEDED,
 # RESOURCE_EXHAUSTED is *not* here (also "database space exceeded"), UNAVAILABLE
 _UNAVAILABLE_CODES = frozenset({1, 4, 14})
-_UNAVAILABLE_MARKERS = ("no leader", "leader changed", "request timed out", "too many requests",
-                        "not capable", "server stopped", "unhealthy cluster", "connection lost")
-_TOKEN_MARKERS = ("invalid auth token", "revision of auth store is old")
 _TLS_CONFIG_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
                                  "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
                                  "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "WRONG_VERSION_NUMBER"})
@@ -87,18 +83,14 @@ def _range_result(d: dict) -> RangeResult:
     return RangeResult(kvs=kvs, count=int(d.get("count", 0)), more=bool(d.get("more", False)))
 
 
-_RESULTS = frozenset({"EQUAL", "GREATER", "LESS", "NOT_EQUAL"})
+_TARGET_FIELD = {"VALUE": "value", "VERSION": "version", "MOD": "mod_revision"}
 
 
 def _compare_json(c: Compare) -> dict:
-    if c.result not in _RESULTS:
-        raise ValueError(f"unknown compare result {c.result!r}")
-    if c.value is not None:
-        d = {"key": _enc(c.key), "target": "VALUE", "result": "EQUAL", "value": _b64(c.value)}
-    elif c.mod_revision == 0 and c.result == "EQUAL":
-        d = {"key": _enc(c.key), "target": "VERSION", "result": "EQUAL", "version": 0}
-    else:
-        d = {"key": _enc(c.key), "target": "MOD", "result": c.result, "mod_revision": c.mod_revision}
+    target, result, operand = compare_target(c)
+    if isinstance(operand, bytes):
+        operand = _b64(operand)
+    d = {"key": _enc(c.key), "target": target, "result": result, _TARGET_FIELD[target]: operand}
     if c.range_end is not None:
         d["range_end"] = _enc(c.range_end)
     return d
@@ -126,7 +118,7 @@ def _is_unavailable(status: int, obj: dict) -> bool:
     if code in _UNAVAILABLE_CODES:
         return True
     text = _err_text(obj)
-    return any(m in text for m in _UNAVAILABLE_MARKERS)
+    return any(m in text for m in UNAVAILABLE_MARKERS)
 
 
 def _describe(exc: BaseException, attempt_timeout: float) -> str:
@@ -292,29 +284,12 @@ class _Conn:
 class _Endpoint:
     __slots__ = ("url", "https", "host", "port", "prefix", "conn")
 
-    def __init__(self, url: str, default_https: bool):
-        raw = url.strip()
-        if "://" not in raw:
-            raw = ("https://" if default_https else "http://") + raw
-        scheme, _, rest = raw.partition("://")
-        scheme = scheme.lower()
-        if scheme not in ("http", "https"):
-            raise ValueError(f"etcd endpoint must be http:// or https://, got {url!r}")
-        hostport, slash, path = rest.partition("/")
-        if "@" in hostport:
-            raise ValueError("put etcd credentials in username/password, not in the endpoint URL")
-        if hostport.startswith("["):  # [v6]:port
-            host, _, port = hostport[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            host, _, port = hostport.partition(":")
-        if not host:
-            raise ValueError(f"etcd endpoint without a host: {url!r}")
-        self.https = scheme == "https"
-        self.host = host
-        self.port = int(port) if port else 2379
-        self.prefix = ("/" + path).rstrip("/") if slash else ""
-        self.url = f"{scheme}://{hostport}{self.prefix}"
+    def __init__(self, e: Endpoint):
+        self.https = e.https
+        self.host = e.host
+        self.port = e.port
+        self.prefix = e.path
+        self.url = e.url
         self.conn: _Conn | None = None
 
     def close(self) -> None:
@@ -333,11 +308,10 @@ class GatewayDatastore(Datastore):
     def __init__(self, endpoints: Sequence[str] | str, *, timeout: float = 10.0,
                  ca_cert: str | None = None, cert: str | None = None, key: str | None = None,
                  username: str | None = None, password: str | None = None):
-        endpoints = client_endpoints(endpoints, username, password)
+        parsed = client_endpoints(endpoints, username, password, default_https=bool(ca_cert or cert))
         if key is not None and cert is None:
             raise ValueError("a client key needs its client cert")
-        tls_hint = bool(ca_cert or cert)
-        self._eps = [_Endpoint(e, tls_hint) for e in endpoints]
+        self._eps = [_Endpoint(e) for e in parsed]
         self.timeout = float(timeout)
         self.requests = 0
         self._cur = 0
@@ -398,12 +372,13 @@ class GatewayDatastore(Datastore):
             return status, data
         raise AssertionError("unreachable")
 
-    def _post(self, path: str, payload: bytes, deadline: float,
-              token: str | None) -> tuple[int, dict, str]:
-        """Send to the current endpoint, failing over round robin until ``deadline``.
+    def _post(self, path: str, body: dict, deadline: float, token: str | None) -> dict:
+        """POST ``body`` to the current endpoint, failing over round robin until ``deadline``.
 
-        Returns ``(status, json, url)`` of the first answer that is not about
-        availability (success or a refusal); raises ``DatastoreUnavailable``."""
+        Returns the JSON of a success; raises ``Refused`` (a refusal: any other answer that
+        is not about availability) or ``DatastoreUnavailable``."""
+        payload = json.dumps(body, separators=(",", ":")).encode()
+
         def attempt(idx: int, attempt_timeout: float):
             ep = self._eps[idx]
             try:
@@ -413,7 +388,7 @@ class GatewayDatastore(Datastore):
                     hint = (" (the server speaks plain HTTP there? then use an http:// URL)"
                             if getattr(e, "reason", None) == "WRONG_VERSION_NUMBER" else "")
                     raise DatastoreError(f"TLS with etcd at {ep.url} failed: "
-                                         f"{getattr(e, 'verify_message', None) or e.reason or e}{hint}") from None
+                                         f"{getattr(e, 'verify_message', None) or getattr(e, 'reason', None) or e}{hint}") from None
                 return False, _unreachable(e, ep.https) or _describe(e, attempt_timeout)
             try:
                 obj = json.loads(data) if data else {}
@@ -431,80 +406,36 @@ class GatewayDatastore(Datastore):
                 return True, (status, obj, ep.url)
             return False, f"HTTP {status}: {_err_text(obj)}"
 
-        try:
-            self._cur, answer = with_failover([ep.url for ep in self._eps], self._cur, deadline,
-                                              self.timeout, attempt)
-        except DatastoreUnavailable:
-            self._cur += 1   # start the next call elsewhere
-            raise
-        return answer
+        status, obj, url = self._failover(self.endpoints, deadline, attempt)
+        if status != 200:
+            raise Refused(url, _err_text(obj), f"HTTP {status}")
+        return obj
 
-    def _authenticate(self, deadline: float) -> None:
-        payload = json.dumps({"name": self._username, "password": self._password}).encode()
-        status, obj, url = self._post("/v3/auth/authenticate", payload, deadline, None)
-        token = obj.get("token") if status == 200 else None
-        if not token:
-            raise DatastoreError(f"etcd authentication as user {self._username!r} at {url} failed: "
-                                 f"{_err_text(obj) if status != 200 else 'no token returned'}")
-        self._token = token
+    # -- the template's wire calls (base.Datastore) -----------------------------------
+    def _auth(self, deadline: float) -> str | None:
+        return self._post("/v3/auth/authenticate", {"name": self._username, "password": self._password},
+                          deadline, None).get("token")
 
-    def _call(self, path: str, body: dict) -> dict:
-        deadline = time.monotonic() + self.timeout
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        if self._username is not None and self._token is None:
-            self._authenticate(deadline)
-        reauthenticated = False
-        while True:
-            status, obj, url = self._post(path, payload, deadline, self._token)
-            if status == 200:
-                return obj
-            text = _err_text(obj)
-            if (self._username is not None and not reauthenticated
-                    and any(m in text for m in _TOKEN_MARKERS)):
-                reauthenticated = True  # token expired / member restarted: once more with a new one
-                self._token = None
-                self._authenticate(deadline)
-                continue
-            raise DatastoreError(f"etcd at {url} refused {path}: {text} (HTTP {status})")
+    def _range(self, r: Read, deadline: float, token: str | None) -> tuple[RangeResult, int]:
+        resp = self._post("/v3/kv/range", _range_json(r), deadline, token)
+        return _range_result(resp), _revision(resp)
 
-    # -- Datastore -------------------------------------------------------------
-    def read(self, reads: Sequence[Read]) -> list[RangeResult]:
-        if not reads:
-            return []
-        if len(reads) == 1:
-            resp = self._call("/v3/kv/range", _range_json(reads[0]))
-            self.last_revision = int((resp.get("header") or {}).get("revision", 0))
-            return [_range_result(resp)]
-        out: list[RangeResult] = []
-        revision = 0  # later chunks read at the first chunk's revision: one consistent view
-        for i in range(0, len(reads), MAX_TXN_OPS):
-            chunk = reads[i:i + MAX_TXN_OPS]
-            resp = self._call("/v3/kv/txn", {"success": [{"request_range": _range_json(r, revision)}
-                                                         for r in chunk]})
-            if not revision:
-                revision = int((resp.get("header") or {}).get("revision", 0))
-            responses = resp.get("responses") or []
-            if len(responses) != len(chunk):
-                raise DatastoreError(f"etcd answered {len(responses)} of {len(chunk)} reads")
-            for r in responses:
-                out.append(_range_result(_g(r, "response_range", "responseRange", None) or {}))
-        self.last_revision = revision
-        return out
+    def _read_txn(self, reads: Sequence[Read], revision: int, deadline: float,
+                  token: str | None) -> tuple[list[RangeResult], int]:
+        resp = self._post("/v3/kv/txn", {"success": [{"request_range": _range_json(r, revision)} for r in reads]},
+                          deadline, token)
+        return ([_range_result(_g(r, "response_range", "responseRange", None) or {})
+                 for r in resp.get("responses") or []], _revision(resp))
 
-    def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:
+    def _txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete], deadline: float,
+             token: str | None) -> tuple[bool, int]:
         body: dict = {}
         if compares:
             body["compare"] = [_compare_json(c) for c in compares]
         if ops:
             body["success"] = [_op_json(op) for op in ops]
-        self._posted = False
-        try:
-            resp = self._call("/v3/kv/txn", body)
-        except DatastoreUnavailable as e:
-            e.commit_sent = self._posted
-            raise
-        self.last_revision = int((resp.get("header") or {}).get("revision", 0))
-        return bool(resp.get("succeeded", False))
+        resp = self._post("/v3/kv/txn", body, deadline, token)
+        return bool(resp.get("succeeded", False)), _revision(resp)
 
     def close(self) -> None:
         for ep in self._eps:
@@ -512,3 +443,7 @@ class GatewayDatastore(Datastore):
 
     def __repr__(self) -> str:
         return f"<GatewayDatastore {','.join(self.endpoints)}>"
+
+
+def _revision(resp: dict) -> int:
+    return int((resp.get("header") or {}).get("revision", 0))

@@ -12,22 +12,18 @@ does its own deadline-bounded round-robin failover with the ``etcdrpc`` stubs.
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import etcd3
 import grpc
 from etcd3 import etcdrpc
 
-from .base import (MAX_TXN_OPS, KV, Compare, Datastore, DatastoreError, DatastoreUnavailable, Delete,
-                   Put, RangeResult, Read, Unreachable, with_failover, client_endpoints)
+from .base import (KV, UNAVAILABLE_MARKERS, Compare, Datastore, DatastoreError, Delete, Put, RangeResult, Read,
+                   Refused, Unreachable, client_endpoints, compare_target)
 
 
 _FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                              grpc.StatusCode.CANCELLED})
-_UNAVAILABLE_MARKERS = ("no leader", "leader changed", "request timed out", "too many requests",
-                        "not capable", "server stopped", "unhealthy cluster", "connection lost")
-_TOKEN_MARKERS = ("invalid auth token", "revision of auth store is old")
 # a TLS mismatch is configuration, not availability: say so at once
 # (TSI_DATA_CORRUPTED: with TLS 1.3 the server rejects our client certificate after the handshake;
 # grpc reports the server's alert -- bad certificate, unknown CA, certificate required -- only as this)
@@ -65,21 +61,15 @@ def _range_result(resp) -> RangeResult:
 
 _RESULTS = {"EQUAL": etcdrpc.Compare.EQUAL, "GREATER": etcdrpc.Compare.GREATER,
             "LESS": etcdrpc.Compare.LESS, "NOT_EQUAL": etcdrpc.Compare.NOT_EQUAL}
+# base.compare_target's target -> (the proto's enum, its operand field)
+_TARGETS = {"VALUE": (etcdrpc.Compare.VALUE, "value"), "VERSION": (etcdrpc.Compare.VERSION, "version"),
+            "MOD": (etcdrpc.Compare.MOD, "mod_revision")}
 
 
 def _compare(c: Compare):
-    result = _RESULTS.get(c.result)
-    if result is None:
-        raise ValueError(f"unknown compare result {c.result!r}")
-    if c.value is not None:
-        out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VALUE, result=etcdrpc.Compare.EQUAL,
-                              value=bytes(c.value))
-    elif c.mod_revision == 0 and c.result == "EQUAL":
-        out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.VERSION,
-                              result=etcdrpc.Compare.EQUAL, version=0)
-    else:
-        out = etcdrpc.Compare(key=_b(c.key), target=etcdrpc.Compare.MOD, result=result,
-                              mod_revision=c.mod_revision)
+    target, result, operand = compare_target(c)
+    enum, field = _TARGETS[target]
+    out = etcdrpc.Compare(key=_b(c.key), target=enum, result=_RESULTS[result], **{field: operand})
     if c.range_end is not None:
         out.range_end = _b(c.range_end)
     return out
@@ -126,28 +116,7 @@ def _is_failover(exc: grpc.RpcError) -> bool:
     if code in _FAILOVER_CODES:
         return True
     text = _details(exc)
-    return any(m in text for m in _UNAVAILABLE_MARKERS)
-
-
-def _parse_endpoint(url: str, default_secure: bool) -> tuple[str, int, bool, str]:
-    raw = url.strip()
-    if "://" not in raw:
-        raw = ("https://" if default_secure else "http://") + raw
-    scheme, _, rest = raw.partition("://")
-    scheme = scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ValueError(f"etcd endpoint must be http:// or https://, got {url!r}")
-    hostport = rest.partition("/")[0]
-    if "@" in hostport:
-        raise ValueError("put etcd credentials in username/password, not in the endpoint URL")
-    if hostport.startswith("["):
-        host, _, port = hostport[1:].partition("]")
-        host, port = f"[{host}]", port.lstrip(":")
-    else:
-        host, _, port = hostport.partition(":")
-    if not host:
-        raise ValueError(f"etcd endpoint without a host: {url!r}")
-    return host, int(port) if port else 2379, scheme == "https", f"{scheme}://{hostport}"
+    return any(m in text for m in UNAVAILABLE_MARKERS)
 
 
 class GrpcDatastore(Datastore):
@@ -156,7 +125,7 @@ class GrpcDatastore(Datastore):
     def __init__(self, endpoints: Sequence[str] | str, *, timeout: float = 10.0,
                  ca_cert: str | None = None, cert: str | None = None, key: str | None = None,
                  username: str | None = None, password: str | None = None):
-        endpoints = client_endpoints(endpoints, username, password)
+        parsed = client_endpoints(endpoints, username, password, default_https=bool(ca_cert or cert))
         if (cert is None) != (key is None):
             raise ValueError("a client cert and its key go together")
         self.timeout = float(timeout)
@@ -164,24 +133,23 @@ class GrpcDatastore(Datastore):
         self._cur = 0
         self._username, self._password = username, password
         self._token: str | None = None
-        parsed = [_parse_endpoint(e, bool(ca_cert or cert)) for e in endpoints]
         creds = None
-        if any(secure for _, _, secure, _ in parsed):
+        if any(e.https for e in parsed):
             if ca_cert is not None:
                 # etcd3's helper reads the files (CA, then client key and cert)
                 creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(ca_cert, key, cert)
             else:  # system roots
-                pair = [None, None]
-                if cert is not None:
+                pair: list[bytes | None] = [None, None]
+                if cert is not None and key is not None:
                     with open(key, "rb") as f:
                         pair[0] = f.read()
                     with open(cert, "rb") as f:
                         pair[1] = f.read()
                 creds = grpc.ssl_channel_credentials(None, pair[0], pair[1])
         opts = list(_CHANNEL_OPTIONS.items())
-        self._urls = [url for _, _, _, url in parsed]
-        self._eps = [etcd3.Endpoint(host, port, secure=secure, creds=creds if secure else None,
-                                    opts=opts) for host, port, secure, _ in parsed]
+        self._urls = [e.scheme + "://" + e.given for e in parsed]
+        self._eps = [etcd3.Endpoint(e.bracketed_host, e.port, secure=e.https, creds=creds if e.https else None,
+                                    opts=opts) for e in parsed]
         self._kv = [etcdrpc.KVStub(ep.channel) for ep in self._eps]
 
     @property
@@ -189,8 +157,11 @@ class GrpcDatastore(Datastore):
         return list(self._urls)
 
     # -- transport -------------------------------------------------------------
-    def _rpc(self, method: str, request, deadline: float, metadata):
-        """Call ``method`` on the current endpoint, failing over round robin until ``deadline``."""
+    def _rpc(self, method: str, request, deadline: float, token: str | None):
+        """Call ``method`` on the current endpoint, failing over round robin until ``deadline``;
+        a refusal raises ``Refused``."""
+        metadata = (("token", token),) if token else None
+
         def attempt(idx: int, attempt_timeout: float):
             url = self._urls[idx]
             if method == "Authenticate":
@@ -205,6 +176,7 @@ class GrpcDatastore(Datastore):
                 fn = getattr(self._kv[idx], method)
             try:
                 self.requests += 1
+                self._posted = True   # (gRPC does not tell whether a failed call reached the server)
                 return True, fn(request, timeout=attempt_timeout, metadata=metadata)
             except grpc.RpcError as e:
                 text = _details(e)
@@ -212,95 +184,49 @@ class GrpcDatastore(Datastore):
                     raise DatastoreError(f"TLS with etcd at {url} failed: {text}") from None
                 if not _is_failover(e):
                     self._cur = idx
-                    raise _Refused(url, e) from None
+                    raise Refused(url, text, e.code().name) from None
                 return False, (_unreachable(text, url.startswith("https://"))
                                or f"{e.code().name}: {text}")
 
-        try:
-            self._cur, resp = with_failover(self._urls, self._cur, deadline, self.timeout, attempt)
-        except DatastoreUnavailable:
-            self._cur += 1   # start the next call elsewhere
-            raise
-        return resp
+        return self._failover(self._urls, deadline, attempt)
 
-    def _authenticate(self, deadline: float) -> None:
-        req = etcdrpc.AuthenticateRequest(name=self._username, password=self._password)
-        try:
-            resp = self._rpc("Authenticate", req, deadline, None)
-        except _Refused as r:
-            raise DatastoreError(f"etcd authentication as user {self._username!r} at {r.url} failed: "
-                                 f"{_details(r.exc)}") from None
-        if not resp.token:
-            raise DatastoreError(f"etcd authentication as user {self._username!r}: no token returned")
-        self._token = resp.token
+    # -- the template's wire calls (base.Datastore) -----------------------------------
+    def _auth(self, deadline: float) -> str:
+        return self._rpc("Authenticate", etcdrpc.AuthenticateRequest(name=self._username, password=self._password),
+                         deadline, None).token
 
-    def _call(self, method: str, request):
-        deadline = time.monotonic() + self.timeout
-        if self._username is not None and self._token is None:
-            self._authenticate(deadline)
-        reauthenticated = False
-        while True:
-            metadata = (("token", self._token),) if self._token else None
-            try:
-                return self._rpc(method, request, deadline, metadata)
-            except _Refused as r:
-                text = _details(r.exc)
-                if (self._username is not None and not reauthenticated
-                        and any(m in text for m in _TOKEN_MARKERS)):
-                    reauthenticated = True
-                    self._token = None
-                    self._authenticate(deadline)
-                    continue
-                raise DatastoreError(f"etcd at {r.url} refused {method}: {text} "
-                                     f"({r.exc.code().name})") from None
+    def _range(self, r: Read, deadline: float, token: str | None) -> tuple[RangeResult, int]:
+        resp = self._rpc("Range", _range_request(r), deadline, token)
+        return _range_result(resp), resp.header.revision
 
-    # -- Datastore -------------------------------------------------------------
-    def read(self, reads: Sequence[Read]) -> list[RangeResult]:
-        if not reads:
-            return []
-        if len(reads) == 1:
-            resp = self._call("Range", _range_request(reads[0]))
-            self.last_revision = resp.header.revision
-            return [_range_result(resp)]
-        out: list[RangeResult] = []
-        revision = 0  # later chunks read at the first chunk's revision
-        for i in range(0, len(reads), MAX_TXN_OPS):
-            chunk = reads[i:i + MAX_TXN_OPS]
-            req = etcdrpc.TxnRequest(success=[etcdrpc.RequestOp(request_range=_range_request(r, revision))
-                                              for r in chunk])
-            resp = self._call("Txn", req)
-            if not revision:
-                revision = resp.header.revision
-            if len(resp.responses) != len(chunk):
-                raise DatastoreError(f"etcd answered {len(resp.responses)} of {len(chunk)} reads")
-            out.extend(_range_result(r.response_range) for r in resp.responses)
-        self.last_revision = revision
-        return out
+    def _read_txn(self, reads: Sequence[Read], revision: int, deadline: float,
+                  token: str | None) -> tuple[list[RangeResult], int]:
+        req = etcdrpc.TxnRequest(success=[etcdrpc.RequestOp(request_range=_range_request(r, revision))
+                                          for r in reads])
+        resp = self._rpc("Txn", req, deadline, token)
+        return [_range_result(r.response_range) for r in resp.responses], resp.header.revision
 
-    def commit(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> bool:
+    def _txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete], deadline: float,
+             token: str | None) -> tuple[bool, int]:
         req = etcdrpc.TxnRequest(compare=[_compare(c) for c in compares], success=[_op(o) for o in ops])
-        try:
-            resp = self._call("Txn", req)
-        except DatastoreUnavailable as e:
-            e.commit_sent = True   # (gRPC does not tell whether a failed call reached the server)
-            raise
-        self.last_revision = resp.header.revision
-        return bool(resp.succeeded)
+        resp = self._rpc("Txn", req, deadline, token)
+        return bool(resp.succeeded), resp.header.revision
 
     # -- leases ------------------------------------------------------------------
     def lease_grant(self, ttl: int) -> tuple[int, int]:
-        resp = self._call("LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=int(ttl), ID=0))
+        resp = self._call("LeaseGrant", self._rpc, "LeaseGrant", etcdrpc.LeaseGrantRequest(TTL=int(ttl), ID=0))
         if resp.error:
             raise DatastoreError(f"etcd refused a lease of {ttl}s: {resp.error}")
         return int(resp.ID), int(resp.TTL)
 
     def lease_keepalive(self, lease_id: int) -> int:
-        resp = self._call("LeaseKeepAlive", etcdrpc.LeaseKeepAliveRequest(ID=int(lease_id)))
+        resp = self._call("LeaseKeepAlive", self._rpc, "LeaseKeepAlive",
+                          etcdrpc.LeaseKeepAliveRequest(ID=int(lease_id)))
         return max(0, int(resp.TTL))
 
     def lease_revoke(self, lease_id: int) -> bool:
         try:
-            self._call("LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=int(lease_id)))
+            self._call("LeaseRevoke", self._rpc, "LeaseRevoke", etcdrpc.LeaseRevokeRequest(ID=int(lease_id)))
         except DatastoreError as e:
             if "lease not found" in str(e):
                 return False
@@ -313,11 +239,3 @@ class GrpcDatastore(Datastore):
 
     def __repr__(self) -> str:
         return f"<GrpcDatastore {','.join(self._urls)}>"
-
-
-class _Refused(Exception):
-    """Internal: an endpoint answered with a non-availability error."""
-
-    def __init__(self, url: str, exc: grpc.RpcError):
-        super().__init__(url)
-        self.url, self.exc = url, exc

@@ -36,7 +36,7 @@ from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
 
 from ..log import log
 
-DEFAULT_PREFIX = "cni.projectcalico.org"
+from ..constants import DEFAULT_ANNOTATION_PREFIX as DEFAULT_PREFIX, ERR_INVALID_NETWORK_CONFIG  # noqa: E402
 IPV4POOLS, IPV6POOLS, IPADDRS = "ipv4pools", "ipv6pools", "ipAddrs"
 
 
@@ -47,7 +47,7 @@ class AnnotationError(InvalidRequest):
 class KubernetesError(IPAMError):
     """A Kubernetes API failure, as an engine error: code 11 when worth retrying
     (unreachable, timeout, 5xx, 429), else 7."""
-    code = 7
+    code = ERR_INVALID_NETWORK_CONFIG
 
 
 def key(prefix: str, name: str) -> str:
@@ -95,7 +95,7 @@ def parse_pools(value, k: str, where: str, version: int) -> list[str]:
 
 def parse_ip_addrs(value, k: str, where: str) -> list:
     """An ``ipAddrs`` annotation: plain addresses, at most one per family."""
-    out = []
+    out: list = []
     for item in _json_list(value, k, where):
         try:
             ip = ipaddress.ip_address(item)
@@ -133,7 +133,7 @@ def choose(prefix: str, *, config_pools: dict[int, list[str] | None], namespace:
         elif ns_annotations and k in ns_annotations and (refs := parse_pools(ns_annotations[k], k, ns_where, fam)):
             out.pools[fam], out.sources[fam] = refs, f"annotation {k} of {ns_where}"
         elif config_pools.get(fam):
-            out.pools[fam] = list(config_pools[fam])
+            out.pools[fam] = list(config_pools[fam] or ())
             out.sources[fam] = f"{config_source} {conf_name}"
     k = key(prefix, IPADDRS)
     if pod_annotations and k in pod_annotations:
@@ -219,7 +219,7 @@ def encode_record(name: str, field_name: str, values: dict, old: bytes | None = 
     """``<prefix>/v1/namespaces/<ns>`` = {"name", "annotations", "labels"?};
     ``<prefix>/v1/nodes/<node>`` = {"name", "labels"}.  ``old``: the record as read, whose
     other fields are kept."""
-    d = {"name": name}
+    d: dict = {"name": name}
     if old:
         try:
             prev = json.loads(old)
@@ -268,7 +268,7 @@ def from_kubernetes(req, client, prefix: str) -> None:
                 log.info("pod %s/%s not found in Kubernetes: using the namespace's annotations",
                          req.namespace, req.pod)
             else:
-                pod_ann = annotations_of(pod)
+                pod_ann = annotations_of(pod)  # type: ignore[operator]  # (mypy: the __future__ name)
         if req.namespace:
             asked = {ip.version for ip in req.requested}
             k = key(prefix, IPADDRS)
@@ -280,7 +280,7 @@ def from_kubernetes(req, client, prefix: str) -> None:
                         and parse_pools(pod_ann[pools_key(prefix, f)], pools_key(prefix, f), pod_where, f))
                    for f in need):
                 ns_obj.append(client.get_namespace(req.namespace))
-                ns_ann = annotations_of(ns_obj[0])
+                ns_ann = annotations_of(ns_obj[0])  # type: ignore[operator]
     except K8sError as e:
         raise _k8s_error(e) from None
     choice = choose(prefix, config_pools={4: req.v4_pools, 6: req.v6_pools}, namespace=req.namespace,

@@ -156,12 +156,13 @@ class Block:
         if now is None and (cooldown or self.released_at or not self.allocations):
             import time
             now = time.time()
+        t_now: float = now or 0.0
         if cooldown or self.released_at:
-            self.released_at = {k: t for k, t in self.released_at.items() if t + cooldown > now}
+            self.released_at = {k: t for k, t in self.released_at.items() if t + cooldown > t_now}
             if cooldown:
-                self.released_at[o] = now
+                self.released_at[o] = t_now
         if not self.allocations:
-            self.empty_since = now
+            self.empty_since = t_now
         return True
 
     def holder(self, ip) -> str | None:

@@ -1,8 +1,10 @@
 """Engine errors.  Each carries the CNI error code the plugin reports."""
+from ..constants import (ERR_ADDRESS_UNAVAILABLE, ERR_CORRUPT_DATA, ERR_INCOMPATIBLE_STORE, ERR_IPAM,
+                         ERR_INVALID_NETWORK_CONFIG, ERR_POOL_EXHAUSTED, ERR_TRY_AGAIN_LATER)
 
 
 class IPAMError(Exception):
-    code = 100
+    code = ERR_IPAM
 
     def __init__(self, msg: str, *, code: int | None = None, details: str = ""):
         super().__init__(msg)
@@ -14,33 +16,33 @@ class IPAMError(Exception):
 
 class InvalidRequest(IPAMError):
     """Bad pool names, bad requested IPs, unusable pools: the config is at fault."""
-    code = 7
+    code = ERR_INVALID_NETWORK_CONFIG
 
 
 class PoolExhausted(IPAMError):
     """No free address in any eligible pool."""
-    code = 110
+    code = ERR_POOL_EXHAUSTED
 
 
 class AddressUnavailable(IPAMError):
     """A specifically requested address is taken or reserved."""
-    code = 111
+    code = ERR_ADDRESS_UNAVAILABLE
 
 
 class CorruptData(IPAMError):
     """A value in etcd could not be decoded; it is reported, never overwritten."""
-    code = 113
+    code = ERR_CORRUPT_DATA
 
 
 class TryAgain(IPAMError):
     """Out of CAS retries, or etcd unavailable: CNI code 11."""
-    code = 11
+    code = ERR_TRY_AGAIN_LATER
 
 
 class IncompatibleStore(IPAMError):
     """The store was written in a data layout this binary is too old to use safely
     (``<prefix>/v1/schema``'s ``minLayout`` is above ``keys.LAYOUT``): upgrade the binary."""
-    code = 115
+    code = ERR_INCOMPATIBLE_STORE
 
 
 # -- refusals of the admin commands (cli/) ---------------------------------------

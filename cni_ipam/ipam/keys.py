@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from ..constants import DEFAULT_PREFIX
+
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
@@ -76,7 +78,7 @@ def legacy_handle_id(network: str, container_id: str, ifname: str) -> str:
 
 
 class Keys:
-    def __init__(self, prefix: str = "/cni-ipam"):
+    def __init__(self, prefix: str = DEFAULT_PREFIX):
         prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self.root = prefix + "/v1/"
         self.config = self.root + "config"

@@ -13,6 +13,7 @@ import re
 from cni_ipam._records import dataclass
 from typing import Iterable, Sequence
 
+from ..constants import DNS_SUBDOMAIN_RE
 from ..datastore.base import MAX_TXN_OPS
 from . import selector as _selector
 from .errors import AdminError
@@ -85,7 +86,7 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 #: one apply is ONE etcd transaction: a compare per resource plus the config and the pool-set marker
 MAX_RESOURCES = MAX_TXN_OPS - 2
 MAX_NAME = 253
-_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_NAME_RE = re.compile(DNS_SUBDOMAIN_RE + r"\Z")
 #: ranges no pool may overlap (link-local per the issue; loopback and multicast make no sense either)
 FORBIDDEN = {4: [("link-local", ipaddress.ip_network("169.254.0.0/16")),
                  ("loopback", ipaddress.ip_network("127.0.0.0/8")),

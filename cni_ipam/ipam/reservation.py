@@ -77,6 +77,7 @@ class Reserved:
     ``Reserved.EMPTY`` (no reservation) answers every question at once."""
 
     __slots__ = ("reservations", "_iv")
+    EMPTY: "Reserved"
 
     def __init__(self, reservations=()):
         self.reservations = list(reservations)

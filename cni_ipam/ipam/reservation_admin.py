@@ -60,7 +60,7 @@ def delete(ipam, name: str, retries: int = 20) -> None:
 
 def allocations_inside(reserved: Reserved, block: Block) -> list[tuple]:
     """[(ip, handle, reservation name)] for addresses of ``block`` allocated inside a reservation."""
-    out = []
+    out: list[tuple] = []
     iv = reserved.intervals(block.cidr)
     if not iv:
         return out
@@ -113,7 +113,7 @@ def findings(ipam, reserved: Reserved | None = None) -> list[dict]:
     """Every allocation inside a reservation: [{ip, handle, reservation, block, key}]."""
     if reserved is None:
         reserved = Reserved(read(ipam)[1])
-    out = []
+    out: list[dict] = []
     if not reserved:
         return out
     for kv in ipam.ds.get_prefix(ipam.keys.blocks):

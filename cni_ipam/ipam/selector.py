@@ -325,7 +325,7 @@ class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.pos = 0          # scan position for the next token
-        self.tok = None       # current (peeked) token
+        self.tok: _Token | None = None       # current (peeked) token
         self.depth = 0
 
     # -- errors -----------------------------------------------------------

@@ -75,7 +75,7 @@ def split_pool(ipam, name: str, n: int, *, dry_run: bool = False, max_rounds: in
     if taken:
         raise InvalidRequest(f"cannot split pool {name!r}: pool(s) {', '.join(taken)} already exist")
     start, end = cidr_block_range(k, pool.cidr)
-    summary = {"pool": name, "cidr": str(pool.cidr), "into": [{"name": p.name, "cidr": str(p.cidr)} for p in parts]}
+    summary: dict = {"pool": name, "cidr": str(pool.cidr), "into": [{"name": p.name, "cidr": str(p.cidr)} for p in parts]}
 
     def scan():
         """(block kv, decoded, sub-pool) for blocks still naming another pool; + all affinities to fix."""
