@@ -105,18 +105,24 @@ def cmd_show(args) -> int:
             if wide:
                 ua = u["unclaimedBlocksCountedAs"]
                 rows.append([name, u["cidr"], f'/{u["blockSize"]}', u["addresses"], u["capacity"], u["reserved"],
-                             u["inUse"], u["free"], blocks_col,
+                             u["ipReserved"], u["inUse"], u["free"], blocks_col,
                              f'{ua["mode"]} ({ua["capacityPerBlock"]}/{u["blockAddresses"]})'
                              if u["unclaimedBlocks"] else None, f"{bar(frac)} {pct(frac)}"])
             else:
                 rows.append([name, u["cidr"], u["capacity"], u["inUse"], u["free"], blocks_col,
                              f"{bar(frac, 5)} {pct(frac)}"])
         title = f"node {args.node}: " if args.node else ""
-        headers = (["POOL", "CIDR", "BLOCK", "ADDRESSES", "CAPACITY", "RESERVED", "IN USE", "FREE",
+        headers = (["POOL", "CIDR", "BLOCK", "ADDRESSES", "CAPACITY", "RESERVED", "IPRESERVATION", "IN USE", "FREE",
                     "BLOCKS CLAIMED", "UNCLAIMED AS", "UTILIZATION"] if wide else
                    ["POOL", "CIDR", "CAPACITY", "IN USE", "FREE", "BLOCKS", "UTILIZATION"])
         out = (title + "\n" if title else "") + table(headers, rows)
         notes = _capacity_notes(d["pools"])
+        held = [u for u in d["pools"] if u.get("ipReserved")]
+        if held:   # addresses IPReservations keep out of CAPACITY, counted apart
+            line = "Reserved by IPReservations (not in CAPACITY): " + ", ".join(
+                f'{u["name"]} {u["ipReserved"]}' for u in held)
+            import textwrap
+            notes = (notes + "\n" if notes else "") + textwrap.fill(line, 80, break_on_hyphens=False)
         if notes:
             out += "\n" + notes
         if "blocks" in d:
@@ -188,6 +194,8 @@ def _config_table(cfg) -> str:
                      ("autoAllocateBlocks", "true" if cfg["autoAllocateBlocks"] else "false"),
                      ("maxBlocksPerHost", f'{cfg["maxBlocksPerHost"]}' + (" (no limit)" if not
                                                                          cfg["maxBlocksPerHost"] else "")),
+                     ("ipCooldownSeconds", f'{cfg.get("ipCooldownSeconds", 0)}' + (
+                         "" if cfg.get("ipCooldownSeconds") else " (off)")),
                      ("keepStatefulSetIPs", "true" if cfg.get("keepStatefulSetIPs") else "false")])
 
 

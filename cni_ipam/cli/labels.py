@@ -6,6 +6,7 @@ a node's labels are matched against pools' ``nodeSelector``.
 
     cni-ipam namespace annotate NS KEY=VALUE... [--overwrite]
     cni-ipam namespace annotate NS KEY-
+    cni-ipam namespace label NS KEY=VALUE... [--overwrite]      (KEY- removes)
     cni-ipam namespace get NS [-o json|yaml]
     cni-ipam namespace list
     cni-ipam node label NODE KEY=VALUE... [--overwrite]     (KEY- removes)
@@ -30,6 +31,7 @@ MAX_RETRIES = 20
 # (object kind, record field, verb for messages)
 NAMESPACE = ("namespace", "annotations", "annotated")
 NODE = ("node", "labels", "labeled")
+NAMESPACE_LABELS = ("namespace", "labels", "labeled")
 
 
 def _check_key(key: str, what: str) -> None:
@@ -43,16 +45,16 @@ def _check_key(key: str, what: str) -> None:
                        f"the name at most 63 characters [A-Za-z0-9-_.] starting and ending alphanumeric")
 
 
-def parse_changes(items: list[str], kind: str) -> tuple[dict, list[str]]:
+def parse_changes(items: list[str], kind: str, field: str = "") -> tuple[dict, list[str]]:
     """``KEY=VALUE`` (set) and ``KEY-`` (remove), as kubectl takes them."""
     sets: dict[str, str] = {}
     removes: list[str] = []
-    what = "label" if kind == "node" else "annotation"
+    what = "label" if kind == "node" or field == "labels" else "annotation"
     for item in items:
         if "=" in item:
             k, v = item.split("=", 1)
             _check_key(k, what)
-            if kind == "node" and not (len(v) <= 63 and _LABEL_VALUE.fullmatch(v)):
+            if what == "label" and not (len(v) <= 63 and _LABEL_VALUE.fullmatch(v)):
                 raise CLIError(f"invalid label value {v!r} for {k!r}: at most 63 characters [A-Za-z0-9-_.], "
                                f"starting and ending alphanumeric")
             if k in sets and sets[k] != v:
@@ -135,8 +137,8 @@ def update(ipam, spec, name: str, sets: dict, removes: list[str], overwrite: boo
             return cur, False
         txn = Txn()
         txn.read(key, kv.mod_revision if kv else 0)
-        if new:
-            txn.put(key, encode_record(name, field, new))
+        if new or (kv is not None and _has_other_fields(kv.value, field)):
+            txn.put(key, encode_record(name, field, new, kv.value if kv else None))
         else:
             txn.delete(key)
         try:
@@ -145,6 +147,17 @@ def update(ipam, spec, name: str, sets: dict, removes: list[str], overwrite: boo
         except Conflict:
             continue
     raise CLIError(f"{kind} {name}: gave up after {MAX_RETRIES} conflicting concurrent changes")
+
+
+def _has_other_fields(value: bytes, field: str) -> bool:
+    """Does the record hold a non-empty map besides ``field`` (a namespace's labels besides its
+    annotations, or the other way round)?"""
+    from .. import _json as json
+    try:
+        d = json.loads(value)
+    except ValueError:
+        return False
+    return isinstance(d, dict) and any(v for k, v in d.items() if k not in ("name", field))
 
 
 def read(ipam, spec, name: str) -> dict:
@@ -169,7 +182,15 @@ def read_all(ipam, spec) -> list[dict]:
             m = decode_record(kv.key, kv.value, field)
         except Exception as e:
             raise CLIError(str(e)) from None
-        out.append({"name": name_of(kv.key), field: m})
+        row = {"name": name_of(kv.key), field: m}
+        if kind == "namespace":
+            try:
+                labels = decode_record(kv.key, kv.value, "labels")
+            except Exception as e:
+                raise CLIError(str(e)) from None
+            if labels:
+                row["labels"] = labels
+        out.append(row)
     return out
 
 
@@ -177,10 +198,11 @@ def read_all(ipam, spec) -> list[dict]:
 
 def _table_one(field):
     def table(d: dict) -> str:
-        lines = [f"Name:         {d['name']}",
-                 f"{field.capitalize() + ':':<14}{'' if d[field] else '<none>'}".rstrip()]
-        for k, v in sorted(d[field].items()):
-            lines.append(f"  {k}={v}")
+        lines = [f"Name:         {d['name']}"]
+        for f in [field] + [f for f in ("labels",) if f != field and f in d]:
+            lines.append(f"{f.capitalize() + ':':<14}{'' if d[f] else '<none>'}".rstrip())
+            for k, v in sorted(d[f].items()):
+                lines.append(f"  {k}={v}")
         return "\n".join(lines)
     return table
 
@@ -204,9 +226,9 @@ def _change(spec):
     kind, field, verb = spec
 
     def run(args) -> int:
-        sets, removes = parse_changes(args.changes, kind)
+        sets, removes = parse_changes(args.changes, kind, field)
         ipam = open_ipam(args)     # closed by main (common.close_all)
-        warnings = _validate_annotation_values(args.name, sets, ipam) if kind == "namespace" else []
+        warnings = _validate_annotation_values(args.name, sets, ipam) if field == "annotations" else []
         _, changed = update(ipam, spec, args.name, sets, removes, args.overwrite)
         for w in warnings:
             warn(w)
@@ -219,7 +241,12 @@ def _get(spec):
     kind, field, _ = spec
 
     def run(args) -> int:
-        data = {"name": args.name, field: read(open_ipam(args), spec, args.name)}
+        ipam = open_ipam(args)
+        data = {"name": args.name, field: read(ipam, spec, args.name)}
+        if field == "annotations":   # + its labels (namespaceSelector) when it has any (added field)
+            labels = read(ipam, NAMESPACE_LABELS, args.name)
+            if labels:
+                data["labels"] = labels
         emit(args, data, _table_one(field))
         return 0
     return run
@@ -264,3 +291,13 @@ def register(subparsers) -> None:
         add_connection_args(p)
         add_output_arg(p)
         p.set_defaults(func=_list(spec))
+
+        if kind == "namespace":
+            what = "set (KEY=VALUE) or remove (KEY-) a namespace's labels"
+            p = sub.add_parser("label", help=what, description=what + (
+                ". Pools' namespaceSelector expressions are matched against these labels."))
+            p.add_argument("name", metavar=noun)
+            p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
+            p.add_argument("--overwrite", action="store_true", help="replace existing values")
+            add_connection_args(p)
+            p.set_defaults(func=_change(NAMESPACE_LABELS))

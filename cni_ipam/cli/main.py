@@ -15,7 +15,7 @@ import sys
 
 from ..cni.version import SUPPORTED_VERSIONS as SUPPORTED
 
-MODULES = ["pools", "inspect", "repair"]
+MODULES = ["pools", "inspect", "repair", "reservations"]
 OPTIONAL_MODULES = ["labels", "install", "controller"]
 
 

@@ -50,6 +50,19 @@ def register(sub) -> None:
     add_output_arg(d)
     add_connection_args(d)
     d.set_defaults(func=cmd_delete)
+    sp = ps.add_parser("split", help="replace a pool by N pools covering the same range (no address moves)",
+                       description="Replace pool NAME by N pools NAME-0 .. NAME-(N-1) (N a power of two), each "
+                                   "with NAME's settings and an equal part of its cidr. Every block goes to the "
+                                   "part that contains it; no allocation moves. One guarded etcd transaction "
+                                   "when it fits; else the pool is disabled, its blocks are rewritten in chunks "
+                                   "and the pool is replaced by its parts (an interrupted split leaves it "
+                                   "disabled: run the command again).")
+    sp.add_argument("name")
+    sp.add_argument("--into", type=int, required=True, metavar="N", help="number of parts (a power of two)")
+    sp.add_argument("--dry-run", action="store_true", help="show the parts; change nothing")
+    add_output_arg(sp)
+    add_connection_args(sp)
+    sp.set_defaults(func=cmd_split)
 
 
 # ----------------------------------------------------------------------------- apply
@@ -151,7 +164,10 @@ def cmd_get(args) -> int:
                  ("blocks", f"{p.n_blocks} \u00d7 /{p.block_size} ({p.block_addresses} address"
                             f"{'es' if p.block_addresses != 1 else ''} each), {claimed} claimed"),
                  ("disabled", _v(p.disabled)), ("nodeSelector", p.node_selector),
-                 ("allowedUses", ",".join(p.allowed_uses))]
+                 ("allowedUses", ",".join(p.allowed_uses)),
+                 ("assignmentMode", p.assignment_mode + ("  (used only when named)" if p.assignment_mode == "Manual"
+                                                         else "")),
+                 ("namespaceSelector", p.namespace_selector)]
         for k in ("ipipMode", "vxlanMode", "natOutgoing", "disableBGPExport"):
             if k in s:
                 pairs.append((k, _v(s[k]) + "  (kept for Calico; no effect on allocation)"))
@@ -166,6 +182,21 @@ def cmd_enable_disable(args) -> int:
     changed = pools.set_pool_disabled(ipam, args.name, args.disabled)
     state = "disabled" if args.disabled else "enabled"
     print(f'pool "{args.name}" {state}' if changed else f'pool "{args.name}" was already {state}')
+    return 0
+
+
+def cmd_split(args) -> int:
+    from ..ipam.split import split_pool
+    out = split_pool(open_ipam(args), args.name, args.into, dry_run=args.dry_run)
+
+    def text(d):
+        verb = "would be split" if args.dry_run else "split"
+        lines = [f'pool "{d["pool"]}" ({d["cidr"]}) {verb} into:']
+        lines += [f'  {p["name"]:<24} {p["cidr"]}' for p in d["into"]]
+        lines.append(f'{d["blocks"]} block(s) {"would move" if args.dry_run else "moved"} to their part'
+                     + (f' ({"; ".join(d["steps"])})' if d.get("steps") else ""))
+        return "\n".join(lines)
+    emit(args, out, text)
     return 0
 
 

@@ -186,6 +186,34 @@ def node_matcher(node: str, get_labels: Callable[[], dict]) -> Callable:
     return matches
 
 
+def namespace_matcher(namespace: str, get_labels: Callable[[], dict]) -> Callable:
+    """``matches(pool)`` for select_pools: the pool's namespaceSelector against the pod's
+    namespace labels (``get_labels`` called at most once, only for a selector other than
+    ``all()``).  Without a namespace (not a Kubernetes pod) only ``all()`` matches."""
+    cache: list[dict] = []
+
+    def matches(pool) -> bool:
+        text = pool.namespace_selector
+        if not text or text == "all()":
+            return True
+        from .selector import SelectorError, parse as parse_selector
+        try:
+            sel = parse_selector(text)
+        except SelectorError as e:
+            raise CorruptData(f"pool {pool.name!r} has an invalid namespaceSelector {text!r}: {e}") from None
+        if sel.matches_all:
+            return True
+        if not namespace:
+            return False
+        if not cache:
+            cache.append(get_labels() or {})
+        ok = sel.matches(cache[0])
+        log.debug("pool %s: namespaceSelector %r %s namespace %s", pool.name, text,
+                  "matches" if ok else "does not match", namespace)
+        return ok
+    return matches
+
+
 # -- records stored in etcd (no Kubernetes): encode_record / decode_record, in ipam/store.py
 
 # -- Kubernetes --------------------------------------------------------------------
@@ -204,6 +232,7 @@ def from_kubernetes(req, client, prefix: str):
     engine -- the Node only when a candidate pool's nodeSelector is not all()."""
     from ..k8s import K8sError, annotations as annotations_of, labels as labels_of
     pod_ann = ns_ann = None
+    ns_obj: list = []   # the Namespace, once GET (for its annotations or its labels)
     pod_where = f"pod {req.namespace}/{req.pod}"
     try:
         if req.namespace and req.pod:
@@ -228,7 +257,8 @@ def from_kubernetes(req, client, prefix: str):
             if any(not (pod_ann and pools_key(prefix, f) in pod_ann
                         and parse_pools(pod_ann[pools_key(prefix, f)], pools_key(prefix, f), pod_where, f))
                    for f in need):
-                ns_ann = annotations_of(client.get_namespace(req.namespace))  # type: ignore[operator]
+                ns_obj.append(client.get_namespace(req.namespace))
+                ns_ann = annotations_of(ns_obj[0])  # type: ignore[operator]
     except K8sError as e:
         raise _k8s_error(e) from None
     choice = choose(prefix, config_pools={4: req.v4_pools, 6: req.v6_pools}, namespace=req.namespace,
@@ -239,4 +269,13 @@ def from_kubernetes(req, client, prefix: str):
             return labels_of(client.get_node(req.node))
         except K8sError as e:
             raise _k8s_error(e) from None
-    return apply_choice(req, choice, node_matches=node_matcher(req.node, node_labels))
+
+    def namespace_labels() -> dict:
+        if not ns_obj:
+            try:
+                ns_obj.append(client.get_namespace(req.namespace))
+            except K8sError as e:
+                raise _k8s_error(e) from None
+        return labels_of(ns_obj[0])
+    return apply_choice(req, choice, node_matches=node_matcher(req.node, node_labels),
+                        ns_matches=namespace_matcher(req.namespace, namespace_labels))

@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 from ..datastore import KV, Read, read_prefix
 from .errors import AdminError, Conflict
 from .store import Conflict as TxnConflict, Keys, Txn, commit, decode_or_none
-from .manifest import POOL_KIND, Doc, ManifestError, Resource, _Problems, parse_resource, pool_manifest
+from .manifest import (POOL_KIND, RESERVATION_KIND, Doc, ManifestError, Resource, _Problems, parse_resource,
+                       pool_manifest)
 from .model import IPAMConfig
 from .pool import Pool
 from .paged import first
@@ -43,7 +44,7 @@ def _diff(old: dict, new: dict) -> dict:
 
 
 def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV],
-               config_kv: KV | None, marker_kv: KV | None):
+               config_kv: KV | None, marker_kv: KV | None, reservations_kv: KV | None = None):
     """Pure: what applying ``resources`` to the read state would change.
 
     Returns (changes, txn).  The txn's guards cover EVERY resource of the file (so the
@@ -83,8 +84,9 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
         else:
             changes.append(Change(POOL_KIND, r.name, "unchanged"))
     problems.raise_any()
+    _plan_reservations(keys, resources, reservations_kv, changes, txn)
     for r in resources:
-        if r.kind == POOL_KIND:
+        if r.kind in (POOL_KIND, RESERVATION_KIND):
             continue
         txn.read(keys.config, config_kv.mod_revision if config_kv else 0)
         old_cfg = None
@@ -102,6 +104,28 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     if created:
         txn.put(mk, json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
     return changes, txn
+
+
+def _plan_reservations(keys: Keys, resources: Sequence[Resource], kv: KV | None, changes, txn: Txn) -> None:
+    """IPReservations of the file: all in the one reservations record (ipam/reservation.py),
+    compared on its revision as read."""
+    incoming = [r.reservation for r in resources if r.kind == RESERVATION_KIND]
+    if not incoming:
+        return
+    from . import reservation_admin as ra
+    from .reservation import decode
+    try:
+        current = decode(kv.value if kv else None)
+    except ValueError as e:
+        raise ManifestError(f"the stored reservations at etcd key {keys.reservations} are undecodable ({e}); "
+                            f"they are not overwritten blindly -- inspect the key") from None
+    new, chs = ra.plan(current, incoming)
+    before = {r.name: r.to_spec() for r in current}
+    for ch in chs:
+        r = next(x for x in new if x.name == ch["name"])
+        fields = _diff(before.get(r.name, {}), r.to_spec()) if ch["action"] == "configured" else {}
+        changes.append(Change(RESERVATION_KIND, ch["name"], ch["action"], fields))
+    ra.plan_write(keys, kv, new, txn, write=any(ch["action"] != "unchanged" for ch in chs))
 
 
 def _plan_pool_checks(keys: Keys, r: Resource, current: dict, final: dict) -> bool:
@@ -131,13 +155,13 @@ def apply(ipam, resources: Sequence[Resource], *, dry_run: bool = False,
     """Validate ``resources`` against the stored state and write them in ONE transaction.
     ``create_only``: refuse (``AdminError``) when a pool of the file already exists."""
     k = ipam.keys
-    snap = ipam.ds.read([read_prefix(k.pools), Read(k.config), Read(poolset_key(k))])
+    snap = ipam.ds.read([read_prefix(k.pools), Read(k.config), Read(poolset_key(k)), Read(k.reservations)])
     if create_only:
         stored = {k.pool_name_of_key(kv.key) for kv in snap[0].kvs}
         for r in resources:
             if r.kind == POOL_KIND and r.name in stored:
                 raise AdminError(f"{r.label} already exists")
-    changes, txn = plan_apply(k, resources, snap[0].kvs, first(snap[1]), first(snap[2]))
+    changes, txn = plan_apply(k, resources, snap[0].kvs, first(snap[1]), first(snap[2]), first(snap[3]))
     if dry_run or not txn.writes:
         return changes
     if before_commit:

@@ -57,6 +57,9 @@ class Block:
     free: list[int] = field(default_factory=list)
     seq: int = 0
     empty_since: float = 0.0   # when the last address was released (0: in use, or never used)
+    #: ordinal -> wall time (the releasing node's clock) it was released, kept only while an
+    #: IPAMConfig ipCooldownSeconds is set; stored as "releasedAt" (older binaries ignore it)
+    released_at: dict[int, float] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -93,9 +96,32 @@ class Block:
             raise BlockError(f"{ip} is not in block {self.cidr}")
         return int(ip) - int(self.cidr.network_address)
 
-    def allocate(self, handle_id: str, ip=None):
-        """Take the longest-free address (or ``ip``) for ``handle_id``; return it."""
-        if ip is None:
+    def pick(self, reserved=(), cooldown: float = 0, now: float = 0.0) -> tuple[int | None, float]:
+        """The free ordinal ``allocate`` would take: the head of the FIFO, skipping ordinals in
+        ``reserved`` ([lo, hi) ordinal intervals, ipam/reservation.py) and ordinals released less
+        than ``cooldown`` seconds before ``now``.  Returns (ordinal or None, the earliest time a
+        cooling ordinal frees up, 0.0 if none is cooling)."""
+        if not reserved and not (cooldown and self.released_at):
+            return (self.free[0] if self.free else None), 0.0
+        soonest = 0.0
+        rel = self.released_at if cooldown else {}
+        for o in self.free:
+            if reserved and any(a <= o < b for a, b in reserved):
+                continue
+            t = rel.get(o)
+            if t is not None and t + cooldown > now:
+                soonest = t + cooldown if not soonest else min(soonest, t + cooldown)
+                continue
+            return o, soonest
+        return None, soonest
+
+    def allocate(self, handle_id: str, ip=None, *, ordinal: int | None = None):
+        """Take the longest-free address (or ``ip``, or the free ``ordinal`` from ``pick``)
+        for ``handle_id``; return it."""
+        if ordinal is not None:
+            self.free.remove(ordinal)
+            o = ordinal
+        elif ip is None:
             if not self.free:
                 raise BlockError(f"block {self.cidr} is full")
             o = self.free.pop(0)
@@ -111,11 +137,15 @@ class Block:
         self.allocations[o] = handle_id
         self.seq += 1
         self.empty_since = 0.0
+        if self.released_at:
+            self.released_at.pop(o, None)
         return self.ip(o)
 
-    def release(self, ip, handle_id: str | None = None, now: float | None = None) -> bool:
+    def release(self, ip, handle_id: str | None = None, now: float | None = None,
+                cooldown: float = 0) -> bool:
         """Free ``ip``; with ``handle_id``, only if that handle holds it.  True if freed.
-        The block remembers when it became empty (``now``, default: the clock)."""
+        The block remembers when it became empty (``now``, default: the clock), and with a
+        ``cooldown`` when each address was released (entries older than ``cooldown`` go)."""
         o = self.ordinal(ip)
         holder = self.allocations.get(o)
         if holder is None or (handle_id is not None and holder != handle_id):
@@ -123,11 +153,16 @@ class Block:
         del self.allocations[o]
         self.free.append(o)
         self.seq += 1
+        if now is None and (cooldown or self.released_at or not self.allocations):
+            import time
+            now = time.time()
+        t_now: float = now or 0.0
+        if cooldown or self.released_at:
+            self.released_at = {k: t for k, t in self.released_at.items() if t + cooldown > t_now}
+            if cooldown:
+                self.released_at[o] = t_now
         if not self.allocations:
-            if now is None:
-                import time
-                now = time.time()
-            self.empty_since = now
+            self.empty_since = t_now
         return True
 
     def holder(self, ip) -> str | None:
@@ -144,6 +179,8 @@ class Block:
             "free": self.free,
             "seq": self.seq,
             **({"emptySince": self.empty_since} if self.empty_since else {}),
+            **({"releasedAt": {str(k): v for k, v in sorted(self.released_at.items())}}
+               if self.released_at else {}),
         }
 
     def to_json(self) -> bytes:
@@ -159,7 +196,8 @@ class Block:
             free = [int(x) for x in d["free"]]
             b = cls(cidr=cidr, pool=str(d["pool"]), node=d.get("node"), mode=d.get("mode", BRIDGE),
                     allocations=allocations, free=free, seq=int(d.get("seq", 0)),
-                    empty_since=float(d.get("emptySince", 0.0)))
+                    empty_since=float(d.get("emptySince", 0.0)),
+                    released_at={int(k): float(v) for k, v in (d.get("releasedAt") or {}).items()})
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BlockError(f"undecodable block: {e}") from None
         n = cidr.num_addresses
@@ -172,6 +210,11 @@ class Block:
             seen.add(o)
         if any(not 0 <= o < n for o in allocations):
             raise BlockError("allocation ordinal out of range")
+        # a release time of an address that is not free is stale (an older binary allocated it
+        # and kept the field's old value away): drop it, never fail on it
+        if b.released_at:
+            free_set = set(free)
+            b.released_at = {o: t for o, t in b.released_at.items() if o in free_set}
         # a reserved address (bridge mode: the node's gateway...) listed as free or held would be
         # handed out (again): the block cannot be trusted
         reserved = reserved_ordinals(cidr, b.mode) & seen

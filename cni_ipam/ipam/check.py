@@ -81,6 +81,7 @@ class Checker:
         self._bkeys: dict[str, str] = {}
         self._gws: set[str] = set()
         self.counts = {"pools": 0, "blocks": 0, "affinities": 0, "handles": 0, "allocations": 0}
+        self.reserved = None   # reservation.Reserved, when the store has IPReservations
 
     def add(self, kind, key, message, keys=(), subject="", **info):
         self.findings.append(Finding(kind, key, message, tuple(keys) or (key,), subject, info))
@@ -92,6 +93,8 @@ class Checker:
             self.feed_pool(kv)
         elif kv.key == k.config:
             self.feed_config(kv)
+        elif kv.key == k.reservations:
+            self.feed_reservations(kv)
         elif kv.key.startswith(k.affinity):
             self.feed_affinity(kv)
         elif kv.key.startswith(k.handles):
@@ -112,6 +115,13 @@ class Checker:
             IPAMConfig.from_json(kv.value)
         except ValueError as e:
             self.add("undecodable", kv.key, f"IPAM config {kv.key} is undecodable: {e}")
+
+    def feed_reservations(self, kv: KV) -> None:
+        from .reservation import Reserved, decode
+        try:
+            self.reserved = Reserved(decode(kv.value)) or None
+        except ValueError as e:
+            self.add("undecodable", kv.key, f"IPReservations record {kv.key} is undecodable: {e}")
 
     def feed_affinity(self, kv: KV) -> None:
         self.counts["affinities"] += 1
@@ -265,6 +275,13 @@ class Checker:
                 self.add("allocation-handle-mismatch", kv.key, f"{ip} in block {net} is allocated to handle "
                          f"{hid!r}, whose record does not list it", [kv.key, hkey], f"{ip} {hid}", ip=str(ip),
                          block=str(net), handle=hid)
+        if self.reserved is not None:
+            from .reservation_admin import allocations_inside
+            for ip, hid, name in allocations_inside(self.reserved, b):
+                self.add("allocation-in-reservation", kv.key, f"{ip} in block {net} is allocated to handle "
+                         f"{hid!r} but lies in IPReservation {name!r} (allocated before the reservation; "
+                         f"`cni-ipam release --ip {ip}` frees it)", [kv.key, k.reservations], f"{ip} {hid}",
+                         ip=str(ip), block=str(net), handle=hid, reservation=name)
 
     def finish(self) -> list[Finding]:
         k = self.k
@@ -302,6 +319,9 @@ def check(ipam, *, verify: bool = True) -> dict:
     cfg = ds.get(k.config)
     if cfg is not None:
         c.feed_config(cfg)
+    res = ds.get(k.reservations)
+    if res is not None:
+        c.feed_reservations(res)
     from .gc import Splits   # ranges between split points: O(keys) for etcd, not O(keys^2 / page)
     splits = Splits()
     for prefix, fn in ((k.affinity, c.feed_affinity), (k.handles, c.feed_handle), (k.blocks, c.feed_block)):
@@ -329,7 +349,7 @@ def _reverify(ipam, findings: list[Finding]) -> list[Finding]:
     for kv in ds.get_prefix(k.pools):
         c.feed_pool(kv)
     got = [kv for kv in ds.get_many(want) if kv is not None]   # one consistent read (per 128 keys)
-    order = {k.config: 0, k.affinity: 1, k.handles: 2, k.blocks: 3}
+    order = {k.config: 0, k.reservations: 0, k.affinity: 1, k.handles: 2, k.blocks: 3}
 
     def rank(kv):
         for p, r in order.items():
@@ -350,7 +370,7 @@ def _kind_of_key(k: Keys, key: str) -> str:
                          ("pool", k.pools)):
         if key.startswith(prefix):
             return what
-    return "config" if key == k.config else "other"
+    return "config" if key == k.config else "reservations" if key == k.reservations else "other"
 
 
 def _affinity_bid(k: Keys, key: str) -> tuple[str, str] | None:
@@ -398,6 +418,9 @@ def fix_hint(k: Keys, f: dict) -> str:
         return f"once no pod uses {ip}: `cni-ipam release --ip {ip}`"
     if kind == "handle-not-held":
         return f"once its pod is gone: `cni-ipam release --handle {handle}`"
+    if kind == "allocation-in-reservation":
+        return (f"when its pod can move: `cni-ipam release --ip {ip}` (and recreate the pod), or narrow "
+                f"IPReservation {f.get('reservation')!r}")
     if kind == "undecodable":
         what = _kind_of_key(k, key)
         if what == "config":
@@ -406,6 +429,9 @@ def fix_hint(k: Keys, f: dict) -> str:
             name = k.pool_name_of_key(key)
             return (f"inspect it (`etcdctl get {key}`), then `cni-ipam pool delete {name} --force` and "
                     f"apply its manifest again")
+        if what == "reservations":
+            return (f"inspect it (`etcdctl get {key}`); `etcdctl del {key}` drops every IPReservation, then "
+                    f"apply their manifests again (ADDs fail until then)")
         if what == "handle":
             return (f"inspect it (`etcdctl get {key}`); `etcdctl del {key}` removes it, then `cni-ipam check` "
                     f"lists its addresses, which `cni-ipam release --ip` frees once their pods are gone")

@@ -62,6 +62,7 @@ class AssignRequest:
     gateways: dict = field(default_factory=dict)   # routed mode: {4: ip, 6: ip}
     routed_prefix: str = "host"   # routed mode: "host" -> /32 or /128; "block" -> the block's prefix
     node_matches: Callable[[Pool], bool] | None = None  # evaluates nodeSelector for this node
+    ns_matches: Callable[[Pool], bool] | None = None    # evaluates namespaceSelector for the pod's namespace
     pool_sources: dict = field(default_factory=dict)    # per family {4: "...", 6: "..."}; default "config"
     # no Kubernetes: read the namespace's annotations and the node's labels from etcd
     # (<prefix>/v1/namespaces/<ns>, <prefix>/v1/nodes/<node>) in the first batched read
@@ -86,13 +87,27 @@ class AssignResult:
 
 class _Plan(Txn):
     """One attempt's transaction (store.Txn) with the blocks it rewrites, as ``Block``
-    values still being allocated from (encoded by ``ops``)."""
+    values still being allocated from (encoded by ``ops``), and what the plan must skip:
+    ``reserved`` (a reservation.Reserved or None), ``cooldown`` seconds at ``now``."""
 
-    __slots__ = ("blocks",)
+    __slots__ = ("blocks", "reserved", "cooldown", "now", "cooling_until")
 
     def __init__(self, by_value: bool = False):
         super().__init__(by_value)
         self.blocks: dict[str, Block] = {}
+        self.reserved = None
+        self.cooldown = 0
+        self.now = 0.0
+        self.cooling_until = 0.0   # the soonest a cooling address of a block looked at frees up
+
+    def pick(self, b: Block) -> int | None:
+        """The ordinal of ``b`` to allocate (skipping reserved and cooling addresses), or None."""
+        if self.reserved is None and not self.cooldown:
+            return b.free[0] if b.free else None   # the usual case: nothing to skip
+        o, soon = b.pick(self.reserved.intervals(b.cidr) if self.reserved else (), self.cooldown, self.now)
+        if o is None and soon and (not self.cooling_until or soon < self.cooling_until):
+            self.cooling_until = soon
+        return o
 
     def touch(self, key: str, rev: int, value: bytes | None, block: Block) -> None:
         """The plan allocates from ``block`` (read at ``rev`` holding ``value``)."""
@@ -106,6 +121,19 @@ class _Fallback(Exception):
 
 class _Kept(_Fallback):
     """Internal: a StatefulSet pod with keepStatefulSetIPs on: ipam/sticky.py plans this ADD."""
+
+
+def _reserved(key: str, value: bytes | None):
+    """The store's reservations (ipam/reservation.py) or None when there is none: the module
+    is imported only when a reservation exists."""
+    if not value:
+        return None
+    from .reservation import Reserved, decode
+    try:
+        r = Reserved(decode(value))
+    except ValueError as e:
+        raise CorruptData(f"corrupt value at etcd key {key}: {e}") from None
+    return r or None
 
 
 def _unavailable(what: str, e: DatastoreUnavailable) -> TryAgain:
@@ -162,6 +190,15 @@ class IPAM:
     def _config_from(self, res) -> IPAMConfig:
         return decode_config(res.kvs[0].value if res.kvs else None, self.keys.config)
 
+    def _cooldown(self, res) -> int:
+        """ipCooldownSeconds from a read of the config key; a release never fails on a corrupt
+        config (it needs nothing else from it): then no cooldown, and a warning."""
+        try:
+            return self._config_from(res).ip_cooldown_seconds
+        except CorruptData as e:
+            log.warning("release: %s; releasing without a cooldown", e.msg)
+            return 0
+
     @staticmethod
     def _record_reader(keys: list[str], results) -> Callable[[str], bytes | None]:
         got = {key: (r.kvs[0].value if r.kvs else None) for key, r in zip(keys, results)}
@@ -170,7 +207,7 @@ class IPAM:
     def _record_keys(self, req: AssignRequest) -> list[str]:
         """Single records an ADD plans from: the schema record, and the namespace/node records
         the pool choice reads from etcd (without Kubernetes)."""
-        out = [self.keys.schema]
+        out = [self.keys.schema, self.keys.reservations]
         if req.labels_from_etcd:
             out += [self.keys.node(req.node)] + ([self.keys.namespace(req.namespace)] if req.namespace else [])
         return out
@@ -390,11 +427,13 @@ class IPAM:
 
         requested = {ip.version: ip for ip in req.requested}
         families = [f for f, on in ((4, req.assign_v4), (6, req.assign_v6)) if on or f in requested]
-        wanted, sources, matches = self._pool_choice(req, record)
+        wanted, sources, matches, ns_matches = self._pool_choice(req, record)
+        txn.reserved = _reserved(k.reservations, record(k.reservations))
+        txn.cooldown, txn.now = cfg.ip_cooldown_seconds, time.time()
         eligible: dict[int, list[Pool]] = {}
         for fam in families:
             if fam not in requested:
-                eligible[fam] = select_pools(fam, wanted[fam], pools, req.mode, matches, sources[fam])
+                eligible[fam] = select_pools(fam, wanted[fam], pools, req.mode, matches, sources[fam], ns_matches)
 
         # one batched read: the node's blocks in eligible pools + blocks of requested addresses
         want: list[str] = []
@@ -525,13 +564,16 @@ class IPAM:
         self.snapshot_hits += 1
         return AssignResult(handle)
 
-    def _pool_choice(self, req: AssignRequest, record) -> tuple[dict, dict, Callable[[Pool], bool]]:
-        """Pools wanted per family, where that came from, and the nodeSelector test.
+    def _pool_choice(self, req: AssignRequest, record) -> tuple[dict, dict, Callable[[Pool], bool],
+                                                                Callable[[Pool], bool] | None]:
+        """Pools wanted per family, where that came from, the nodeSelector and the
+        namespaceSelector tests.
         ``record(key)``: the node or namespace record (value or None) read with the first
         batch (``labels_from_etcd``); see ipam/annotations.py for the precedence."""
         wanted = {4: req.v4_pools, 6: req.v6_pools}
         sources = {f: req.pool_sources.get(f, "config") for f in (4, 6)}
         matches = req.node_matches or (lambda p: True)
+        ns_matches = req.ns_matches
         if req.labels_from_etcd:
             from . import annotations as ann
             k = self.keys
@@ -546,7 +588,10 @@ class IPAM:
                 wanted, sources = choice.pools, choice.sources
             if req.node_matches is None:
                 matches = ann.node_matcher(req.node, lambda: labels)
-        return wanted, sources, matches
+            if ns_matches is None:
+                ns_matches = ann.namespace_matcher(req.namespace, lambda: ann.decode_record(
+                    k.namespace(req.namespace), ns_value, "labels"))
+        return wanted, sources, matches, ns_matches
 
     def _assignment(self, req: AssignRequest, block: Block, ip) -> Assignment:
         if block.mode == BRIDGE:
@@ -556,6 +601,10 @@ class IPAM:
 
     def _assign_requested(self, req, ip, pool: Pool, cfg: IPAMConfig, loaded, txn: _Plan) -> Assignment:
         k = self.keys
+        r = txn.reserved.which(ip) if txn.reserved is not None else None
+        if r is not None:
+            raise AddressUnavailable(f"requested address {ip} is reserved by IPReservation {r.name!r} "
+                                     f"({', '.join(str(c) for c in r.cidrs if ip in c)}): it is never handed out")
         net = pool.block_of(ip)
         key = k.block(net)
         rev, block, value = loaded[key]
@@ -604,8 +653,9 @@ class IPAM:
                           key=lambda t: t[2].cidr)
             for key, rev, b, value in mine:
                 b = txn.blocks.get(key, b)
-                if b.free:
-                    ip = b.allocate(req.handle_id)
+                o = txn.pick(b)
+                if o is not None:
+                    ip = b.allocate(req.handle_id, ordinal=o)
                     txn.touch(key, rev, value, b)
                     return self._assignment(req, b, ip), 0
         if fast_only:
@@ -618,12 +668,15 @@ class IPAM:
             reason = f"node {req.node} has reached maxBlocksPerHost ({cfg.max_blocks_per_host})"
         else:
             for p in pools:
-                idx = self._find_free_block(p, req.node)
+                idx = self._find_free_block(p, req.node, txn.reserved)
                 if idx is None:
                     continue
                 b = Block.new(p.block_at(idx), p.name, req.node, req.mode)
+                o = txn.pick(b)
+                if o is None:   # (bridge mode: a reservation leaves only the network/gateway/broadcast)
+                    continue
                 self._claim(req.node, b, txn)
-                ip = b.allocate(req.handle_id)
+                ip = b.allocate(req.handle_id, ordinal=o)
                 txn.touch(k.block(b.cidr), 0, None, b)
                 log.info("claimed block %s of pool %s for node %s", b.cidr, p.name, req.node)
                 return self._assignment(req, b, ip), 1
@@ -644,10 +697,15 @@ class IPAM:
                 if got:
                     return got, 0
             reason += "; no other node's block has a free address"
+        if txn.cooling_until:
+            wait = max(0, int(txn.cooling_until - txn.now + 0.999))
+            reason += (f"; released addresses are cooling down (IPAMConfig ipCooldownSeconds "
+                       f"{txn.cooldown}): the next one frees up at "
+                       f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(txn.cooling_until))} (in {wait}s)")
         names = ", ".join(p.name for p in pools)
         raise PoolExhausted(f"no free IPv{fam} address for node {req.node} in pool(s) {names}: {reason}")
 
-    def _find_free_block(self, p: Pool, node: str) -> int | None:
+    def _find_free_block(self, p: Pool, node: str, reserved=None) -> int | None:
         # (an attempt claims at most one block per family, so nothing claimed
         # earlier in the same attempt can be in this pool)
         def list_from(lo, hi, limit):
@@ -659,7 +717,17 @@ class IPAM:
             reads = [Read(*self.keys.pool_block_range(p, lo, hi), count_only=True) for lo, hi in ranges]
             return [r.count for r in self.ds.read(reads)]
 
+        full = reserved.full_block_ranges(p) if reserved is not None else []
+        if full:   # blocks a reservation covers completely count as taken (ipam/reservation.py)
+            from .reservation import with_taken
+            list_from, counts_in = with_taken(full, list_from, counts_in, self._count_ranges(p))
         return find_free_block(p.n_blocks, start_index(node, p.n_blocks), list_from, counts_in)
+
+    def _count_ranges(self, p: Pool):
+        def count(ranges):
+            reads = [Read(*self.keys.pool_block_range(p, lo, hi), count_only=True) for lo, hi in ranges]
+            return [r.count for r in self.ds.read(reads)] if reads else []
+        return count
 
     def _reclaim(self, req, p: Pool, txn: _Plan) -> Assignment | None:
         """When a pool has no unclaimed block left: take over a block of another node that has
@@ -682,10 +750,14 @@ class IPAM:
             if not self.empty_watch.ripe(kv.key, kv.mod_revision):
                 continue
             fresh = Block.new(b.cidr, p.name, req.node, req.mode)
+            fresh.released_at = {o: t for o, t in b.released_at.items() if o in fresh.free}
+            o = txn.pick(fresh)
+            if o is None:
+                continue
             self._claim(req.node, fresh, txn)
             if b.node:
                 txn.delete(self.keys.affinity_key(b.node, b.cidr))
-            ip = fresh.allocate(req.handle_id)
+            ip = fresh.allocate(req.handle_id, ordinal=o)
             txn.touch(kv.key, kv.mod_revision, kv.value, fresh)
             log.info("reclaimed block %s of pool %s from node %s (seen empty for %ds) for node %s",
                      b.cidr, p.name, b.node, self.empty_watch.waited(kv.key), req.node)
@@ -696,8 +768,8 @@ class IPAM:
         s, e = self.keys.pool_block_range(p, 0, p.n_blocks)
         for kv in self.ds.range(s, e):
             b = txn.blocks.get(kv.key) or decode_block(kv.key, kv.value)
-            if b.mode == ROUTED and b.free and b.node != req.node:
-                ip = b.allocate(req.handle_id)
+            if b.mode == ROUTED and b.free and b.node != req.node and (o := txn.pick(b)) is not None:
+                ip = b.allocate(req.handle_id, ordinal=o)
                 txn.touch(kv.key, kv.mod_revision, kv.value, b)
                 log.info("borrowed %s from block %s of node %s", ip, b.cidr, b.node)
                 return self._assignment(req, b, ip)
@@ -722,9 +794,11 @@ class IPAM:
         when its txn lost against another writer.  ``keep``: see ``release``."""
         k = self.keys
         hkeys = [k.handle(handle_id)] + ([k.handle(legacy_id)] if legacy_id else [])
-        got = self.ds.read([Read(key) for key in hkeys] + [Read(k.schema)])
+        got = self.ds.read([Read(key) for key in hkeys] + [Read(k.config), Read(k.schema)])
         schema = got[-1].kvs[0].value if got[-1].kvs else None
         self._schema_guard(schema, 0)
+        cooldown = self._cooldown(got[-2])   # (release times are kept only with a cooldown set)
+        got = got[:-1]
         mine: list[tuple[str, KV, Handle]] = []
         for i, (hkey, res) in enumerate(zip(hkeys, got)):
             if res.kvs:
@@ -751,7 +825,7 @@ class IPAM:
                 continue
             b = decode_block(key, kv.value)
             for a, hid in addrs:
-                if a.ip in b.cidr and not b.release(a.ip, hid):
+                if a.ip in b.cidr and not b.release(a.ip, hid, cooldown=cooldown):
                     log.warning("release %s: %s in block %s is not held by this handle (holder: %s)",
                                 hid, a.ip, b.cidr, b.holder(a.ip))
             txn.update(key, kv.mod_revision, kv.value, b)
@@ -797,7 +871,7 @@ class IPAM:
     def _release_one(self, key, ip, hid):
         kv = self.ds.get(key)
         b = decode_block(key, kv.value)
-        b.release(ip, hid)
+        b.release(ip, hid, cooldown=self._cooldown(self.ds.read([Read(self.keys.config)])[0]))
         txn = Txn()
         txn.update(key, kv.mod_revision, kv.value, b)
         hkey = self.keys.handle(hid)
@@ -844,11 +918,15 @@ class IPAM:
         pools = self._pools_from(snap[0].kvs)
         cfg = self._config_from(snap[1])
         out = []
-        wanted, sources, matches = self._pool_choice(req, self._record_reader(rec_keys, snap[2:]))
+        record = self._record_reader(rec_keys, snap[2:])
+        wanted, sources, matches, ns_matches = self._pool_choice(req, record)
+        probe = _Plan()
+        probe.reserved = _reserved(self.keys.reservations, record(self.keys.reservations))
+        probe.cooldown, probe.now = cfg.ip_cooldown_seconds, time.time()
         for fam, on in ((4, req.assign_v4), (6, req.assign_v6)):
             if not on:
                 continue
-            for p in select_pools(fam, wanted[fam], pools, req.mode, matches, sources[fam]):
+            for p in select_pools(fam, wanted[fam], pools, req.mode, matches, sources[fam], ns_matches):
                 s, e = self.keys.pool_block_range(p, 0, p.n_blocks)
                 if cfg.auto_allocate_blocks and self.ds.count(s, e) < p.n_blocks:
                     out.append(p.name)
@@ -856,7 +934,7 @@ class IPAM:
                 for kv in self.ds.range(s, e):
                     b = decode_block(kv.key, kv.value)
                     if b.free and b.mode == req.mode and (b.node == req.node or (
-                            req.mode == ROUTED and not cfg.strict_affinity)):
+                            req.mode == ROUTED and not cfg.strict_affinity)) and probe.pick(b) is not None:
                         out.append(p.name)
                         break
         return out

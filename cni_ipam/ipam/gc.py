@@ -56,6 +56,15 @@ def _commit(ds: Datastore, txn: Txn, guards: Sequence) -> bool:
     return False
 
 
+def _cooldown(res) -> int:
+    """IPAMConfig ipCooldownSeconds from a read of the config key (0 when unset or undecodable)."""
+    from .model import IPAMConfig
+    try:
+        return IPAMConfig.from_json(res.kvs[0].value).ip_cooldown_seconds if res.kvs else 0
+    except ValueError:
+        return 0
+
+
 def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision: int | None = None,
                    guards: Sequence = (), retries: int = RETRIES, key: str | None = None,
                    block_keys: Sequence[str] = ()) -> list[str] | None:
@@ -70,7 +79,8 @@ def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision
     hkey = key or keys.handle(handle_id)
     hint = list(dict.fromkeys(block_keys or ()))
     for _ in range(retries):
-        got = ds.read([Read(hkey)] + [Read(b) for b in hint])   # the handle and (likely) its blocks: ONE read
+        got = ds.read([Read(hkey)] + [Read(b) for b in hint] + [Read(keys.config)])   # ONE read
+        cooldown = _cooldown(got.pop())   # (release times are recorded only with a cooldown set)
         hkv = got[0].kvs[0] if got[0].kvs else None
         if hkv is None or (expect_revision is not None and hkv.mod_revision != expect_revision):
             return None
@@ -97,7 +107,7 @@ def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision
             except CorruptData as e:
                 raise CorruptData(f"{e.msg}; handle {handle_id} not released") from None
             for a in h.addresses:
-                if a.ip in b.cidr and b.release(a.ip, handle_id):
+                if a.ip in b.cidr and b.release(a.ip, handle_id, cooldown=cooldown):
                     released.append(str(a.ip))
             txn.update(bkey, kv.mod_revision, kv.value, b)
         if _commit(ds, txn, guards):

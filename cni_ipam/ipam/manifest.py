@@ -17,8 +17,8 @@ from ..constants import DNS_SUBDOMAIN_RE
 from ..datastore.base import MAX_TXN_OPS
 from . import selector as _selector
 from .errors import AdminError
-from .model import IPAMConfig
-from .pool import BLOCK_SIZE_RANGE, DEFAULT_BLOCK_SIZE, Pool, PoolError
+from .model import MAX_COOLDOWN, IPAMConfig
+from .pool import ASSIGNMENT_MODES, AUTOMATIC, BLOCK_SIZE_RANGE, DEFAULT_BLOCK_SIZE, Pool, PoolError
 
 # ----------------------------------------------------------------------------- errors
 
@@ -68,15 +68,18 @@ API_VERSIONS = ("projectcalico.org/v3", "cni-ipam/v1")
 OUR_API_VERSION = "cni-ipam/v1"
 POOL_KIND = "IPPool"
 CONFIG_KINDS = ("IPAMConfig", "IPAMConfiguration")   # ours / Calico v3's name for the same thing
-LIST_KINDS = ("List", "IPPoolList")
+LIST_KINDS = ("List", "IPPoolList", "IPReservationList")
 TOP_FIELDS = ("apiVersion", "kind", "metadata", "spec")
 LIST_FIELDS = ("apiVersion", "kind", "metadata", "items")
 # Kubernetes object metadata a calicoctl export carries; only ``name`` is used.
 METADATA_FIELDS = ("name", "labels", "annotations", "uid", "resourceVersion", "creationTimestamp",
                    "generation")
 POOL_SPEC_FIELDS = ("cidr", "blockSize", "disabled", "nodeSelector", "allowedUses", "ipipMode",
-                    "vxlanMode", "natOutgoing", "disableBGPExport")
-CONFIG_SPEC_FIELDS = ("strictAffinity", "autoAllocateBlocks", "maxBlocksPerHost", "keepStatefulSetIPs")
+                    "vxlanMode", "natOutgoing", "disableBGPExport", "assignmentMode", "namespaceSelector")
+CONFIG_SPEC_FIELDS = ("strictAffinity", "autoAllocateBlocks", "maxBlocksPerHost", "ipCooldownSeconds",
+                      "keepStatefulSetIPs")
+RESERVATION_KIND = "IPReservation"
+RESERVATION_SPEC_FIELDS = ("reservedCIDRs",)
 ENCAP_MODES = ("Never", "Always", "CrossSubnet")
 ALLOWED_USES = ("Workload", "Tunnel", "LoadBalancer")
 CONFIG_NAME = "default"
@@ -130,6 +133,7 @@ class Resource:
     where: str
     pool: Pool | None = None
     config: IPAMConfig | None = None
+    reservation: object = None   # reservation.Reservation (kind IPReservation)
 
     @property
     def label(self) -> str:
@@ -259,19 +263,19 @@ def parse_resources(docs: Iterable[Doc]) -> list[Resource]:
     """Validate every document on its own (fields, types, CIDRs, block sizes, selectors)
     and across the file (duplicate names, one IPAMConfig, overlaps inside the file)."""
     out: list[Resource] = []
-    names: dict[str, str] = {}
+    names: dict[tuple[str, str], str] = {}
     config_where = None
     problems = _Problems()
     for d in docs:
         r = problems.run(parse_resource, d)
         if r is None:
             continue
-        if r.kind == POOL_KIND:
-            if r.name in names:
+        if r.kind in (POOL_KIND, RESERVATION_KIND):
+            if (r.kind, r.name) in names:
                 problems.msgs.append(f"{d.where}: {r.label}: metadata.name: defined twice "
-                                     f"(also in {names[r.name]})")
+                                     f"(also in {names[(r.kind, r.name)]})")
                 continue
-            names[r.name] = d.where
+            names[(r.kind, r.name)] = d.where
         else:
             if config_where:
                 problems.msgs.append(f"{d.where}: IPAMConfig: defined twice (also in {config_where})")
@@ -288,15 +292,17 @@ def parse_resource(doc: Doc) -> Resource:
         raise ManifestError(f"{where}: not a mapping (got {type(body).__name__})")
     kind = body.get("kind")
     if kind is None:
-        raise ManifestError(f"{where}: kind: missing (use {POOL_KIND} or IPAMConfig)")
-    if kind != POOL_KIND and kind not in CONFIG_KINDS:
-        raise ManifestError(f"{where}: kind: {_short(kind)} is not supported (use {POOL_KIND} or IPAMConfig)")
+        raise ManifestError(f"{where}: kind: missing (use {POOL_KIND}, {RESERVATION_KIND} or IPAMConfig)")
+    if kind != POOL_KIND and kind != RESERVATION_KIND and kind not in CONFIG_KINDS:
+        raise ManifestError(f"{where}: kind: {_short(kind)} is not supported "
+                            f"(use {POOL_KIND}, {RESERVATION_KIND} or IPAMConfig)")
     _check_api_version(where, body)
     ctx = str(kind)
     problems = _Problems()
     problems.run(_check_fields, where, "", body, TOP_FIELDS, ctx)
     meta = body.get("metadata")
-    if kind == POOL_KIND or meta is not None:
+    named = kind in (POOL_KIND, RESERVATION_KIND)
+    if named or meta is not None:
         if meta is None:
             problems.msgs.append(f"{where}: {ctx}: metadata.name: missing")
         elif not isinstance(meta, dict):
@@ -305,7 +311,7 @@ def parse_resource(doc: Doc) -> Resource:
         else:
             problems.run(_check_fields, where, "metadata.", meta, METADATA_FIELDS, ctx)
     name = (meta or {}).get("name")
-    if kind == POOL_KIND:
+    if named:
         if name is None:
             if meta is not None:
                 problems.msgs.append(f"{where}: {ctx}: metadata.name: missing")
@@ -315,6 +321,11 @@ def parse_resource(doc: Doc) -> Resource:
                                  f"starting and ending with a letter or digit)")
         else:
             ctx = f'{kind} "{name}"'
+        if kind == RESERVATION_KIND:
+            spec = problems.run(_spec, where, ctx, body, RESERVATION_SPEC_FIELDS)
+            res = problems.run(parse_reservation_spec, where, ctx, str(name), spec) if spec is not None else None
+            problems.raise_any()
+            return Resource(RESERVATION_KIND, name, where, reservation=res)
         spec = problems.run(_spec, where, ctx, body, POOL_SPEC_FIELDS)
         pool = problems.run(parse_pool_spec, where, ctx, str(name), spec) if spec is not None else None
         problems.raise_any()
@@ -409,16 +420,16 @@ def _pool_block_size(where: str, ctx: str, spec: dict, net) -> int:
     return bs
 
 
-def _pool_selector(where: str, ctx: str, spec: dict) -> str:
-    sel = spec.get("nodeSelector")
+def _pool_selector(where: str, ctx: str, spec: dict, k: str = "nodeSelector") -> str:
+    sel = spec.get(k)
     if sel is None:
         sel = "all()"
     if not isinstance(sel, str):
-        raise ManifestError(f"{where}: {ctx}: spec.nodeSelector: must be a string, not {_short(sel)}")
+        raise ManifestError(f"{where}: {ctx}: spec.{k}: must be a string, not {_short(sel)}")
     try:
         _selector.parse(sel)
     except _selector.SelectorError as e:
-        raise ManifestError(f"{where}: {ctx}: spec.nodeSelector: {e} in {_short(sel, 80)}") from None
+        raise ManifestError(f"{where}: {ctx}: spec.{k}: {e} in {_short(sel, 80)}") from None
     if not sel.strip():
         sel = "all()"
     return sel
@@ -464,10 +475,29 @@ def parse_pool_spec(where: str, ctx: str, name: str, spec: dict) -> Pool:
     disabled = problems.run(_bool_field, where, ctx, spec, "disabled", False)
     nat = problems.run(_bool_field, where, ctx, spec, "natOutgoing", None)
     bgp = problems.run(_bool_field, where, ctx, spec, "disableBGPExport", None)
+    amode = problems.run(_enum_field, where, ctx, spec, "assignmentMode", ASSIGNMENT_MODES)
+    nsel = problems.run(_pool_selector, where, ctx, spec, "namespaceSelector")
     problems.raise_any()
     ipip, vxlan = encap
     return Pool(name=name, cidr=net, block_size=bs, disabled=disabled, node_selector=sel, allowed_uses=uses,
-                ipip_mode=ipip, vxlan_mode=vxlan, nat_outgoing=nat, disable_bgp_export=bgp)
+                ipip_mode=ipip, vxlan_mode=vxlan, nat_outgoing=nat, disable_bgp_export=bgp,
+                assignment_mode=amode or AUTOMATIC, namespace_selector=nsel)
+
+
+def parse_reservation_spec(where: str, ctx: str, name: str, spec: dict):
+    """``kind: IPReservation``: ``spec.reservedCIDRs``, a non-empty list of CIDRs or addresses."""
+    from .reservation import Reservation, ReservationError, parse_cidrs
+    problems = _Problems()
+    problems.msgs.extend(getattr(spec, "problems", ()))
+    cidrs = None
+    try:
+        cidrs = parse_cidrs(name, spec.get("reservedCIDRs"))
+    except ReservationError as e:
+        problems.msgs.append(f"{where}: {ctx}: spec.reservedCIDRs: {str(e).split(': ', 1)[1]}")
+    if cidrs is not None and len(cidrs) > 1000:
+        problems.msgs.append(f"{where}: {ctx}: spec.reservedCIDRs: at most 1000 CIDRs per reservation")
+    problems.raise_any()
+    return Reservation(name, cidrs)
 
 
 def parse_config_spec(where: str, ctx: str, spec: dict) -> IPAMConfig:
@@ -487,6 +517,13 @@ def parse_config_spec(where: str, ctx: str, spec: dict) -> IPAMConfig:
                                  f"from 0 (no limit) to 1000000, not {_short(m)}")
         else:
             cfg.max_blocks_per_host = m
+    c = spec.get("ipCooldownSeconds")
+    if c is not None:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= MAX_COOLDOWN:
+            problems.msgs.append(f"{where}: {ctx}: spec.ipCooldownSeconds: must be an integer "
+                                 f"from 0 (off) to {MAX_COOLDOWN}, not {_short(c)}")
+        else:
+            cfg.ip_cooldown_seconds = c
     problems.raise_any()
     problem = config_problem(cfg)
     if problem:
@@ -514,7 +551,8 @@ def pool_manifest(p: Pool) -> dict:
 #: ``Pool`` field -> manifest spec field (``pool_from_fields``)
 _SPEC_OF_FIELD = {"disabled": "disabled", "node_selector": "nodeSelector", "allowed_uses": "allowedUses",
                   "ipip_mode": "ipipMode", "vxlan_mode": "vxlanMode", "nat_outgoing": "natOutgoing",
-                  "disable_bgp_export": "disableBGPExport"}
+                  "disable_bgp_export": "disableBGPExport", "assignment_mode": "assignmentMode",
+                  "namespace_selector": "namespaceSelector"}
 
 
 def pool_from_fields(name: str, cidr, block_size: int | None = None, **kw) -> Pool:

@@ -82,6 +82,9 @@ class Handle:
             raise ValueError(f"undecodable handle: {e}") from None
 
 
+MAX_COOLDOWN = 1200   # seconds (Calico's IPCooldownSeconds limit)
+
+
 @dataclass
 class IPAMConfig:
     """Cluster-wide settings (``kind: IPAMConfig``)."""
@@ -90,11 +93,16 @@ class IPAMConfig:
     max_blocks_per_host: int = 0  # 0: no limit
     #: StatefulSet pods keep their address across delete + recreate (ipam/sticky.py)
     keep_statefulset_ips: bool = False
+    #: a released address is not handed out again for this long (0: off); at most MAX_COOLDOWN
+    ip_cooldown_seconds: int = 0
 
     def to_dict(self) -> dict:
+        # the opt-in fields only when set: the record (and its -o json) stays as older versions wrote it
         d = {"strictAffinity": self.strict_affinity, "autoAllocateBlocks": self.auto_allocate_blocks,
              "maxBlocksPerHost": self.max_blocks_per_host}
-        if self.keep_statefulset_ips:   # (opt-in: absent when off, as before the field existed)
+        if self.ip_cooldown_seconds:
+            d["ipCooldownSeconds"] = self.ip_cooldown_seconds
+        if self.keep_statefulset_ips:
             d["keepStatefulSetIPs"] = True
         return d
 
@@ -110,6 +118,7 @@ class IPAMConfig:
             return cls(strict_affinity=bool(d.get("strictAffinity", False)),
                        auto_allocate_blocks=bool(d.get("autoAllocateBlocks", True)),
                        max_blocks_per_host=int(d.get("maxBlocksPerHost", 0)),
+                       ip_cooldown_seconds=max(0, min(MAX_COOLDOWN, int(d.get("ipCooldownSeconds", 0) or 0))),
                        keep_statefulset_ips=bool(d.get("keepStatefulSetIPs", False)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"undecodable IPAM config: {e}") from None

@@ -21,6 +21,8 @@ except ImportError:  # pragma: no cover - an interpreter without the builtin mod
     from hashlib import blake2b as _blake2b
 
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
+AUTOMATIC, MANUAL = "Automatic", "Manual"
+ASSIGNMENT_MODES = (AUTOMATIC, MANUAL)
 BLOCK_SIZE_RANGE = {4: (20, 32), 6: (116, 128)}
 
 
@@ -40,6 +42,10 @@ class Pool:
     disabled: bool = False
     node_selector: str = "all()"
     allowed_uses: list[str] = field(default_factory=lambda: ["Workload", "Tunnel"])
+    #: Automatic: the automatic choice may use the pool; Manual: only when named
+    assignment_mode: str = AUTOMATIC
+    #: matched against the pod's namespace labels by the automatic choice (with nodeSelector)
+    namespace_selector: str = "all()"
     # Calico's fields: kept and shown, no effect on allocation
     ipip_mode: str | None = None
     vxlan_mode: str | None = None
@@ -77,6 +83,11 @@ class Pool:
         d = {"name": self.name, "cidr": str(self.cidr), "blockSize": self.block_size,
              "disabled": self.disabled, "nodeSelector": self.node_selector,
              "allowedUses": list(self.allowed_uses)}
+        # only when not the default: a pool record stays byte-identical to what older versions wrote
+        if self.assignment_mode != AUTOMATIC:
+            d["assignmentMode"] = self.assignment_mode
+        if self.namespace_selector not in ("", "all()"):
+            d["namespaceSelector"] = self.namespace_selector
         for k, v in (("ipipMode", self.ipip_mode), ("vxlanMode", self.vxlan_mode),
                      ("natOutgoing", self.nat_outgoing), ("disableBGPExport", self.disable_bgp_export)):
             if v is not None:
@@ -103,11 +114,18 @@ class Pool:
                 raise ValueError(f"blockSize {bs} does not fit the IPv{net.version} pool {net}")
             if disabled is not None and not isinstance(disabled, bool):
                 raise ValueError(f"disabled {disabled!r} is not a boolean")
+            amode = d.get("assignmentMode") or AUTOMATIC
+            if amode not in ASSIGNMENT_MODES:
+                raise ValueError(f"assignmentMode {amode!r} is not Automatic or Manual")
+            nsel = d.get("namespaceSelector") or "all()"
+            if not isinstance(nsel, str):
+                raise ValueError(f"namespaceSelector {nsel!r} is not a string")
             return cls(name=name, cidr=net, block_size=bs,
                        disabled=bool(disabled), node_selector=d.get("nodeSelector") or "all()",
                        allowed_uses=list(d.get("allowedUses") or ["Workload", "Tunnel"]),
                        ipip_mode=d.get("ipipMode"), vxlan_mode=d.get("vxlanMode"),
-                       nat_outgoing=d.get("natOutgoing"), disable_bgp_export=d.get("disableBGPExport"))
+                       nat_outgoing=d.get("natOutgoing"), disable_bgp_export=d.get("disableBGPExport"),
+                       assignment_mode=amode, namespace_selector=nsel)
         except (KeyError, ValueError, TypeError) as e:
             raise PoolError(f"undecodable pool: {e}") from None
 
@@ -134,12 +152,15 @@ def make_pool(name: str, cidr: str, block_size: int | None = None, **kw) -> Pool
 
 def select_pools(version: int, wanted: Sequence[str] | None, pools: Sequence[Pool], mode: str,
                  node_matches: Callable[[Pool], bool] = lambda p: True,
-                 source: str = "config") -> list[Pool]:
+                 source: str = "config",
+                 ns_matches: Callable[[Pool], bool] | None = None) -> list[Pool]:
     """The pools to allocate from, in order.
 
     ``wanted`` (names or CIDRs, from an annotation or the CNI config): each must
     name an existing, enabled pool of this family; used even if its nodeSelector
-    does not match.  ``None``: every enabled pool whose nodeSelector matches.
+    does not match (Manual pools too).  ``None``: every enabled Automatic pool whose
+    nodeSelector matches the node and whose namespaceSelector ``ns_matches`` the pod's
+    namespace (both tested only for the pools still in the running).
     Pools whose blocks are too small for ``mode`` are left out; if that leaves
     nothing, the error says so."""
     fam = [p for p in pools if p.version == version]
@@ -154,9 +175,19 @@ def select_pools(version: int, wanted: Sequence[str] | None, pools: Sequence[Poo
             if p not in chosen:
                 chosen.append(p)
     else:
-        chosen = [p for p in sorted(fam, key=lambda p: p.name) if not p.disabled and node_matches(p)]
+        auto = [p for p in sorted(fam, key=lambda p: p.name)
+                if not p.disabled and p.assignment_mode != MANUAL]
+        chosen = [p for p in auto if node_matches(p)]
         if not chosen:
-            raise InvalidRequest(f"no enabled IPv{version} pool matches this node")
+            manual = "" if len(auto) == sum(1 for p in fam if not p.disabled) else \
+                " (Manual pools are used only when named by the config or an annotation)"
+            raise InvalidRequest(f"no enabled IPv{version} pool matches this node{manual}")
+        if ns_matches is not None:
+            on_node = chosen
+            chosen = [p for p in on_node if ns_matches(p)]
+            if not chosen:
+                raise InvalidRequest(f"no enabled IPv{version} pool matches this node and the pod's namespace "
+                                     f"(namespaceSelector of {', '.join(p.name for p in on_node)})")
     usable = [p for p in chosen if p.usable_in(mode)]
     if not usable:
         names = ", ".join(f"{p.name} (blockSize {p.block_size})" for p in chosen)

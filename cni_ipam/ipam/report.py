@@ -32,6 +32,10 @@ class PoolUsage:
     undecodable: int = 0
     modes: dict = field(default_factory=dict)   # mode -> claimed blocks in it
     node: str | None = None
+    #: unallocated addresses inside IPReservations that would otherwise be capacity: in the
+    #: claimed blocks, and (``unclaimed_ip_reserved``) in the unclaimed ones
+    claimed_ip_reserved: int = 0
+    unclaimed_ip_reserved: int = 0
 
     @property
     def unclaimed_blocks(self) -> int:
@@ -52,13 +56,19 @@ class PoolUsage:
         return p.block_addresses - len(reserved_ordinals(p.block_at(0), self.unclaimed_mode))
 
     @property
+    def ip_reserved(self) -> int:
+        return self.claimed_ip_reserved + self.unclaimed_ip_reserved
+
+    @property
     def capacity(self) -> int:
-        return self.claimed_capacity + self.unclaimed_blocks * self.unclaimed_block_capacity
+        return (self.claimed_capacity + self.unclaimed_blocks * self.unclaimed_block_capacity
+                - self.ip_reserved)
 
     @property
     def reserved(self) -> int:
-        """Addresses of the pool that are not capacity (never handed out)."""
-        return max(self.addresses - self.capacity, 0)
+        """Addresses of the pool never handed out because of the block layout (network, gateway,
+        broadcast in bridge mode); IPReservations are counted apart (``ip_reserved``)."""
+        return max(self.addresses - self.capacity - self.ip_reserved, 0)
 
     @property
     def free(self) -> int:
@@ -68,7 +78,8 @@ class PoolUsage:
         p = self.pool
         cap = self.capacity
         d = {"name": p.name, "cidr": str(p.cidr), "blockSize": p.block_size, "disabled": p.disabled,
-             "addresses": self.addresses, "inUse": self.in_use, "reserved": self.reserved, "free": self.free,
+             "addresses": self.addresses, "inUse": self.in_use, "reserved": self.reserved,
+             "ipReserved": self.ip_reserved, "free": self.free,
              "blocksClaimed": self.blocks_claimed, "blocksTotal": p.n_blocks,
              "utilization": round(100.0 * self.in_use / cap, 2) if cap else (100.0 if self.addresses else 0.0),
              "capacity": cap, "blockAddresses": p.block_addresses,
@@ -93,9 +104,13 @@ def usage(ipam, *, node: str | None = None, blocks: bool = False,
     bad: list[str] = []
     if pools is None:
         pools, bad = read_pools(ipam)
+    from . import reservation_admin as ra
+    from .reservation import Reserved
+    reserved = Reserved(ra.read(ipam)[1])
     out, rows = [], []
     for p in pools:
         u = PoolUsage(p, addresses=0 if node is not None else p.cidr.num_addresses, node=node)
+        claimed_idx = set()
         start, end = cidr_block_range(ipam.keys, p.cidr)
         for kv in iter_range(ipam.ds, start, end):
             try:
@@ -109,11 +124,16 @@ def usage(ipam, *, node: str | None = None, blocks: bool = False,
             u.blocks_claimed += 1
             u.in_use += b.in_use
             u.claimed_capacity += b.capacity
+            if reserved:
+                u.claimed_ip_reserved += ra.unallocated_reserved(reserved, b)
+                claimed_idx.add(p.block_index(b.cidr))
             u.modes[b.mode] = u.modes.get(b.mode, 0) + 1
             if node is not None:
                 u.addresses += b.cidr.num_addresses
             if blocks:
                 rows.append(block_row(b))
+        if reserved and node is None:
+            u.unclaimed_ip_reserved = ra.unclaimed_reserved_capacity(reserved, p, u.unclaimed_mode, claimed_idx)
         out.append(u)
     return out, rows, bad
 

@@ -24,6 +24,7 @@ Key layout (all keys ASCII; outside names are percent-encoded)::
     <prefix>/v1/schema                         the data layout version (LAYOUT) and the oldest one that may use it
     <prefix>/v1/namespaces/<ns>                namespace annotations (without Kubernetes)
     <prefix>/v1/nodes/<node>                   node labels (without Kubernetes)
+    <prefix>/v1/reservations                   every IPReservation, in one record (ipam/reservation.py)
     <prefix>/v1/controller/<name>              the controller's leadership key (lease-backed)
 
 On the plugin's exec path: standard library and the record modules only.
@@ -123,6 +124,7 @@ class Keys:
         self.namespaces = self.root + "namespaces/"
         self.nodes = self.root + "nodes/"
         self.schema = self.root + "schema"
+        self.reservations = self.root + "reservations"   # every IPReservation, in one record (ipam/reservation.py)
         self.controller = self.root + "controller/"
 
     # -- pools
@@ -261,11 +263,20 @@ class Affinity:
             raise ValueError(f"undecodable affinity: {e}") from None
 
 
-def encode_record(name: str, field_name: str, values: dict) -> bytes:
-    """``<prefix>/v1/namespaces/<ns>`` = {"name", "annotations"};
-    ``<prefix>/v1/nodes/<node>`` = {"name", "labels"}."""
-    return json.dumps({"name": name, field_name: dict(sorted(values.items()))},
-                      separators=(",", ":")).encode()
+def encode_record(name: str, field_name: str, values: dict, old: bytes | None = None) -> bytes:
+    """``<prefix>/v1/namespaces/<ns>`` = {"name", "annotations", "labels"?};
+    ``<prefix>/v1/nodes/<node>`` = {"name", "labels"}.  ``old``: the record as read, whose
+    other fields are kept."""
+    d: dict = {"name": name}
+    if old:
+        try:
+            prev = json.loads(old)
+            if isinstance(prev, dict):
+                d.update({k: v for k, v in prev.items() if k not in ("name", field_name)})
+        except ValueError:
+            pass
+    d[field_name] = dict(sorted(values.items()))
+    return json.dumps(d, separators=(",", ":")).encode()
 
 
 def decode_record(etcd_key: str, value: bytes | None, field_name: str) -> dict:
@@ -453,7 +464,7 @@ class Txn:
         self.by_value = by_value
         self.reads: dict[str, int] = {}
         self.values: dict[str, Any] = {}   # bytes | None | _NO_VALUE
-        self.ranges: list[tuple[str, int]] = []
+        self.ranges: list[tuple[str, int, str | None]] = []
         self.canary: str | None = None
         self.extra: list = []
         self.writes: dict[str, Any] = {}   # key -> record | bytes | None (delete)
@@ -468,8 +479,9 @@ class Txn:
         """The plan depends on ``key`` not existing."""
         self.read(key, 0, None)
 
-    def no_newer(self, prefix: str, rev: int) -> None:
-        self.ranges.append((prefix, rev))
+    def no_newer(self, prefix: str, rev: int, end: str | None = None) -> None:
+        """Nothing under ``prefix`` (or in [prefix, end)) created or modified after ``rev``."""
+        self.ranges.append((prefix, rev, end))
 
     def guard(self, compare) -> None:
         self.extra.append(compare)
@@ -502,8 +514,8 @@ class Txn:
                 compares.append(Compare(key, 0) if value is None else Compare(key, value=value))
             else:
                 compares.append(Compare(key, rev))
-        for prefix, rev in self.ranges:
-            compares.append(Compare(prefix, rev + 1, range_end=prefix_end(prefix), result="LESS"))
+        for prefix, rev, end in self.ranges:
+            compares.append(Compare(prefix, rev + 1, range_end=end or prefix_end(prefix), result="LESS"))
         if self.canary is not None:
             # an etcd that ignored range_end would read this as "the key has mod revision > 0",
             # which is false (no such key): the txn fails rather than trusting unchecked ranges
