@@ -77,7 +77,7 @@ class _Session:
                 raise
             raise err from None
 
-    def __exit__(self, et, e, tb) -> bool:
+    def __exit__(self, et, e, tb) -> None:
         try:
             self._close()
         except Exception as close_error:
@@ -87,7 +87,6 @@ class _Session:
             err = _cni_error(e)
             if err is not None:
                 raise err from None
-        return False
 
     def _open(self):
         from .datastore import open_datastore
@@ -172,6 +171,7 @@ class Plugin:
     def _kube(self, ic: IpamConfig):
         """The Kubernetes client (only with a ``kubernetes`` section; imported only then)."""
         from .k8s import K8sError, client_from_config
+        assert ic.kubernetes is not None   # (callers: only with a kubernetes section)
         try:
             return client_from_config(ic.kubernetes, timeout=ic.timeout_seconds)
         except K8sError as e:

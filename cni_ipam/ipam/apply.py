@@ -51,8 +51,8 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     whole file is applied against one consistent state or not at all) and the pool-set
     marker (so a concurrent apply creating an overlapping pool makes this one fail)."""
     current: dict[str, tuple[KV, Pool | None]] = {}
-    for kv in pool_kvs:
-        current[keys.pool_name_of_key(kv.key)] = (kv, decode_or_none(kv.key, kv.value, Pool.from_json))
+    for pkv in pool_kvs:
+        current[keys.pool_name_of_key(pkv.key)] = (pkv, decode_or_none(pkv.key, pkv.value, Pool.from_json))
     # overlaps are checked against the stored pools the file does not touch and the pools
     # earlier in the file, so the error names the document that introduces the overlap
     in_file = {r.name for r in resources if r.kind == POOL_KIND}
@@ -72,6 +72,7 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
             if old is not None:    # refused: the stored pool stays, and later pools must not overlap it
                 final[old.name] = old
             continue
+        assert p is not None   # (an IPPool resource carries its pool: parse_resource)
         final[p.name] = p
         txn.read(key, kv.mod_revision if kv else 0)
         if old is None:
@@ -88,17 +89,19 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
     for r in resources:
         if r.kind in (POOL_KIND, RESERVATION_KIND):
             continue
+        cfg = r.config
+        assert cfg is not None   # (an IPAMConfig resource carries its config: parse_resource)
         txn.read(keys.config, config_kv.mod_revision if config_kv else 0)
         old_cfg = None
         if config_kv is not None:
             # (None when undecodable: replacing it with a valid one is the repair)
             old_cfg = decode_or_none(keys.config, config_kv.value, IPAMConfig.from_json)
-        if old_cfg is not None and old_cfg.to_dict() == r.config.to_dict() and config_kv is not None:
+        if old_cfg is not None and old_cfg.to_dict() == cfg.to_dict() and config_kv is not None:
             changes.append(Change("IPAMConfig", r.name, "unchanged"))
         else:
-            txn.put(keys.config, r.config)
+            txn.put(keys.config, cfg)
             before = old_cfg.to_dict() if old_cfg else IPAMConfig().to_dict()
-            changes.append(Change("IPAMConfig", r.name, "configured", _diff(before, r.config.to_dict())))
+            changes.append(Change("IPAMConfig", r.name, "configured", _diff(before, cfg.to_dict())))
     mk = poolset_key(keys)
     txn.read(mk, marker_kv.mod_revision if marker_kv else 0)
     if created:
@@ -109,7 +112,8 @@ def plan_apply(keys: Keys, resources: Sequence[Resource], pool_kvs: Sequence[KV]
 def _plan_reservations(keys: Keys, resources: Sequence[Resource], kv: KV | None, changes, txn: Txn) -> None:
     """IPReservations of the file: all in the one reservations record (ipam/reservation.py),
     compared on its revision as read."""
-    incoming = [r.reservation for r in resources if r.kind == RESERVATION_KIND]
+    # (an IPReservation resource always carries its reservation: parse_resource)
+    incoming = [r.reservation for r in resources if r.kind == RESERVATION_KIND and r.reservation is not None]
     if not incoming:
         return
     from . import reservation_admin as ra
@@ -132,6 +136,7 @@ def _plan_pool_checks(keys: Keys, r: Resource, current: dict, final: dict) -> bo
     """A pool of the file against the stored state: undecodable stored record, cidr/blockSize
     change, overlaps (raises ManifestError)."""
     p = r.pool
+    assert p is not None
     key = keys.pool(r.name)
     kv, old = current.get(r.name, (None, None))
     if kv is not None and old is None:

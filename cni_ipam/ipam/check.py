@@ -17,6 +17,10 @@ from .pool import Pool, PoolError
 from .pools import read_pools
 from .paged import iter_prefix
 
+TYPE_CHECKING = False  # typing is not imported at run time; annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    from .reservation import Reserved
+
 
 @dataclass
 class Finding:
@@ -81,7 +85,7 @@ class Checker:
         self._bkeys: dict[str, str] = {}
         self._gws: set[str] = set()
         self.counts = {"pools": 0, "blocks": 0, "affinities": 0, "handles": 0, "allocations": 0}
-        self.reserved = None   # reservation.Reserved, when the store has IPReservations
+        self.reserved: Reserved | None = None   # when the store has IPReservations
 
     def add(self, kind, key, message, keys=(), subject="", **info):
         self.findings.append(Finding(kind, key, message, tuple(keys) or (key,), subject, info))
@@ -259,9 +263,9 @@ class Checker:
             if self.held.get(ik) == hid:
                 del self.held[ik]
                 continue
-            extra = self.held_extra.get(ik)
-            if extra and hid in extra:
-                extra.remove(hid)
+            others = self.held_extra.get(ik)
+            if others and hid in others:
+                others.remove(hid)
                 continue
             if hid in self.bad_handles:
                 continue

@@ -19,7 +19,7 @@ import time
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Callable, Iterable
+    from typing import Callable, ClassVar, Iterable
 
 from ..constants import DEFAULT_ANNOTATION_PREFIX, DEFAULT_PREFIX
 from ..datastore import KV, Datastore, DatastoreError, DatastoreUnavailable, Read, read_prefix
@@ -72,6 +72,8 @@ class AssignRequest:
     #: ownerReferences; used only with IPAMConfig keepStatefulSetIPs: ipam/sticky.py)
     keep_as: str = ""
     keep_checked: bool = False   # sticky.assign found no kept record: allocate as usual (and mark)
+    if TYPE_CHECKING:  # pragma: no cover
+        __record_fields__: ClassVar[tuple[str, ...]]   # set by the dataclass stand-in (cni_ipam/_records.py)
 
     def replace(self, **changes) -> AssignRequest:
         """A copy with ``changes`` (the request itself never changes)."""
@@ -363,6 +365,7 @@ class IPAM:
         if snap[0].kvs:
             return AssignResult(decode_handle(hkey, snap[0].kvs[0].value), existing=True)
         if legacy is not None and legacy.kvs:
+            assert lkey is not None   # (legacy was read: lkey is set)
             old = decode_handle(lkey, legacy.kvs[0].value)
             if old.is_attachment(req.network, req.container_id, req.ifname):
                 return AssignResult(old, existing=True)   # made by an older version: still this attachment's
@@ -389,6 +392,7 @@ class IPAM:
         handle = self._plan(req, view, load, record, txn, fast_only=False)
         txn.absent(hkey)
         if legacy is not None and not legacy.kvs:
+            assert lkey is not None
             txn.absent(lkey)   # (an older version's ADD of the same attachment meanwhile)
         txn.put(hkey, handle)
         # the pools allocated from must be as read: a pool disabled or being deleted
@@ -444,13 +448,13 @@ class IPAM:
                     break
         req_pool: dict[int, Pool] = {}
         for fam, ip in requested.items():
-            p = pool_of_ip(ip, pools)
-            if p is None:
+            rp = pool_of_ip(ip, pools)
+            if rp is None:
                 raise InvalidRequest(f"requested address {ip} is not in any pool")
-            if p.disabled:
-                raise InvalidRequest(f"requested address {ip} is in pool {p.name!r}, which is disabled")
-            req_pool[fam] = p
-            bkey = k.block(p.block_of(ip))
+            if rp.disabled:
+                raise InvalidRequest(f"requested address {ip} is in pool {rp.name!r}, which is disabled")
+            req_pool[fam] = rp
+            bkey = k.block(rp.block_of(ip))
             if bkey not in want:
                 want.append(bkey)
         loaded = load(want)

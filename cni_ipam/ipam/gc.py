@@ -177,7 +177,7 @@ def remove_node(ipam, node: str, *, guards: Sequence = ()) -> dict:
     "affinitiesDeleted": [...]}."""
     ds, k = ipam.ds, ipam.keys
     rec = node_records(ipam, node)
-    out = {"node": node, "released": [], "blocksDeleted": [], "blocksKept": [], "affinitiesDeleted": []}
+    out: dict = {"node": node, "released": [], "blocksDeleted": [], "blocksKept": [], "affinitiesDeleted": []}
     for h in rec["handles"]:
         got = release_handle(ds, k, h.id, guards=guards)   # (a record under a key other than its id's: skipped)
         if got is not None:

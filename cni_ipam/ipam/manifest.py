@@ -11,7 +11,7 @@ import ipaddress
 import json
 import re
 from cni_ipam._records import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ..constants import DNS_SUBDOMAIN_RE
 from ..datastore.base import MAX_TXN_OPS
@@ -19,6 +19,9 @@ from . import selector as _selector
 from .errors import AdminError
 from .model import MAX_COOLDOWN, IPAMConfig
 from .pool import ASSIGNMENT_MODES, AUTOMATIC, BLOCK_SIZE_RANGE, DEFAULT_BLOCK_SIZE, Pool, PoolError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .reservation import Reservation
 
 # ----------------------------------------------------------------------------- errors
 
@@ -133,7 +136,7 @@ class Resource:
     where: str
     pool: Pool | None = None
     config: IPAMConfig | None = None
-    reservation: object = None   # reservation.Reservation (kind IPReservation)
+    reservation: Reservation | None = None   # kind IPReservation
 
     @property
     def label(self) -> str:
@@ -325,10 +328,12 @@ def parse_resource(doc: Doc) -> Resource:
             spec = problems.run(_spec, where, ctx, body, RESERVATION_SPEC_FIELDS)
             res = problems.run(parse_reservation_spec, where, ctx, str(name), spec) if spec is not None else None
             problems.raise_any()
+            assert isinstance(name, str)   # (else a problem was raised above)
             return Resource(RESERVATION_KIND, name, where, reservation=res)
         spec = problems.run(_spec, where, ctx, body, POOL_SPEC_FIELDS)
         pool = problems.run(parse_pool_spec, where, ctx, str(name), spec) if spec is not None else None
         problems.raise_any()
+        assert isinstance(name, str)
         return Resource(POOL_KIND, name, where, pool=pool)
     if name is not None and name != CONFIG_NAME:
         problems.msgs.append(f"{where}: {ctx}: metadata.name: must be {CONFIG_NAME!r} "
@@ -404,7 +409,7 @@ def _pool_cidr(where: str, ctx: str, spec: dict):
     return net
 
 
-def _pool_block_size(where: str, ctx: str, spec: dict, net) -> int:
+def _pool_block_size(where: str, ctx: str, spec: dict, net) -> int | None:
     bs = spec.get("blockSize")
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int)):
         raise ManifestError(f"{where}: {ctx}: spec.blockSize: must be an integer, not {_short(bs)}")
@@ -497,6 +502,7 @@ def parse_reservation_spec(where: str, ctx: str, name: str, spec: dict):
     if cidrs is not None and len(cidrs) > 1000:
         problems.msgs.append(f"{where}: {ctx}: spec.reservedCIDRs: at most 1000 CIDRs per reservation")
     problems.raise_any()
+    assert cidrs is not None   # (else a problem was raised above)
     return Reservation(name, cidrs)
 
 
@@ -561,12 +567,14 @@ def pool_from_fields(name: str, cidr, block_size: int | None = None, **kw) -> Po
     unknown = [k for k in kw if k not in _SPEC_OF_FIELD]
     if unknown:
         raise TypeError(f"make_pool: unknown pool field(s) {', '.join(unknown)}")
-    spec = {"cidr": str(cidr)}
+    spec: dict = {"cidr": str(cidr)}
     if block_size is not None:
         spec["blockSize"] = block_size
     spec.update((_SPEC_OF_FIELD[k], v) for k, v in kw.items() if v is not None)
     body = {"apiVersion": OUR_API_VERSION, "kind": POOL_KIND, "metadata": {"name": name}, "spec": spec}
     try:
-        return parse_resource(Doc("make_pool", body)).pool
+        pool = parse_resource(Doc("make_pool", body)).pool
     except ManifestError as e:
         raise PoolError("; ".join(e.problems)) from None
+    assert pool is not None   # (an IPPool resource carries its pool)
+    return pool

@@ -146,6 +146,7 @@ class _PoolDeletion:
     def disable(self) -> None:
         """Step 1: mark the pool disabled (CAS), and remember the revision written."""
         pool = self.pool
+        assert pool is not None   # (steps 1-4 run only on a decoded pool: delete_pool)
         if pool.disabled:
             return
         pool.disabled = True
@@ -158,9 +159,11 @@ class _PoolDeletion:
 
     def restore(self) -> None:
         """Undo step 1 (an ADD won the race against a delete without ``force``)."""
+        pool = self.pool
+        assert pool is not None
         if not self.was_disabled:
-            self.pool.disabled = False
-            _replace(self.ds, self.key, self.rev, self.pool)
+            pool.disabled = False
+            _replace(self.ds, self.key, self.rev, pool)
 
     def empty_blocks(self, max_rounds: int) -> tuple[list[str], int]:
         """Step 2: release the holders (``force``), then delete every block with its affinity,
@@ -199,13 +202,14 @@ class _PoolDeletion:
     def delete_stale_affinities(self) -> int:
         """Step 3: affinities left without a block (a block deleted by hand, an interrupted delete)."""
         k, pool = self.k, self.pool
+        assert pool is not None
         stale = []
         for akv in iter_prefix(self.ds, k.affinity, keys_only=True):
             try:
                 net = block_from_id(k.affinity_block_id(akv.key))
             except (ValueError, IndexError):
                 continue
-            if net.version == pool.version and net.subnet_of(pool.cidr):
+            if net.version == pool.version and net.subnet_of(pool.cidr):  # type: ignore[arg-type]  # (same version)
                 txn = Txn()
                 txn.delete(akv.key)
                 stale.append(txn)

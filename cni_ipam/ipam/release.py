@@ -23,7 +23,7 @@ def release_handle(ipam, handle_id: str) -> list[str]:
     h = ipam.release(handle_id)
     if h is not None:
         return [str(a.ip) for a in h.addresses]
-    orphans = []
+    orphans: list = []   # ip addresses
     for kv in iter_prefix(ipam.ds, ipam.keys.blocks):
         try:
             b = Block.from_json(kv.value)
