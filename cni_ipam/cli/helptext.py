@@ -53,7 +53,8 @@ Absent values are `null`.  Numbers are JSON numbers (IPv6 pools can have very la
         "name": "external-pool", "cidr": "172.16.0.0/26", "blockSize": 29, "disabled": false,
         "addresses": 64,          # the pool's size (with --node: that node's blocks' size)
         "capacity": 40,           # addresses that can be handed out (see below)
-        "reserved": 24,           # addresses - capacity: never handed out
+        "reserved": 24,           # never handed out because of the block layout (network, gateway, broadcast)
+        "ipReserved": 0,          # unallocated addresses inside IPReservations (not in capacity)
         "inUse": 40, "free": 0,   # free = capacity - inUse
         "utilization": 100.0,     # percent of capacity in use
         "blocksClaimed": 8, "blocksTotal": 8, "blockAddresses": 8,
@@ -90,8 +91,24 @@ most of the pool's claimed blocks use, or bridge (the plugin's default) while no
     {"apiVersion": "cni-ipam/v1", "kind": "IPPoolList", "items": [
       {"apiVersion": "cni-ipam/v1", "kind": "IPPool", "metadata": {"name": "external-pool"},
        "spec": {"cidr", "blockSize", "disabled", "nodeSelector", "allowedUses",
-                "ipipMode", "vxlanMode", "natOutgoing", "disableBGPExport"}}]}
-    # the last four only when set (kept for Calico; no effect on allocation)
+                "ipipMode", "vxlanMode", "natOutgoing", "disableBGPExport",
+                "assignmentMode", "namespaceSelector"}}]}
+    # ipipMode .. disableBGPExport only when set (kept for Calico; no effect on allocation);
+    # assignmentMode only when Manual, namespaceSelector only when not all()
+
+## pool split
+
+    {"pool": "big", "cidr": "10.0.0.0/16", "into": [{"name": "big-0", "cidr": "10.0.0.0/17"}, ...],
+     "blocks": 12,                 # blocks whose pool field was (or, --dry-run, would be) rewritten
+     "steps": ["one transaction"]} # or the steps of the safe sequence; [] with --dry-run
+
+## reservation list, reservation get
+
+`reservation get NAME` is a manifest `apply -f` accepts; `reservation list` is a list of them:
+
+    {"apiVersion": "projectcalico.org/v3", "kind": "IPReservationList", "items": [
+      {"apiVersion": "projectcalico.org/v3", "kind": "IPReservation", "metadata": {"name": "infra"},
+       "spec": {"reservedCIDRs": ["192.168.0.0/28", "192.168.7.77/32"]}}]}
 
 ## pool delete
 
@@ -103,13 +120,14 @@ most of the pool's claimed blocks use, or bridge (the plugin's default) while no
 
 ## apply
 
-    {"dryRun": false, "resources": [{"kind": "IPPool", "name": "...",
+    {"dryRun": false, "resources": [{"kind": "IPPool" | "IPReservation" | "IPAMConfig", "name": "...",
        "action": "created" | "configured" | "unchanged",
        "changed": {"disabled": {"from": false, "to": true}}}]}
 
 ## config show, configure, config set
 
-    {"strictAffinity": false, "autoAllocateBlocks": true, "maxBlocksPerHost": 0}
+    {"strictAffinity": false, "autoAllocateBlocks": true, "maxBlocksPerHost": 0,
+     "ipCooldownSeconds": 120}     # only when set (not 0)
 
 ## release
 
@@ -134,11 +152,13 @@ most of the pool's claimed blocks use, or bridge (the plugin's default) while no
 Finding kinds: undecodable, allocation-without-handle, allocation-handle-mismatch,
 handle-not-held, handle-key-mismatch, block-key-mismatch, block-outside-pools,
 block-pool-mismatch, block-wrong-size, block-without-affinity, affinity-other-node,
-duplicate-affinity, affinity-without-block, leaked (with --kubeconfig).
+duplicate-affinity, affinity-without-block, allocation-in-reservation (+ "reservation": its
+name), leaked (with --kubeconfig).
 
 ## namespace get/list, node get/list
 
     {"name": "shop", "annotations": {"cni.projectcalico.org/ipv4pools": "[\\"external-pool\\"]"}}
+    # + "labels": {...} when the namespace has labels (`namespace label`, for namespaceSelector)
     [{"name": "shop", "annotations": {...}}]          # list
     {"name": "node-a", "labels": {"zone": "a"}}       # node get; node list is a list of them
 """

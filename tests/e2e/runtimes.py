@@ -356,6 +356,10 @@ class Containerd:
         self.root = os.path.join(self.base_dir, "root")
         self.state = os.path.join(self.base_dir, "state")
         self.socket = os.path.join(self.base_dir, "containerd.sock")
+        self._sock_dir = None
+        if len(self.socket + ".ttrpc") > 100:   # unix socket paths end at 104 bytes (deep pytest tmp dirs)
+            self._sock_dir = tempfile.mkdtemp(prefix="ctd-", dir="/tmp")
+            self.socket = os.path.join(self._sock_dir, "containerd.sock")
         self.config_path = os.path.join(self.base_dir, "config.toml")
         self.log_dir = keep_logs_in or self.base_dir
         self.log_path = os.path.join(self.log_dir, "containerd.log")
@@ -532,6 +536,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 os.rmdir(d)
             except OSError:
                 pass
+        if self._sock_dir:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
         keep = os.path.realpath(self.log_dir) if self.log_dir != self.base_dir else None
         if keep is None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
