@@ -254,38 +254,31 @@ class KubeCache:
         with self._lock:
             return dict(self.statefulsets)
 
-    def get_statefulset(self, namespace: str, name: str) -> int | None:
-        """The StatefulSet's spec.replicas straight from the API; None when it does not exist.
-        Raises KubeError when the API cannot say."""
+    def _get_raw(self, what: str, namespace: str, name: str, read) -> dict | None:
+        """One object straight from the API (not the cache) as its JSON; None when it does not
+        exist.  Raises KubeError when the API cannot say."""
         from kubernetes.client.rest import ApiException
         self.requests += 1
         try:
-            resp = self.apps.read_namespaced_stateful_set(name, namespace, _preload_content=False,
-                                                          _request_timeout=self.timeout)
+            resp = read(name, namespace, _preload_content=False, _request_timeout=self.timeout)
         except ApiException as e:
             if e.status == 404:
                 return None
             self.errors += 1
-            raise KubeError(f"Kubernetes API: get statefulset {namespace}/{name}: {_err(e)}") from None
+            raise KubeError(f"Kubernetes API: get {what} {namespace}/{name}: {_err(e)}") from None
         except Exception as e:  # noqa: BLE001 - unreachable, TLS, timeout
             self.errors += 1
-            raise KubeError(f"Kubernetes API: get statefulset {namespace}/{name}: {_err(e)}") from None
-        return self._entry("statefulsets", json.loads(resp.data))[1]  # type: ignore[attr-defined]  # (raw)
+            raise KubeError(f"Kubernetes API: get {what} {namespace}/{name}: {_err(e)}") from None
+        return json.loads(resp.data)
+
+    def get_statefulset(self, namespace: str, name: str) -> int | None:
+        """The StatefulSet's spec.replicas straight from the API; None when it does not exist.
+        Raises KubeError when the API cannot say."""
+        obj = self._get_raw("statefulset", namespace, name, self.apps.read_namespaced_stateful_set)
+        return None if obj is None else self._entry("statefulsets", obj)[1]
 
     def get_pod(self, namespace: str, name: str) -> str | None:
         """The pod's uid straight from the API (not the cache); None when it does not exist.
         Raises KubeError when the API cannot say."""
-        from kubernetes.client.rest import ApiException
-        self.requests += 1
-        try:
-            resp = self.v1.read_namespaced_pod(name, namespace, _preload_content=False,
-                                               _request_timeout=self.timeout)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            self.errors += 1
-            raise KubeError(f"Kubernetes API: get pod {namespace}/{name}: {_err(e)}") from None
-        except Exception as e:  # noqa: BLE001 - unreachable, TLS, timeout
-            self.errors += 1
-            raise KubeError(f"Kubernetes API: get pod {namespace}/{name}: {_err(e)}") from None
-        return (json.loads(resp.data).get("metadata") or {}).get("uid") or ""  # type: ignore[attr-defined]
+        obj = self._get_raw("pod", namespace, name, self.v1.read_namespaced_pod)
+        return None if obj is None else (obj.get("metadata") or {}).get("uid") or ""

@@ -54,6 +54,20 @@ class Queries:
             time.sleep(random.uniform(0, min(0.002 * attempt, 0.05)))
         raise TryAgain(f"{what}: gave up after {self.max_retries} conflicting attempts")
 
+    def _note_written(self, written: dict[str, bytes]) -> None:
+        """After a commit that is not an ADD (a release, a kept address): the warm snapshot's
+        copy of each block written there, as written, at the new revision."""
+        snap = self.snapshot
+        if snap is None:
+            return
+        rev = self.ds.last_revision
+        for key, value in written.items():
+            if key in snap.blocks:
+                if rev:
+                    snap.blocks[key] = (rev, value)
+                else:
+                    del snap.blocks[key]
+
     def _pools_from(self, kvs) -> list[Pool]:
         return [decode_pool(kv.key, kv.value) for kv in kvs]
 

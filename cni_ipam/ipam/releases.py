@@ -75,16 +75,7 @@ class Releases(Queries):
                     log.warning("release %s: %s in block %s is not held by this handle (holder: %s)",
                                 hid, a.ip, b.cidr, b.holder(a.ip))
             txn.update(key, kv.mod_revision, kv.value, b)
-        written = commit(self.ds, txn)
-        snap = self.snapshot
-        if snap is not None:  # the snapshot's copy of a block written here: as written, at the new revision
-            rev = self.ds.last_revision
-            for key, value in written.items():
-                if key in snap.blocks:
-                    if rev:
-                        snap.blocks[key] = (rev, value)
-                    else:
-                        del snap.blocks[key]
+        self._note_written(commit(self.ds, txn))
         h = mine[0][2]
         for _, _, other in mine[1:]:
             h.addresses += other.addresses

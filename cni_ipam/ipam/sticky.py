@@ -63,20 +63,6 @@ def _kept_config(ipam, res) -> tuple[int, bool]:
     return res.kvs[0].mod_revision, cfg.keep_statefulset_ips
 
 
-def _update_snapshot(ipam, written: dict) -> None:
-    """The plugin's warm snapshot: blocks written here, as written (as engine._release_once)."""
-    snap = ipam.snapshot
-    if snap is None:
-        return
-    rev = ipam.ds.last_revision
-    for key, value in written.items():
-        if key in snap.blocks:
-            if rev:
-                snap.blocks[key] = (rev, value)
-            else:
-                del snap.blocks[key]
-
-
 # ----------------------------------------------------------------------------- DEL
 def keep(ipam, hkey: str, hkv, h: Handle):
     """DEL of an attachment with ``keepAs``: move its addresses to the kept handle (one txn).
@@ -122,7 +108,7 @@ def keep(ipam, hkey: str, hkv, h: Handle):
                             "network": h.network, "containerID": h.container_id, "ifname": h.ifname,
                             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     txn.put(kkey, kept)
-    _update_snapshot(ipam, commit(ds, txn))
+    ipam._note_written(commit(ds, txn))
     log.info("DEL %s: %s kept for %s (StatefulSet %s/%s, ordinal %d)", h.id,
              ", ".join(str(a.ip) for a in h.addresses), kid, ns, sts, ordinal)
     return h
@@ -219,7 +205,7 @@ def _resume_once(ipam, req):
         b.seq += 1
     txn.put(hkey, handle)
     txn.delete(kkey)
-    _update_snapshot(ipam, commit(ds, txn))
+    ipam._note_written(commit(ds, txn))
     log.info("ADD %s: %s is back from %s (kept since %s on node %s)", req.handle_id, addrs, req.keep_as,
              (kept.kept_for or {}).get("since", "?"), kept.node)
     return AssignResult(handle)
