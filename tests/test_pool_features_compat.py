@@ -43,3 +43,26 @@ def test_old_node_shares_a_store_with_pool_features(store, conf, old_code, etcd_
     # upgrade every node before relying on assignmentMode / namespaceSelector)
     assert all(ipaddress.ip_address(ip) in ipaddress.ip_network("10.210.0.0/24")
                for ip, hid in held.items() if "/b" in hid)
+
+
+def test_old_node_never_takes_an_address_kept_for_a_statefulset_pod(store, conf, old_code, etcd_server, etcd_prefix):
+    """A kept handle (keepStatefulSetIPs, written by this version) in a rolling upgrade: the
+    previous release on the same node fills the block around the kept address without taking
+    it, its `check` reads the kept handle as a valid record, and this version gets it back."""
+    from cni_ipam.ipam.engine import AssignRequest
+    from cni_ipam.ipam.keys import handle_id
+    store.set_config(IPAMConfig(keep_statefulset_ips=True))
+    hid = handle_id("net", "sts0", "eth0")
+    req = AssignRequest(handle_id=hid, node="node-a", network="net", container_id="sts0", ifname="eth0",
+                        namespace="db", pod="web-0", keep_as="sts/db/web/0")
+    kept_ip = str(store.assign(req).handle.addresses[0].ip)
+    assert store.release(hid, keep=True) is not None
+    assert holders(store)[kept_ip] == "sts/db/web/0"
+    ca = conf(name="net", node="node-a")
+    old = [add_ip(old_plugin(old_code, "ADD", ca, container=f"a{i}")) for i in range(8)]   # > one /29 block
+    assert kept_ip not in old
+    r = cli(old_code, etcd_server, etcd_prefix, "check", "-o", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["clean"], r.stdout + r.stderr
+    back = store.assign(req.replace(handle_id=handle_id("net", "sts1", "eth0"), container_id="sts1"))
+    assert str(back.handle.addresses[0].ip) == kept_ip
+    assert holders(store)[kept_ip] == handle_id("net", "sts1", "eth0")
