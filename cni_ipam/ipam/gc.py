@@ -23,7 +23,7 @@ from ..datastore import Datastore, Read
 from .block import Block
 from .errors import CorruptData, IPAMError
 from .store import (BlockInfo, Conflict, HandleInfo, Keys, Txn, block_from_id, commit, decode_block,
-                    decode_handle, decode_or_none, decoded_dicts, guards_hold, iter_range)
+                    decode_handle, decode_or_none, decoded_dicts, guards_hold, iter_range, release_cooldown)
 
 __all__ = ["BlockInfo", "HandleInfo", "guards_hold"]   # (re-exported: their home is ipam/store.py)
 
@@ -56,15 +56,6 @@ def _commit(ds: Datastore, txn: Txn, guards: Sequence) -> bool:
     return False
 
 
-def _cooldown(res) -> int:
-    """IPAMConfig ipCooldownSeconds from a read of the config key (0 when unset or undecodable)."""
-    from .model import IPAMConfig
-    try:
-        return IPAMConfig.from_json(res.kvs[0].value).ip_cooldown_seconds if res.kvs else 0
-    except ValueError:
-        return 0
-
-
 def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision: int | None = None,
                    guards: Sequence = (), retries: int = RETRIES, key: str | None = None,
                    block_keys: Sequence[str] = ()) -> list[str] | None:
@@ -80,7 +71,7 @@ def release_handle(ds: Datastore, keys: Keys, handle_id: str, *, expect_revision
     hint = list(dict.fromkeys(block_keys or ()))
     for _ in range(retries):
         got = ds.read([Read(hkey)] + [Read(b) for b in hint] + [Read(keys.config)])   # ONE read
-        cooldown = _cooldown(got.pop())   # (release times are recorded only with a cooldown set)
+        cooldown = release_cooldown(got.pop(), keys.config)   # (release times are recorded only with a cooldown set)
         hkv = got[0].kvs[0] if got[0].kvs else None
         if hkv is None or (expect_revision is not None and hkv.mod_revision != expect_revision):
             return None

@@ -14,7 +14,7 @@ from .model import Handle, IPAMConfig, Schema
 from .pool import Pool
 from .request import AssignRequest, _unavailable
 from .snapshot import Snapshot
-from .store import (LAYOUT, Conflict, Keys, Txn, commit, decode_block, decode_config, decode_handle, decode_pool, decode_schema,
+from .store import (LAYOUT, Conflict, Keys, Txn, commit, decode_block, decode_config, decode_handle, decode_pool, decode_schema, release_cooldown,
                     handle_id, legacy_handle_id)
 
 from ..log import log
@@ -75,13 +75,7 @@ class Queries:
         return decode_config(res.kvs[0].value if res.kvs else None, self.keys.config)
 
     def _cooldown(self, res) -> int:
-        """ipCooldownSeconds from a read of the config key; a release never fails on a corrupt
-        config (it needs nothing else from it): then no cooldown, and a warning."""
-        try:
-            return self._config_from(res).ip_cooldown_seconds
-        except CorruptData as e:
-            log.warning("release: %s; releasing without a cooldown", e.msg)
-            return 0
+        return release_cooldown(res, self.keys.config)
 
     @staticmethod
     def _record_reader(keys: list[str], results) -> Callable[[str], bytes | None]:

@@ -335,6 +335,18 @@ def decode_config(value: bytes | None, key: str = "config") -> IPAMConfig:
     return decode(key, value, IPAMConfig.from_json) if value is not None else IPAMConfig()
 
 
+def release_cooldown(res, key: str) -> int:
+    """ipCooldownSeconds from a read (RangeResult) of the config key, for a release: a release
+    never fails on a corrupt config (it needs nothing else from it): then no cooldown, and a
+    warning."""
+    try:
+        return decode_config(res.kvs[0].value if res.kvs else None, key).ip_cooldown_seconds
+    except CorruptData as e:
+        from ..log import log
+        log.warning("release: %s; releasing without a cooldown", e.msg)
+        return 0
+
+
 def decode_schema(key: str, value: bytes | None) -> Schema:
     return decode(key, value, Schema.from_json)
 
