@@ -15,12 +15,12 @@ with the bootloader (PyInstaller 6: ``sys._MEIPASS``, ``sys._pyinstaller_pyz``, 
 
 def _pyi_lean_bootstrap():
     import sys
+    import _imp
+    import os
 
     sys.frozen = True
     # The bootloader's pointer to the (empty) PYZ archive; PyInstaller's bootstrap removes it too.
     sys.__dict__.pop("_pyinstaller_pyz", None)
-
-    import os
 
     # As PyInstaller's bootstrap: a frozen program ignores the virtualenv it is started from.
     if "VIRTUAL_ENV" in os.environ:
@@ -29,19 +29,18 @@ def _pyi_lean_bootstrap():
     if sys.warnoptions:  # as the interpreter does for -W
         import warnings  # noqa: F401
 
-    # As PyInstaller's bootstrap (python >= 3.11): stdlib modules frozen into the interpreter get
-    # a __file__ under sys._MEIPASS, as in every PyInstaller program.
-    import _imp
-    if not getattr(sys, "_stdlib_dir", None):
-        sys._stdlib_dir = sys._MEIPASS
+    # As PyInstaller's bootstrap (python >= 3.11, its _fixup_frozen_stdlib): the stdlib modules
+    # frozen into the interpreter get a __file__ (.pyc) under sys._MEIPASS, as in every PyInstaller
+    # program; with sys._stdlib_dir set, Python gives one (.py) to those imported later.
+    meipass = sys._MEIPASS
+    if not sys._stdlib_dir:
+        sys._stdlib_dir = meipass
     for name, module in list(sys.modules.items()):
         if not _imp.is_frozen(name):
             continue
-        state = getattr(getattr(module, "__spec__", None), "loader_state", None)
-        if state is None:
-            continue
+        state = module.__spec__.loader_state
         orig = state.origname + (".__init__" if _imp.is_frozen_package(name) else "")
-        filename = os.path.join(sys._MEIPASS, *orig.split(".")) + ".pyc"
+        filename = meipass + "/" + orig.replace(".", "/") + ".pyc"
         if not hasattr(module, "__file__"):
             try:
                 module.__file__ = filename
@@ -49,7 +48,6 @@ def _pyi_lean_bootstrap():
                 pass
         if state.filename is None and orig != "importlib._bootstrap":
             state.filename = filename
-
 
 _pyi_lean_bootstrap()
 del _pyi_lean_bootstrap
