@@ -6,6 +6,10 @@ CNI exec the way packaging/entry.py does (``_exit_now``: no interpreter finaliza
 import os
 import sys
 
+if "CNI_COMMAND" in os.environ:  # as packaging/entry.py
+    import gc
+    gc.disable()
+
 
 def _exit_now(code) -> None:
     """The same as packaging/entry.py's ``_exit_now`` (keep the two alike: this is the floor)."""
