@@ -7,13 +7,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import sys
 from pathlib import Path
 
 from tests.e2e.helpers import ROOT
-from tests.plugin_helpers import exec_plugin, netconf
+from tests.plugin_helpers import assert_error, exec_plugin, netconf, seed_store
 
 MINIMAL_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 EXAMPLE = ROOT / "conf" / "10-cni-ipam-bridge.conflist"
@@ -73,6 +74,41 @@ def test_binary_plugin_and_cli_against_etcd(plugin_binary, etcd_server, etcd_pre
     # a CLI error is one line on stderr, not a traceback
     r = run([plugin_binary, "pool", "get", "no-such-pool"], env=cli_env)
     assert r.returncode == 1 and r.stderr.startswith("cni-ipam: error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_cni_exec_ends_with_everything_written(plugin_binary, etcd_server, etcd_prefix, tmp_path):
+    """packaging/entry.py ends a CNI exec with os._exit (no interpreter finalization, no cyclic GC)
+    and the bundle starts through packaging/pyi_boot.py, not PyInstaller's bootstrap modules
+    (docs/performance.md, "The bundle's floor"): the result, an error's JSON and exit code, stderr
+    and the log file's lines must all be out when the process is gone."""
+    from PyInstaller.archive.readers import CArchiveReader
+    toc = CArchiveReader(plugin_binary).toc
+    assert "pyiboot01_bootstrap" in toc and not {"pyimod01_archive", "pyimod02_importers", "struct"} & set(toc)
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": None}
+    with seed_store(etcd_server.endpoint, etcd_prefix):
+        pass
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, ipv4_pools=["external-pool"])
+    log = tmp_path / "cni-ipam.log"
+    add = exec_plugin("ADD", conf, argv=[plugin_binary], env=env, container="c-exit")
+    assert add.rc == 0 and add.stdout.endswith("}\n"), add.stdout + add.stderr
+    assert add.out["ips"][0]["address"].startswith("172.16.0.")
+    lines = log.read_text().splitlines()
+    assert any(" DEBUG " in ln and " ADD c-exit " in ln and "etcd requests=" in ln for ln in lines), lines
+    assert exec_plugin("DEL", conf, argv=[plugin_binary], env=env, container="c-exit").rc == 0
+
+    # an error: the spec's JSON on stdout, the exit code, the warning on stderr and in the log
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    bad = netconf(closed, etcd_prefix, tmp_path, node="node-b", timeout_seconds=1)
+    r = exec_plugin("ADD", bad, argv=[plugin_binary], env=env, container="c-down")
+    assert_error(r, 11, names=closed)
+    assert "code 11" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert any(" ADD c-down " in ln and "code 11" in ln for ln in log.read_text().splitlines())
+    r = exec_plugin("ADD", conf, argv=[plugin_binary], env=env, raw_stdin=b"{nope")
+    assert_error(r, 6)
 
 
 def _install(exe, tmp_path, *extra) -> subprocess.CompletedProcess:
