@@ -7,7 +7,7 @@ as ``etcd_endpoint`` must not go unnoticed).  stdout is never written (CNI proto
 """
 from __future__ import annotations
 
-import ipaddress
+from cni_ipam import ipnet  # addresses without importing ipaddress (issue 17)
 import os
 from cni_ipam._records import dataclass, field
 
@@ -117,9 +117,9 @@ def _routes(k, v):
         if not isinstance(r, dict) or not isinstance(r.get("dst"), str):
             raise ConfigError(f"ipam.{k}: each route must be an object with a string 'dst'")
         try:
-            ipaddress.ip_network(r["dst"], strict=False)
+            ipnet.ip_network(r["dst"], strict=False)
             if r.get("gw") is not None:
-                ipaddress.ip_address(_str(k + ".gw", r["gw"]))
+                ipnet.ip_address(_str(k + ".gw", r["gw"]))
         except ValueError as e:
             raise ConfigError(f"ipam.{k}: {e}") from None
         out.append(dict(r))
@@ -209,7 +209,7 @@ def parse_ipam_config(ipam: dict) -> IpamConfig:
         elif k == "gateway":
             gws = [v] if isinstance(v, str) else _str_list(k, v)
             try:
-                c.gateway = [ipaddress.ip_address(g) for g in gws]
+                c.gateway = [ipnet.ip_address(g) for g in gws]
             except ValueError as e:
                 raise ConfigError(f"ipam.gateway: {e}") from None
             if len({g.version for g in c.gateway}) != len(c.gateway):

@@ -34,11 +34,11 @@ Deliberate differences from Go's skel:
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
+    import ipaddress
     from typing import Mapping
 
 from .errors import CNIError, ERR_INVALID_ENVIRONMENT_VARIABLES
@@ -185,6 +185,7 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     are rejected.  Raises :class:`ValueError`."""
     if not isinstance(text, str):
         raise ValueError(f"IP address must be a string, not {type(text).__name__}")
+    import ipaddress   # only when addresses are requested (issue 17: not on every exec)
     if "/" in text:
         addr = ipaddress.ip_interface(text).ip
     else:

@@ -20,11 +20,12 @@ counts as ``0.1.0``), so the error JSON echoes it; otherwise it is ``None``.
 """
 from __future__ import annotations
 
-import ipaddress
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
+    import ipaddress
+    IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
     from typing import Any
 
 from .env import CNIEnv, cni_args_ips, parse_ip
@@ -50,7 +51,6 @@ def _valid_name(s: str) -> bool:
     r"""``[A-Za-z0-9][A-Za-z0-9_.\-]*`` (Go's pattern), without `re` at import."""
     return bool(s) and s[0] in _ALNUM and not s.strip(_NAME_CHARS)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)

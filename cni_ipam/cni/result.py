@@ -30,7 +30,9 @@ Choices (mirroring the Go library's ``omitempty`` and 0.2.0 conversion):
 """
 from __future__ import annotations
 
-import ipaddress
+import sys
+
+from cni_ipam import ipnet  # addresses without importing ipaddress (issue 17)
 from cni_ipam._records import dataclass
 
 from .errors import CNIError, ERR_INCOMPATIBLE_CNI_VERSION
@@ -38,8 +40,20 @@ from .version import compare_versions, is_supported
 
 __all__ = ["IPConfig", "render_result"]
 
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
+if TYPE_CHECKING:  # pragma: no cover
+    import ipaddress
+    IPInterface = ipnet.Interface | ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    IPAddress = ipnet.Address | ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _is(value, ours: type, std: tuple[str, ...]) -> bool:
+    """``value`` is an ipnet ``ours`` or one of the ``ipaddress`` classes ``std`` (which it can
+    only be if something already imported ``ipaddress``)."""
+    if isinstance(value, ours):
+        return True
+    ipa = sys.modules.get("ipaddress")
+    return ipa is not None and isinstance(value, tuple(getattr(ipa, n) for n in std))
 
 
 @dataclass(frozen=True)
@@ -48,11 +62,11 @@ class IPConfig:
     gateway: IPAddress | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.address, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+        if not _is(self.address, ipnet.Interface, ("IPv4Interface", "IPv6Interface")):
             raise TypeError(f"address must be an IPv4Interface/IPv6Interface, "
                             f"not {type(self.address).__name__}")
         if self.gateway is not None:
-            if not isinstance(self.gateway, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            if not _is(self.gateway, ipnet.Address, ("IPv4Address", "IPv6Address")):
                 raise TypeError(f"gateway must be an IPv4Address/IPv6Address, "
                                 f"not {type(self.gateway).__name__}")
             if self.gateway.version != self.address.version:
@@ -73,11 +87,11 @@ def _route_family(route: dict) -> int:
     dst = route.get("dst")
     if dst is None or isinstance(dst, bool):
         raise ValueError(f"route needs a CIDR dst: {route!r}")
-    net = ipaddress.ip_network(str(dst), strict=False)
+    net = ipnet.ip_network(str(dst), strict=False)
     gw = route.get("gw")
     if gw is not None:
         # No family check: an IPv4 route via an IPv6 next hop (RFC 5549) is legal.
-        ipaddress.ip_address(str(gw))
+        ipnet.ip_address(str(gw))
     return net.version
 
 

@@ -25,7 +25,7 @@ Nothing here talks to etcd.
 """
 from __future__ import annotations
 
-import ipaddress
+from cni_ipam import ipnet
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
@@ -86,7 +86,7 @@ def parse_pools(value, k: str, where: str, version: int) -> list[str]:
     for ref in refs:
         if "/" in ref:
             try:
-                net = ipaddress.ip_network(ref, strict=False)
+                net = ipnet.ip_network(ref, strict=False)
             except ValueError:
                 raise _bad(k, where, f"{ref!r} is not a valid CIDR", value) from None
             if net.version != version:
@@ -99,7 +99,7 @@ def parse_ip_addrs(value, k: str, where: str) -> list:
     out: list = []
     for item in _json_list(value, k, where):
         try:
-            ip = ipaddress.ip_address(item)
+            ip = ipnet.ip_address(item)
         except ValueError:
             raise _bad(k, where, f"{item!r} is not an IP address", value) from None
         if any(o.version == ip.version for o in out):

@@ -14,7 +14,7 @@ Nothing in this module talks to etcd.
 """
 from __future__ import annotations
 
-import ipaddress
+from cni_ipam import ipnet  # addresses without importing ipaddress (issue 17)
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 
@@ -49,7 +49,7 @@ def usable_in_mode(block_prefixlen: int, version: int, mode: str) -> bool:
 
 @dataclass
 class Block:
-    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    cidr: ipnet.Network
     pool: str
     node: str | None
     mode: str = BRIDGE
@@ -191,7 +191,7 @@ class Block:
         """Decode and check a stored block; raises BlockError on anything inconsistent."""
         try:
             d = json.loads(data)
-            cidr = ipaddress.ip_network(d["cidr"])
+            cidr = ipnet.ip_network(d["cidr"])
             allocations = {int(k): str(v) for k, v in d["allocations"].items()}
             free = [int(x) for x in d["free"]]
             b = cls(cidr=cidr, pool=str(d["pool"]), node=d.get("node"), mode=d.get("mode", BRIDGE),

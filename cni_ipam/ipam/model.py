@@ -1,7 +1,7 @@
 """Stored records other than blocks and pools: handles and the global IPAM config."""
 from __future__ import annotations
 
-import ipaddress
+from cni_ipam import ipnet  # addresses without importing ipaddress (issue 17)
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 
@@ -9,15 +9,15 @@ from cni_ipam._records import dataclass, field
 @dataclass
 class Assignment:
     """One address held by a handle, with what the CNI result needs."""
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
-    block: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ip: ipnet.Address
+    block: ipnet.Network
     pool: str
     prefixlen: int
-    gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    gateway: ipnet.Address | None = None
 
     @property
     def interface(self):
-        return ipaddress.ip_interface(f"{self.ip}/{self.prefixlen}")
+        return ipnet.Interface(ipnet.ip_address(self.ip), self.prefixlen)
 
     def to_dict(self) -> dict:
         return {"ip": str(self.ip), "block": str(self.block), "pool": self.pool,
@@ -26,9 +26,9 @@ class Assignment:
     @classmethod
     def from_dict(cls, d: dict) -> "Assignment":
         gw = d.get("gateway")
-        return cls(ip=ipaddress.ip_address(d["ip"]), block=ipaddress.ip_network(d["block"]),
+        return cls(ip=ipnet.ip_address(d["ip"]), block=ipnet.ip_network(d["block"]),
                    pool=str(d.get("pool", "")), prefixlen=int(d["prefixlen"]),
-                   gateway=ipaddress.ip_address(gw) if gw else None)
+                   gateway=ipnet.ip_address(gw) if gw else None)
 
 
 @dataclass

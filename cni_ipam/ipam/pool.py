@@ -5,7 +5,7 @@ callables (list block indexes from a point; count blocks in a range).
 """
 from __future__ import annotations
 
-import ipaddress
+from cni_ipam import ipnet  # addresses without importing ipaddress (issue 17)
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
@@ -30,14 +30,10 @@ class PoolError(ValueError):
     pass
 
 
-def _net_class(version: int):
-    return ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
-
-
 @dataclass
 class Pool:
     name: str
-    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    cidr: ipnet.Network
     block_size: int
     disabled: bool = False
     node_selector: str = "all()"
@@ -66,14 +62,14 @@ class Pool:
 
     def block_at(self, index: int):
         base = int(self.cidr.network_address) + index * self.block_addresses
-        return _net_class(self.version)((base, self.block_size))
+        return ipnet.Network(self.version, base, self.block_size)
 
     def block_index(self, net) -> int:
         return (int(net.network_address) - int(self.cidr.network_address)) // self.block_addresses
 
     def block_of(self, ip):
         """The block (network) of this pool that contains ``ip``."""
-        return _net_class(self.version)((int(ip), self.block_size), strict=False)
+        return ipnet.network_of(self.version, int(ip), self.block_size)
 
     def usable_in(self, mode: str) -> bool:
         return usable_in_mode(self.block_size, self.version, mode)
@@ -106,7 +102,7 @@ class Pool:
             disabled = d.get("disabled")
             if not isinstance(name, str) or not isinstance(cidr, str) or "/" not in cidr:
                 raise ValueError("name and cidr (with a prefix length) must be strings")
-            net = ipaddress.ip_network(cidr)
+            net = ipnet.ip_network(cidr)
             if isinstance(bs, bool) or not isinstance(bs, int):
                 raise ValueError(f"blockSize {bs!r} is not an integer")
             lo, hi = BLOCK_SIZE_RANGE[net.version]
@@ -201,7 +197,7 @@ def _find_pool(ref: str, pools: Sequence[Pool]) -> Pool | None:
         if p.name == ref:
             return p
     try:
-        net = ipaddress.ip_network(ref, strict=False)
+        net = ipnet.ip_network(ref, strict=False)
     except ValueError:
         return None
     for p in pools:

@@ -3,7 +3,7 @@
 conflict like an ADD."""
 from __future__ import annotations
 
-import ipaddress
+from cni_ipam import ipnet
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable
@@ -85,7 +85,7 @@ class Releases(Queries):
         """Release single addresses (repair); returns [(ip, handle)] released."""
         done = []
         for ip in ips:
-            ip = ipaddress.ip_address(ip)
+            ip = ipnet.ip_address(ip)
             p = pool_of_ip(ip, self.pools())
             if p is None:
                 continue

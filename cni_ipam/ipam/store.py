@@ -31,7 +31,7 @@ On the plugin's exec path: standard library and the record modules only.
 """
 from __future__ import annotations
 
-import ipaddress
+from cni_ipam import ipnet  # addresses without importing ipaddress (issue 17)
 
 from cni_ipam import _json as json  # json.loads/dumps without importing json (+ re)
 
@@ -73,19 +73,19 @@ def unescape(s: str) -> str:
     return out.decode("utf-8", "surrogatepass")
 
 
-def block_id(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+def block_id(net) -> str:
     """``v4/0a000040-26``: family, zero-padded hex network address, prefix length."""
     width = 8 if net.version == 4 else 32
     return "v%d/%0*x-%d" % (net.version, width, int(net.network_address), net.prefixlen)
 
 
-def block_from_id(bid: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def block_from_id(bid: str) -> ipnet.Network:
     fam, rest = bid.split("/", 1)
     hexaddr, plen = rest.split("-", 1)
     if fam == "v4":
-        return ipaddress.IPv4Network((int(hexaddr, 16), int(plen)))
+        return ipnet.Network(4, int(hexaddr, 16), int(plen))
     if fam == "v6":
-        return ipaddress.IPv6Network((int(hexaddr, 16), int(plen)))
+        return ipnet.Network(6, int(hexaddr, 16), int(plen))
     raise ValueError(f"bad block id {bid!r}")
 
 
@@ -386,7 +386,7 @@ class HandleInfo:
             b = a["block"]
             bkey = block_keys.get(b)
             if bkey is None:
-                bkey = block_keys[b] = keys.block(ipaddress.ip_network(b))
+                bkey = block_keys[b] = keys.block(ipnet.ip_network(b))
             blocks.append(bkey)
         return cls(str(d["id"]), rev, str(d["node"]), d.get("namespace") or "", d.get("pod") or "",
                    d.get("podUID") or "", blocks, key)
