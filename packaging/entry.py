@@ -15,7 +15,7 @@ from cni_ipam.main import main  # noqa: E402
 def _exit_now(code) -> None:
     """End a CNI exec without the interpreter's finalization (docs/performance.md, "The bundle's floor").
 
-    Py_Finalize tears down every module and collects every object: ~8 M instructions of each exec
+    Py_Finalize tears down every module and collects every object: 8-12 M instructions per exec
     for nothing, the kernel frees the memory anyway.  What finalization does that matters is done
     here: non-daemon threads are waited for, atexit handlers run, stdout/stderr are flushed (a
     failed flush exits 120, as Python does).  The plugin closes its files, sockets and locks itself."""
@@ -25,7 +25,7 @@ def _exit_now(code) -> None:
     atexit._run_exitfuncs()
     for f in (sys.stdout, sys.stderr):
         try:
-            if f is not None:
+            if f is not None and not f.closed:
                 f.flush()
         except (OSError, ValueError):
             code = 120
@@ -34,6 +34,6 @@ def _exit_now(code) -> None:
 
 if __name__ == "__main__":
     rc = main()
-    if "CNI_COMMAND" in os.environ:
-        _exit_now(rc if isinstance(rc, int) else (0 if rc is None else 1))
+    if "CNI_COMMAND" in os.environ and (rc is None or isinstance(rc, int)):
+        _exit_now(rc or 0)
     sys.exit(rc)

@@ -19,7 +19,7 @@ def _exit_now(code) -> None:
     atexit._run_exitfuncs()
     for f in (sys.stdout, sys.stderr):
         try:
-            if f is not None:
+            if f is not None and not f.closed:
                 f.flush()
         except (OSError, ValueError):
             code = 120
