@@ -71,14 +71,15 @@ class Releases(Queries):
         rest = [key for key in bkeys if key not in cached]
         fetched = dict(zip(rest, self.ds.get_many(rest))) if rest else {}
         for key in bkeys:
+            kv = fetched.get(key)
             if key in cached:
                 rev, value = cached[key]
-            elif fetched[key] is None:
+            elif kv is None:
                 log.warning("release %s: block %s no longer exists", handle_id, key)
                 txn.absent(key)
                 continue
             else:
-                rev, value = fetched[key].mod_revision, fetched[key].value
+                rev, value = kv.mod_revision, kv.value
             b = decode_block(key, value)
             for a, hid in addrs:
                 if a.ip in b.cidr and not b.release(a.ip, hid, cooldown=cooldown):
