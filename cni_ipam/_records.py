@@ -51,27 +51,26 @@ def _dataclass(cls=None, /, *, frozen=False, slots=False, eq=True, repr=True):
             else:
                 defaults.pop(n, None)
         ns = _methods(names, defaults, frozen, hasattr(cls, "__post_init__"))
-        d = dict(cls.__dict__)
+        own_dict = cls.__dict__
+        new: dict = {}   # what the class gains (setting only these: each set on a type costs)
         for k, v in ns.items():
             if k == "__repr__" and not repr:
                 continue
             if k in ("__eq__", "__hash__") and not eq:
                 continue
-            if k not in cls.__dict__ or k in ("__eq__", "__hash__"):
-                d[k] = v
+            if k not in own_dict or k in ("__eq__", "__hash__"):
+                new[k] = v
         if not frozen and eq:
-            d["__hash__"] = None
-        d["__record_fields__"] = tuple(names)
-        d["__record_defaults__"] = defaults
-        d["__match_args__"] = tuple(names)
+            new["__hash__"] = None
+        new["__record_fields__"] = tuple(names)
+        new["__record_defaults__"] = defaults
+        new["__match_args__"] = tuple(names)
         if not slots:
-            for k, v in d.items():
-                if k not in ("__dict__", "__weakref__"):
-                    try:
-                        setattr(cls, k, v)
-                    except (AttributeError, TypeError):
-                        pass
+            for k, v in new.items():
+                setattr(cls, k, v)
             return cls
+        d = dict(own_dict)
+        d.update(new)
         d["__slots__"] = tuple(own)
         for n in annotated:
             d.pop(n, None)

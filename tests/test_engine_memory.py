@@ -219,6 +219,56 @@ def test_release_conflict_retries_and_keeps_the_others(store, ipam):
     assert h1.addresses[0].ip not in consistent(store)
 
 
+def test_release_with_a_warm_snapshot_is_two_requests_and_keeps_it_current(store):
+    """DEL on a node with a warm snapshot: its block is not read again (2 requests, not 3); the
+    snapshot holds the block as written, so the next ADD is still one request."""
+    ipam = client(store, use_snapshot=True)
+    ipam.create_pool(make_pool("p", "10.12.0.0/24", 28))
+    ipam.assign(req("h1"))
+    ipam.assign(req("h2"))
+    assert ipam.snapshot is not None
+    n = ipam.ds.requests
+    out = ipam.release("h1")
+    assert ipam.ds.requests - n == 2 and out is not None and ipam.conflicts == 0
+    n = ipam.ds.requests
+    ipam.assign(req("h3"))
+    assert ipam.ds.requests - n == 1 and ipam.snapshot_hits >= 1
+    assert {h.id for h in ipam.handles()} == {"h2", "h3"}
+    consistent(store)
+
+
+def test_release_from_a_stale_snapshot_block_retries_with_a_fresh_read(store):
+    """The snapshot's copy of the block is out of date (another client allocated from it after):
+    the content compare refuses the txn, nothing is lost, the retry reads the block and frees
+    exactly this handle's address."""
+    ipam = client(store, use_snapshot=True, max_retries=5)
+    ipam.create_pool(make_pool("p", "10.13.0.0/24", 28))
+    ipam.assign(req("h1"))
+    h2 = ipam.assign(req("h2")).handle
+    rival = client(store)
+    rival.assign(req("r1"))            # same node's block, written by another process: snapshot stale
+    out = ipam.release("h2")
+    assert out is not None and out.addresses == h2.addresses and ipam.conflicts == 1
+    assert {h.id for h in ipam.handles()} == {"h1", "r1"}
+    held = consistent(store)
+    assert h2.addresses[0].ip not in held and len(held) == 2
+
+
+def test_release_snapshot_race_during_the_commit(store):
+    """Another client writes the block between the plan and the commit: refused, re-read,
+    released; the other client's allocation survives."""
+    ipam = client(store, use_snapshot=True, max_retries=5)
+    ipam.create_pool(make_pool("p", "10.14.0.0/24", 28))
+    ipam.assign(req("h1"))
+    ipam.assign(req("h2"))
+    rival = client(store)
+    interfere(store, lambda i, ops: rival.assign(req("r1")), when=block_put)
+    ipam.release("h1")
+    assert ipam.conflicts == 1
+    assert {h.id for h in ipam.handles()} == {"h2", "r1"}
+    assert len(consistent(store)) == 2
+
+
 def test_release_ips_conflict_on_a_dual_stack_handle(store, ipam):
     ipam.create_pool(make_pool("p4", "10.8.0.0/24", 29))
     ipam.create_pool(make_pool("p6", "fd00:8::/64", 125))

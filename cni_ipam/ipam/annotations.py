@@ -30,9 +30,9 @@ from cni_ipam import _json as json  # json.loads/dumps without importing json (+
 from cni_ipam._records import dataclass, field
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Callable
+    from typing import Callable  # noqa: F401
 
-from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain
+from .errors import CorruptData, InvalidRequest, IPAMError, TryAgain  # noqa: F401 (CorruptData re-exported)
 from .store import decode_record, encode_record  # noqa: F401 (the records' codec lives in the store layer)
 
 from ..log import log
@@ -158,60 +158,9 @@ def apply_choice(req, choice: PoolChoice, **changes):
     return req.replace(**changes)
 
 
-# -- node selectors ----------------------------------------------------------------
-
-def node_matcher(node: str, get_labels: Callable[[], dict]) -> Callable:
-    """``matches(pool)`` for select_pools: evaluates the pool's nodeSelector against
-    the node's labels; ``get_labels`` is called at most once, and only when some
-    pool's selector is not ``all()``."""
-    cache: list[dict] = []
-
-    def matches(pool) -> bool:
-        if not pool.node_selector or pool.node_selector == "all()":
-            return True   # the default: matches every node (no parser imported on an ADD's path)
-        from .selector import SelectorError, parse as parse_selector
-        try:
-            sel = parse_selector(pool.node_selector)
-        except SelectorError as e:
-            raise CorruptData(f"pool {pool.name!r} has an invalid nodeSelector "
-                              f"{pool.node_selector!r}: {e}") from None
-        if sel.matches_all:
-            return True
-        if not cache:
-            cache.append(get_labels() or {})
-        ok = sel.matches(cache[0])
-        log.debug("pool %s: nodeSelector %r %s node %s", pool.name, pool.node_selector,
-                  "matches" if ok else "does not match", node)
-        return ok
-    return matches
-
-
-def namespace_matcher(namespace: str, get_labels: Callable[[], dict]) -> Callable:
-    """``matches(pool)`` for select_pools: the pool's namespaceSelector against the pod's
-    namespace labels (``get_labels`` called at most once, only for a selector other than
-    ``all()``).  Without a namespace (not a Kubernetes pod) only ``all()`` matches."""
-    cache: list[dict] = []
-
-    def matches(pool) -> bool:
-        text = pool.namespace_selector
-        if not text or text == "all()":
-            return True
-        from .selector import SelectorError, parse as parse_selector
-        try:
-            sel = parse_selector(text)
-        except SelectorError as e:
-            raise CorruptData(f"pool {pool.name!r} has an invalid namespaceSelector {text!r}: {e}") from None
-        if sel.matches_all:
-            return True
-        if not namespace:
-            return False
-        if not cache:
-            cache.append(get_labels() or {})
-        ok = sel.matches(cache[0])
-        log.debug("pool %s: namespaceSelector %r %s namespace %s", pool.name, text,
-                  "matches" if ok else "does not match", namespace)
-        return ok
-    return matches
+# -- node and namespace selectors: node_matcher / namespace_matcher, in ipam/pool.py (the ADD
+#    path uses them without loading this module)
+from .pool import namespace_matcher, node_matcher  # noqa: E402,F401 (re-exported)
 
 
 # -- records stored in etcd (no Kubernetes): encode_record / decode_record, in ipam/store.py

@@ -24,9 +24,9 @@ from ..datastore.base import MAX_TXN_OPS
 from .block import BRIDGE, ROUTED, Block, BlockError
 from .errors import AddressUnavailable, CorruptData, InvalidRequest, IPAMError, PoolExhausted
 from .model import Assignment, Handle, IPAMConfig
-from .pool import Pool, find_free_block, pool_of_ip, select_pools, start_index
+from .pool import Pool, find_free_block, namespace_matcher, node_matcher, pool_of_ip, select_pools, start_index
 from .snapshot import Snapshot
-from .store import Affinity, Conflict, commit, decode_block, decode_config, decode_handle, decode_pool
+from .store import Affinity, Conflict, commit, decode_block, decode_config, decode_handle, decode_pool, decode_record
 
 from ..log import log
 
@@ -321,21 +321,21 @@ class IPAM(Releases):
         matches = req.node_matches or (lambda p: True)
         ns_matches = req.ns_matches
         if req.labels_from_etcd:
-            from . import annotations as ann
             k = self.keys
-            labels = ann.decode_record(k.node(req.node), record(k.node(req.node)), "labels")
+            labels = decode_record(k.node(req.node), record(k.node(req.node)), "labels")
             ns_ann = None
             ns_value = record(k.namespace(req.namespace)) if req.namespace else None
             if ns_value is not None:
-                ns_ann = ann.decode_record(k.namespace(req.namespace), ns_value, "annotations")
+                ns_ann = decode_record(k.namespace(req.namespace), ns_value, "annotations")
             if ns_ann:
+                from . import annotations as ann   # (only with namespace annotations: not on every ADD)
                 choice = ann.choose(req.annotation_prefix, config_pools=wanted, namespace=req.namespace,
                                     pod=req.pod, ns_annotations=ns_ann)
                 wanted, sources = choice.pools, choice.sources
             if req.node_matches is None:
-                matches = ann.node_matcher(req.node, lambda: labels)
+                matches = node_matcher(req.node, lambda: labels)
             if ns_matches is None:
-                ns_matches = ann.namespace_matcher(req.namespace, lambda: ann.decode_record(
+                ns_matches = namespace_matcher(req.namespace, lambda: decode_record(
                     k.namespace(req.namespace), ns_value, "labels"))
         return wanted, sources, matches, ns_matches
 

@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable, Sequence
 
 from .block import usable_in_mode
-from .errors import InvalidRequest
+from .errors import CorruptData, InvalidRequest
+from ..log import log
 
 try:  # blake2b without hashlib, which loads OpenSSL's libcrypto (~2 ms on every plugin exec)
     from _blake2 import blake2b as _blake2b
@@ -286,3 +287,59 @@ def find_free_block(n_blocks: int, start: int,
             else:
                 break  # every range is full: try the other side of the start point
     return None
+
+
+# -- node and namespace selectors (pool choice; ipam/annotations.py re-exports them) --------
+
+def node_matcher(node: str, get_labels: Callable[[], dict]) -> Callable:
+    """``matches(pool)`` for select_pools: evaluates the pool's nodeSelector against
+    the node's labels; ``get_labels`` is called at most once, and only when some
+    pool's selector is not ``all()``."""
+    cache: list[dict] = []
+
+    def matches(pool) -> bool:
+        if not pool.node_selector or pool.node_selector == "all()":
+            return True   # the default: matches every node (no parser imported on an ADD's path)
+        from .selector import SelectorError, parse as parse_selector
+        try:
+            sel = parse_selector(pool.node_selector)
+        except SelectorError as e:
+            raise CorruptData(f"pool {pool.name!r} has an invalid nodeSelector "
+                              f"{pool.node_selector!r}: {e}") from None
+        if sel.matches_all:
+            return True
+        if not cache:
+            cache.append(get_labels() or {})
+        ok = sel.matches(cache[0])
+        log.debug("pool %s: nodeSelector %r %s node %s", pool.name, pool.node_selector,
+                  "matches" if ok else "does not match", node)
+        return ok
+    return matches
+
+
+def namespace_matcher(namespace: str, get_labels: Callable[[], dict]) -> Callable:
+    """``matches(pool)`` for select_pools: the pool's namespaceSelector against the pod's
+    namespace labels (``get_labels`` called at most once, only for a selector other than
+    ``all()``).  Without a namespace (not a Kubernetes pod) only ``all()`` matches."""
+    cache: list[dict] = []
+
+    def matches(pool) -> bool:
+        text = pool.namespace_selector
+        if not text or text == "all()":
+            return True
+        from .selector import SelectorError, parse as parse_selector
+        try:
+            sel = parse_selector(text)
+        except SelectorError as e:
+            raise CorruptData(f"pool {pool.name!r} has an invalid namespaceSelector {text!r}: {e}") from None
+        if sel.matches_all:
+            return True
+        if not namespace:
+            return False
+        if not cache:
+            cache.append(get_labels() or {})
+        ok = sel.matches(cache[0])
+        log.debug("pool %s: namespaceSelector %r %s namespace %s", pool.name, text,
+                  "matches" if ok else "does not match", namespace)
+        return ok
+    return matches

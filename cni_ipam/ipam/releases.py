@@ -12,7 +12,7 @@ from ..datastore import KV, Read
 from .errors import CorruptData, IPAMError
 from .model import Handle
 from .pool import pool_of_ip
-from .store import Txn, commit, decode_block, decode_handle
+from .store import Conflict, Txn, commit, decode_block, decode_handle
 
 from ..log import log
 from .queries import Queries
@@ -58,24 +58,41 @@ class Releases(Queries):
             out = sticky.keep(self, *mine[0])
             if out is not sticky.NOT_KEPT:
                 return out
-        txn = Txn()
+        # blocks by CONTENT: a block the warm snapshot holds is not read again (a DEL is then 2
+        # requests, not 3); the compare proves it is unchanged, else the retry reads it
+        txn = Txn(by_value=True)
         for hkey, hkv, _ in mine:
             txn.read(hkey, hkv.mod_revision)
             txn.delete(hkey)
         addrs = [(a, h.id) for _, _, h in mine for a in h.addresses]
         bkeys = list(dict.fromkeys(k.block(a.block) for a, _ in addrs))
-        for key, kv in zip(bkeys, self.ds.get_many(bkeys) if bkeys else []):
-            if kv is None:
+        snap = self.snapshot.blocks if self.snapshot is not None else {}
+        cached = {key: snap[key] for key in bkeys if snap.get(key, (0, None))[1] is not None}
+        rest = [key for key in bkeys if key not in cached]
+        fetched = dict(zip(rest, self.ds.get_many(rest))) if rest else {}
+        for key in bkeys:
+            kv = fetched.get(key)
+            if key in cached:
+                rev, value = cached[key]
+            elif kv is None:
                 log.warning("release %s: block %s no longer exists", handle_id, key)
                 txn.absent(key)
                 continue
-            b = decode_block(key, kv.value)
+            else:
+                rev, value = kv.mod_revision, kv.value
+            b = decode_block(key, value)
             for a, hid in addrs:
                 if a.ip in b.cidr and not b.release(a.ip, hid, cooldown=cooldown):
                     log.warning("release %s: %s in block %s is not held by this handle (holder: %s)",
                                 hid, a.ip, b.cidr, b.holder(a.ip))
-            txn.update(key, kv.mod_revision, kv.value, b)
-        self._note_written(commit(self.ds, txn))
+            txn.update(key, rev, value, b)
+        try:
+            written = commit(self.ds, txn)
+        except Conflict:
+            for key in cached:   # (stale, or another writer's change): the next attempt reads them
+                snap.pop(key, None)
+            raise
+        self._note_written(written)
         h = mine[0][2]
         for _, _, other in mine[1:]:
             h.addresses += other.addresses
