@@ -17,7 +17,6 @@ import time
 
 from bench.common import cdf_plot, ratio, stats_ms, table
 from cni_ipam.datastore import Read, open_datastore
-from cni_ipam.datastore.gateway import _compare_json, _op_json
 from cni_ipam.datastore.base import Compare, Put
 from cni_ipam.ipam.engine import IPAM, AssignRequest
 from cni_ipam.ipam.pool import make_pool
@@ -96,15 +95,14 @@ def run(ctx) -> dict:
         block_key = ds.get_prefix(ipam.keys.blocks)[0]
         # the bare CAS rewrites a key holding a block-sized value, guarded by its mod revision
         cas_key, cas_val = prefix + "/bare-cas", block_key.value
-        rev = int(ds._call("/v3/kv/txn", {"success": [_op_json(Put(cas_key, cas_val))]})["header"]["revision"])
+        # (the transport's own txn call: one POST /v3/kv/txn, no planning, no record codecs)
+        _, rev = ds._call("txn", ds._txn, [], [Put(cas_key, cas_val)])
 
         def bare_cas():
             nonlocal rev
-            resp = ds._call("/v3/kv/txn", {"compare": [_compare_json(Compare(cas_key, rev))],
-                                           "success": [_op_json(Put(cas_key, cas_val))]})
-            if not resp.get("succeeded"):
+            ok, rev = ds._call("txn", ds._txn, [Compare(cas_key, rev)], [Put(cas_key, cas_val)])
+            if not ok:
                 raise RuntimeError("bare CAS lost (no other writer exists)")
-            rev = int(resp["header"]["revision"])
 
         def one_read():
             ds.read([Read(block_key.key)])
