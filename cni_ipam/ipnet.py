@@ -121,7 +121,44 @@ class _Lazy:
         return self._std().__reduce__()
 
 
-class Address(_Lazy):
+class _Ordered(_Lazy):
+    """``<``, ``<=``, ``>``, ``>=`` as ``ipaddress`` orders: within one version (``TypeError``
+    across), against anything of the same kind (``ipaddress``'s too); ``NotImplemented`` else.
+    Subclasses give ``_order_key(other)`` -> ``(version, key)`` or None, and ``_own_order_key()``."""
+    __slots__ = ()
+
+    def _order_key(self, other):
+        raise NotImplementedError
+
+    def _own_order_key(self):
+        raise NotImplementedError
+
+    def _keys(self, other):
+        got = self._order_key(other)
+        if got is None:
+            return None
+        if got[0] != self._version:
+            raise TypeError(f"{self} and {other} are not of the same version")
+        return self._own_order_key(), got[1]
+
+    def __lt__(self, other):
+        k = self._keys(other)
+        return NotImplemented if k is None else k[0] < k[1]
+
+    def __le__(self, other):
+        k = self._keys(other)
+        return NotImplemented if k is None else k[0] <= k[1]
+
+    def __gt__(self, other):
+        k = self._keys(other)
+        return NotImplemented if k is None else k[0] > k[1]
+
+    def __ge__(self, other):
+        k = self._keys(other)
+        return NotImplemented if k is None else k[0] >= k[1]
+
+
+class Address(_Ordered):
     """An IPv4 or IPv6 address: ``ipaddress.IPv4Address``/``IPv6Address``'s behaviour."""
     __slots__ = ("_version", "_ip", "_obj")
     _scope_id = None   # (ipaddress's IPv6 zone: never in a stored record)
@@ -166,30 +203,14 @@ class Address(_Lazy):
         # ipaddress's: hex of the int for IPv4, (int, zone) for IPv6
         return hash(hex(self._ip)) if self._version == 4 else hash((self._ip, None))
 
-    def _key(self, other):
+    def _order_key(self, other):
         try:
-            v, ip = other._version, other._ip
+            return other._version, other._ip
         except AttributeError:
             return None
-        if v != self._version:
-            raise TypeError(f"{self} and {other} are not of the same version")
-        return ip
 
-    def __lt__(self, other):
-        ip = self._key(other)
-        return NotImplemented if ip is None else self._ip < ip
-
-    def __le__(self, other):
-        ip = self._key(other)
-        return NotImplemented if ip is None else self._ip <= ip
-
-    def __gt__(self, other):
-        ip = self._key(other)
-        return NotImplemented if ip is None else self._ip > ip
-
-    def __ge__(self, other):
-        ip = self._key(other)
-        return NotImplemented if ip is None else self._ip >= ip
+    def _own_order_key(self):
+        return self._ip
 
     def __add__(self, other):
         if not isinstance(other, int):
@@ -202,7 +223,7 @@ class Address(_Lazy):
         return Address(self._version, self._ip - other)
 
 
-class Network(_Lazy):
+class Network(_Ordered):
     """An IPv4 or IPv6 network (host bits zero): ``ipaddress.IPv4Network``/``IPv6Network``'s
     behaviour."""
     __slots__ = ("_version", "_base", "_prefixlen", "_obj")
@@ -308,33 +329,16 @@ class Network(_Lazy):
     def __hash__(self) -> int:
         return hash(self._base ^ self._netmask_int())
 
-    def _key(self, other):
+    def _order_key(self, other):
         if isinstance(other, Network):
-            v, base, plen = other._version, other._base, other._prefixlen
-        else:
-            try:
-                v, base, plen = other._version, int(other.network_address), other.prefixlen
-            except AttributeError:
-                return None
-        if v != self._version:
-            raise TypeError(f"{self} and {other} are not of the same version")
-        return base, plen
+            return other._version, (other._base, other._prefixlen)
+        try:
+            return other._version, (int(other.network_address), other.prefixlen)
+        except AttributeError:
+            return None
 
-    def __lt__(self, other):
-        k = self._key(other)
-        return NotImplemented if k is None else (self._base, self._prefixlen) < k
-
-    def __le__(self, other):
-        k = self._key(other)
-        return NotImplemented if k is None else (self._base, self._prefixlen) <= k
-
-    def __gt__(self, other):
-        k = self._key(other)
-        return NotImplemented if k is None else (self._base, self._prefixlen) > k
-
-    def __ge__(self, other):
-        k = self._key(other)
-        return NotImplemented if k is None else (self._base, self._prefixlen) >= k
+    def _own_order_key(self):
+        return self._base, self._prefixlen
 
     def __iter__(self):
         return iter(self._std())
