@@ -54,6 +54,7 @@ def source_files() -> list[str]:
     conf = os.path.join(ROOT, "conf")  # bundled as the examples `cni-ipam install` uses
     files += sorted(os.path.join(conf, n) for n in os.listdir(conf) if os.path.isfile(os.path.join(conf, n)))
     files += [SPEC, os.path.join(ROOT, "packaging", "entry.py"), os.path.join(ROOT, "packaging", "hello.py"),
+              os.path.join(ROOT, "packaging", "cni_exec.py"),
               os.path.join(ROOT, "packaging", "pyi_boot.py"),
               os.path.abspath(__file__)]
     return files
