@@ -55,7 +55,7 @@ def source_files() -> list[str]:
     files += sorted(os.path.join(conf, n) for n in os.listdir(conf) if os.path.isfile(os.path.join(conf, n)))
     files += [SPEC, os.path.join(ROOT, "packaging", "entry.py"), os.path.join(ROOT, "packaging", "hello.py"),
               os.path.join(ROOT, "packaging", "cni_exec.py"),
-              os.path.join(ROOT, "packaging", "pyi_boot.py"),
+              os.path.join(ROOT, "packaging", "pyi_boot.py"), os.path.join(ROOT, "packaging", "modblob.py"),
               os.path.abspath(__file__)]
     return files
 

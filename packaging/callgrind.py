@@ -31,9 +31,12 @@ from bench.common import cni_env, cni_ipam_conf, exec_once  # noqa: E402
 from tests.support.etcd import EtcdServer  # noqa: E402
 
 
-def instructions(argv: list[str], env: dict, stdin: bytes) -> tuple[int, float | None]:
-    """(exit code, M instructions summed over every image of the exec)."""
-    with tempfile.TemporaryDirectory(prefix="cni-ipam-cg-") as d:
+def instructions(argv: list[str], env: dict, stdin: bytes, keep: str | None = None) -> tuple[int, float | None]:
+    """(exit code, M instructions summed over every image of the exec); ``keep``: a directory
+    to leave the profiles in (for callgrind_annotate)."""
+    with tempfile.TemporaryDirectory(prefix="cni-ipam-cg-") as tmp:
+        d = keep or tmp
+        os.makedirs(d, exist_ok=True)
         p = subprocess.run(["valgrind", "--tool=callgrind", "--trace-children=yes", "--dump-before=execve",
                             f"--callgrind-out-file={d}/cg.%p"] + argv,
                            env=env, input=stdin, capture_output=True)
@@ -50,6 +53,7 @@ def instructions(argv: list[str], env: dict, stdin: bytes) -> tuple[int, float |
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("commands", nargs="+", help="a binary, or a quoted command line")
+    ap.add_argument("--keep", metavar="DIR", help="leave the profiles in DIR/<n>-<verb>/ (callgrind_annotate)")
     args = ap.parse_args(argv)
     from cni_ipam.datastore import open_datastore
     from cni_ipam.ipam.engine import IPAM
@@ -67,7 +71,8 @@ def main(argv=None) -> int:
             for k in range(3):
                 exec_once(cmd, dict(env, **cni_env("ADD", f"w{k}")), conf)
                 exec_once(cmd, dict(env, **cni_env("DEL", f"w{k}")), conf)
-            res = {verb: instructions(cmd, dict(env, **cni_env(verb, "cg1")), conf)
+            res = {verb: instructions(cmd, dict(env, **cni_env(verb, "cg1")), conf,
+                                      keep=args.keep and os.path.join(args.keep, f"{i}-{verb}"))
                    for verb in ("ADD", "DEL", "VERSION")}
             print(f"{command}: " + ", ".join(f"{v} {n} M (rc {rc})" for v, (rc, n) in res.items()), flush=True)
     finally:

@@ -84,6 +84,12 @@ def test_a_cni_exec_ends_with_everything_written(plugin_binary, etcd_server, etc
     from PyInstaller.archive.readers import CArchiveReader
     toc = CArchiveReader(plugin_binary).toc
     assert "pyiboot01_bootstrap" in toc and not {"pyimod01_archive", "pyimod02_importers", "struct"} & set(toc)
+    # ... and imports the exec path's modules from its module blob (packaging/modblob.py)
+    sys.path.insert(0, str(ROOT / "packaging"))
+    import modblob
+    index = modblob.read_index(str(Path(plugin_binary).parent / "_internal" / modblob.FILENAME))
+    assert {"__future__", "cni_exec", "cni_ipam.plugin", "cni_ipam.ipam.engine", "cni_ipam.datastore.gateway"} <= set(index)
+    assert not [m for m in index if m.startswith(("cni_ipam.cli", "cni_ipam.controller"))]
 
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": None}
     with seed_store(etcd_server.endpoint, etcd_prefix):
