@@ -11,7 +11,7 @@ declare -A APT=(
   [/usr/lib/cni/bridge]=containernetworking-plugins [go]=golang-go
   [/usr/share/gocode/src/github.com/containernetworking/cni/libcni/api.go]=golang-github-appc-cni-dev
   [containerd]=containerd [runc]=runc [podman]=podman [/bin/busybox]=busybox-static
-  [iptables]=iptables [hyperfine]=hyperfine [/usr/bin/time]=time
+  [iptables]=iptables [hyperfine]=hyperfine [/usr/bin/time]=time [setpriv]=util-linux
 )
 need=()
 for what in "${!APT[@]}"; do

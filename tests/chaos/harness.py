@@ -64,7 +64,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from cni_ipam.ipam.keys import unescape  # noqa: E402
-from tests.support.etcd import EtcdCluster, _pdeathsig, post_json  # noqa: E402
+from tests.support.etcd import EtcdCluster, die_with_us, post_json  # noqa: E402
 
 PREFIX = "/chaos"
 NETWORKS = {
@@ -373,10 +373,10 @@ class Chaos:
                         "confs": {net: self._netconf(net, node, i) for net in NETWORKS},
                         "kill_probability": self.kill_probability, "max_live": self.max_live,
                         "hang_seconds": 6 * self.timeout_seconds + 20}
-            p = subprocess.Popen([sys.executable, NODE_SCRIPT, json.dumps(settings)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.tmp,
-                                 env=dict(os.environ, PYTHONPATH=ROOT), close_fds=True,
-                                 preexec_fn=_pdeathsig)
+            # (no preexec_fn: this process may hold gRPC channels -- support/etcd.py die_with_us)
+            p = subprocess.Popen(die_with_us([sys.executable, NODE_SCRIPT, json.dumps(settings)]),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=self.tmp, env=dict(os.environ, PYTHONPATH=ROOT), close_fds=True)
             self.procs[node] = p
             for stream, kind in ((p.stdout, "out"), (p.stderr, "err")):
                 t = threading.Thread(target=self._reader, args=(node, stream, kind), daemon=True)
