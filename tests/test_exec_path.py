@@ -156,7 +156,7 @@ def test_contended_host_lock_is_handed_over_and_times_out(tmp_path):
 #: a plugin run that says, on stderr, which cni_ipam modules it loaded
 _REPORT_MODULES = [sys.executable, "-S", "-c",
                    "import sys, atexit; atexit.register(lambda: sys.stderr.write('MODULES ' + ' '.join("
-                   "sorted(m for m in sys.modules if m.startswith('cni_ipam'))) + chr(10)))\n"
+                   "sorted(m for m in sys.modules if m.startswith('cni_ipam') or m == '__future__')) + chr(10)))\n"
                    "from cni_ipam.main import main; sys.exit(main())"]
 
 
@@ -192,3 +192,24 @@ def test_del_gc_check_load_no_add_code(etcd_server, etcd_prefix, tmp_path):
         assert "cni_ipam.ipam.releases" in loaded and not add_only & loaded, (verb, sorted(add_only & loaded))
     with open_datastore(etcd_server.endpoint) as ds:
         assert ds.get_prefix(f"{etcd_prefix}/v1/handles/") == []   # the DEL released it
+
+
+def test_the_bundles_module_groups_are_what_the_verbs_load(etcd_server, etcd_prefix, tmp_path):
+    """packaging/modblob.py's groups (each unmarshalled at once by the bundle) are exactly what a
+    VERSION, then a DEL, then an ADD load: a module a verb stops or starts importing must move
+    (else a group loads code nobody runs, or a verb pays for one more unmarshalling)."""
+    sys.path.insert(0, os.path.join(ROOT, "packaging"))
+    import modblob
+    from tests.plugin_helpers import exec_plugin, netconf, seed_store
+    with seed_store(etcd_server.endpoint, etcd_prefix):
+        pass
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    loaded = {}
+    for verb in ("VERSION", "ADD", "DEL"):
+        r = exec_plugin(verb, conf, argv=_REPORT_MODULES, container="c-groups")
+        assert r.rc == 0, r.stdout + r.stderr
+        loaded[verb] = _modules_of(r)
+    version = set(modblob.VERSION_GROUP) - {"cni_exec"}   # (packaging/entry.py imports it first)
+    assert loaded["VERSION"] == version
+    assert loaded["DEL"] - version == set(modblob.DEL_GROUP)
+    assert loaded["ADD"] - loaded["DEL"] == set(modblob.ADD_GROUP)
