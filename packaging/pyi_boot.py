@@ -53,8 +53,8 @@ def _pyi_lean_bootstrap():
         if state.filename is None and orig != "importlib._bootstrap":
             state.filename = filename
 
-    # The module blob (packaging/modblob.py): the code of the modules a CNI exec imports, each
-    # read with one pread and served by the finder below; the rest go to the path finder.
+    # The module blob (packaging/modblob.py): the code of the modules a CNI exec imports, in
+    # groups each read with one pread and served by the finder below; the rest go to the path finder.
     import marshal
     try:
         fd = os.open(meipass + "/modules.blob", os.O_RDONLY | os.O_CLOEXEC)
@@ -72,16 +72,18 @@ def _pyi_lean_bootstrap():
     base = 12 + n
     spec_of = sys.modules["_frozen_importlib"].ModuleSpec
 
+    groups = {}   # offset -> the group's code objects, once loaded
+
     class BlobFinder:
         @staticmethod
         def find_spec(name, path=None, target=None):
             entry = index.get(name)
             if entry is None:
                 return None
-            spec = spec_of(name, BlobFinder, origin=meipass + "/" + entry[3], is_package=entry[0])
+            spec = spec_of(name, BlobFinder, origin=meipass + "/" + entry[4], is_package=entry[0])
             spec.has_location = True   # (__file__: the loose .pyc's path, as the path finder gives)
             if entry[0]:
-                spec.submodule_search_locations.append(meipass + "/" + entry[3].rpartition("/")[0])
+                spec.submodule_search_locations.append(meipass + "/" + entry[4].rpartition("/")[0])
             return spec
 
         @staticmethod
@@ -90,8 +92,11 @@ def _pyi_lean_bootstrap():
 
         @staticmethod
         def exec_module(module):
-            _, offset, length, _ = index[module.__spec__.name]
-            exec(marshal.loads(os.pread(fd, length, base + offset)), module.__dict__)
+            _, offset, length, position, _ = index[module.__spec__.name]
+            codes = groups.get(offset)
+            if codes is None:   # the module's whole group, in one unmarshalling
+                codes = groups[offset] = marshal.loads(os.pread(fd, length, base + offset))
+            exec(codes[position], module.__dict__)
 
     sys.meta_path.insert(0, BlobFinder)
 

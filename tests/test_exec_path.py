@@ -151,3 +151,65 @@ def test_contended_host_lock_is_handed_over_and_times_out(tmp_path):
     assert errors == ["timeout"]
     with host_lock(path, 0):   # free again: taken without waiting (timeout 0 would raise otherwise)
         pass
+
+
+#: a plugin run that says, on stderr, which cni_ipam modules it loaded
+_REPORT_MODULES = [sys.executable, "-S", "-c",
+                   "import sys, atexit; atexit.register(lambda: sys.stderr.write('MODULES ' + ' '.join("
+                   "sorted(m for m in sys.modules if m.startswith('cni_ipam') or m == '__future__')) + chr(10)))\n"
+                   "from cni_ipam.main import main; sys.exit(main())"]
+
+
+def _modules_of(run) -> set[str]:
+    line = [ln for ln in run.stderr.splitlines() if ln.startswith("MODULES ")]
+    assert line, run.stderr
+    return set(line[-1].split()[1:])
+
+
+def test_del_gc_check_load_no_add_code(etcd_server, etcd_prefix, tmp_path):
+    """A DEL, GC or CHECK runs the engine without its ADD code (ipam/releases.py's ``Releases``;
+    issue 17): the ADD's modules stay unloaded, and the release is done all the same."""
+    from tests.plugin_helpers import exec_plugin, netconf, seed_store
+    with seed_store(etcd_server.endpoint, etcd_prefix):
+        pass
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    add = exec_plugin("ADD", conf, argv=_REPORT_MODULES, container="c-light")
+    assert add.rc == 0, add.stdout + add.stderr
+    add_only = {"cni_ipam.ipam.engine", "cni_ipam.ipam.request", "cni_ipam.ipam.pool", "cni_ipam.ipam.reclaim",
+                "cni_ipam.cni.result"}
+    assert add_only <= _modules_of(add)   # (the names are right: an ADD loads them)
+    from cni_ipam.datastore import open_datastore
+    with open_datastore(etcd_server.endpoint) as ds:
+        assert len(ds.get_prefix(f"{etcd_prefix}/v1/handles/")) == 1
+    check_conf = dict(conf, prevResult=add.out)
+    runs = {"CHECK": exec_plugin("CHECK", check_conf, argv=_REPORT_MODULES, container="c-light"),
+            "DEL": exec_plugin("DEL", conf, argv=_REPORT_MODULES, container="c-light"),
+            "GC": exec_plugin("GC", dict(conf, cniVersion="1.1.0", **{"cni.dev/valid-attachments": []}),
+                              argv=_REPORT_MODULES)}
+    for verb, r in runs.items():
+        assert r.rc == 0, (verb, r.stdout + r.stderr)
+        loaded = _modules_of(r)
+        assert "cni_ipam.ipam.releases" in loaded and not add_only & loaded, (verb, sorted(add_only & loaded))
+    with open_datastore(etcd_server.endpoint) as ds:
+        assert ds.get_prefix(f"{etcd_prefix}/v1/handles/") == []   # the DEL released it
+
+
+def test_the_bundles_module_groups_are_what_the_verbs_load(etcd_server, etcd_prefix, tmp_path):
+    """packaging/modblob.py's groups (each unmarshalled at once by the bundle) are exactly what a
+    VERSION, then a DEL, then an ADD load: a module a verb stops or starts importing must move
+    (else a group loads code nobody runs, or a verb pays for one more unmarshalling)."""
+    sys.path.insert(0, os.path.join(ROOT, "packaging"))
+    import modblob
+    from tests.plugin_helpers import exec_plugin, netconf, seed_store
+    with seed_store(etcd_server.endpoint, etcd_prefix):
+        pass
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    loaded = {}
+    for verb in ("VERSION", "ADD", "DEL"):
+        r = exec_plugin(verb, conf, argv=_REPORT_MODULES, container="c-groups")
+        assert r.rc == 0, r.stdout + r.stderr
+        loaded[verb] = _modules_of(r)
+    version = set(modblob.VERSION_GROUP) - {"cni_exec"}   # (packaging/entry.py imports it first)
+    assert loaded["VERSION"] == version
+    assert loaded["DEL"] - version == set(modblob.DEL_GROUP)
+    assert loaded["ADD"] - loaded["DEL"] == set(modblob.ADD_GROUP)

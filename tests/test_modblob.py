@@ -42,14 +42,21 @@ def _internal(tmp_path: Path) -> Path:
 
 def test_the_blob_holds_the_packages_and_modules_asked_for(tmp_path):
     internal = _internal(tmp_path)
-    path, n, size = modblob.write(str(internal), ("pkg",), exclude=("pkg.cold",), modules=("top",))
+    path, n, size = modblob.write(str(internal), ("pkg",), exclude=("pkg.cold",), modules=("top",),
+                                  groups=(("pkg", "pkg.sub.b", "top"),))
     index = modblob.read_index(path)
     assert sorted(index) == ["pkg", "pkg.a", "pkg.sub", "pkg.sub.b", "top"] and n == 5
     assert index["pkg"][0] and index["pkg.sub"][0] and not index["pkg.a"][0]
-    assert index["pkg.sub"][3] == "pkg/sub/__init__.pyc" and index["top"][3] == "top.pyc"
+    assert index["pkg.sub"][4] == "pkg/sub/__init__.pyc" and index["top"][4] == "top.pyc"
+    # a group is one chunk (the modules at their places in it); the others are chunks of their own
+    assert {index[m][1:3] for m in ("pkg", "pkg.sub.b", "top")} == {index["pkg"][1:3]}
+    assert [index[m][3] for m in ("pkg", "pkg.sub.b", "top")] == [0, 1, 2]
+    assert len({index[m][1] for m in index}) == 3 and index["pkg.a"][3] == 0
     assert size == Path(path).stat().st_size
     with pytest.raises(SystemExit, match="nothing to write"):
         modblob.write(str(internal), ("pkg",), modules=("no_such_module",))
+    with pytest.raises(SystemExit, match="groups name modules"):
+        modblob.write(str(internal), ("pkg",), groups=(("pkg.a", "pkg.gone"),))
 
 
 def _run_boot(internal: Path, code: str) -> dict:
@@ -75,9 +82,10 @@ out["cached"] = m["pkg.a"].__cached__
 """
 
 
-def test_imports_come_from_the_blob_with_the_path_finders_attributes(tmp_path):
+@pytest.mark.parametrize("groups", [(), (("pkg", "pkg.sub.b", "top"), ("pkg.a",))])
+def test_imports_come_from_the_blob_with_the_path_finders_attributes(tmp_path, groups):
     internal = _internal(tmp_path)
-    modblob.write(str(internal), ("pkg",), exclude=("pkg.cold",), modules=("top",))
+    modblob.write(str(internal), ("pkg",), exclude=("pkg.cold",), modules=("top",), groups=groups)
     # the blob is what is imported: the loose file changed afterwards is not read
     (tmp_path / "src" / "pkg" / "a.py").write_text("WHERE = 'changed loose a'\n")
     py_compile.compile(str(tmp_path / "src" / "pkg" / "a.py"), cfile=str(internal / "pkg" / "a.pyc"), doraise=True)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from ..datastore import DatastoreError, DatastoreUnavailable, Read, read_prefix
 from ..datastore.base import MAX_TXN_OPS
 from .block import BRIDGE, ROUTED, Block, BlockError
-from .errors import AddressUnavailable, CorruptData, InvalidRequest, IPAMError, PoolExhausted
+from .errors import AddressUnavailable, CorruptData, InvalidRequest, IPAMError, PoolExhausted, unavailable
 from .model import Assignment, Handle, IPAMConfig
 from .pool import Pool, find_free_block, namespace_matcher, node_matcher, pool_of_ip, select_pools, start_index
 from .snapshot import Snapshot
@@ -32,8 +32,7 @@ from ..log import log
 
 from .reclaim import RECLAIM_EMPTY_AFTER, EmptyBlockWatch  # noqa: F401 (re-exported)
 
-from .request import (AssignRequest, AssignResult, _Fallback, _Kept, _Plan, _reserved,  # noqa: F401 (re-exported)
-                      _unavailable)
+from .request import AssignRequest, AssignResult, _Fallback, _Kept, _Plan, _reserved  # noqa: F401 (re-exported)
 from .releases import Releases
 
 
@@ -55,7 +54,7 @@ class IPAM(Releases):
             try:
                 res = self._assign_from_snapshot(req, self.snapshot)
             except DatastoreUnavailable as e:
-                raise _unavailable(f"assign {req.handle_id}", e) from None
+                raise unavailable(f"assign {req.handle_id}", e) from None
             except DatastoreError as e:  # refused (e.g. an etcd without range compares): the usual way
                 log.warning("snapshot txn refused by etcd (%s): not using snapshots", e)
                 self.use_snapshot, self.snapshot = False, None

@@ -59,3 +59,15 @@ class NotFound(AdminError):
 class Conflict(AdminError):
     """A compare-and-swap lost against a concurrent writer."""
 
+
+def unavailable(what: str, e) -> TryAgain:
+    """Code 11 for an etcd that did not answer (``e``: a ``DatastoreUnavailable``); when it was a
+    commit that went unanswered, the change may have been applied: say so, and what a retry does."""
+    text = str(e)
+    if getattr(e, "commit_sent", False):
+        done = "allocation" if what.startswith("assign") else "change"
+        return TryAgain(f"etcd did not answer the commit of {what} ({text}): the {done} may have been "
+                        f"recorded; a retried ADD returns what was allocated and a DEL releases it")
+    if text.startswith("etcd unavailable"):
+        return TryAgain(f"{text} (during {what})")
+    return TryAgain(f"etcd unavailable during {what}: {text}")

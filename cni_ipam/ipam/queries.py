@@ -6,20 +6,20 @@ import time
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable
+    from ..datastore import Datastore
+    from .pool import Pool
+    from .reclaim import EmptyBlockWatch
+    from .request import AssignRequest
+    from .snapshot import Snapshot
 
 from ..constants import DEFAULT_PREFIX
-from ..datastore import Datastore, DatastoreUnavailable, Read
-from .errors import CorruptData, IncompatibleStore, TryAgain
+from ..datastore import DatastoreUnavailable, Read
+from .errors import CorruptData, IncompatibleStore, TryAgain, unavailable
 from .model import Handle, IPAMConfig, Schema
-from .pool import Pool
-from .request import AssignRequest, _unavailable
-from .snapshot import Snapshot
 from .store import (LAYOUT, Conflict, Keys, Txn, commit, decode_block, decode_config, decode_handle, decode_pool, decode_schema, release_cooldown,
                     handle_id, legacy_handle_id)
 
 from ..log import log
-
-from .reclaim import EmptyBlockWatch
 
 class Queries:
     """The engine's state (datastore, keys, retry budget, snapshot), its helpers and its reads;
@@ -36,8 +36,20 @@ class Queries:
         self.snapshot: Snapshot | None = snapshot
         self.snapshot_hits = 0     # ADDs done in one txn from the snapshot
         self.snapshot_misses = 0   # snapshot txns refused (something changed): re-read
-        #: this node's observations of other nodes' empty blocks (ipam/reclaim.py)
-        self.empty_watch = empty_watch if empty_watch is not None else EmptyBlockWatch()
+        self._empty_watch = empty_watch
+
+    @property
+    def empty_watch(self) -> EmptyBlockWatch:
+        """This node's observations of other nodes' empty blocks (ipam/reclaim.py; only an ADD's
+        reclaim uses them: made on first use, so a DEL does not load the module)."""
+        if self._empty_watch is None:
+            from .reclaim import EmptyBlockWatch
+            self._empty_watch = EmptyBlockWatch()
+        return self._empty_watch
+
+    @empty_watch.setter
+    def empty_watch(self, watch: EmptyBlockWatch) -> None:
+        self._empty_watch = watch
 
     # ------------------------------------------------------------------ helpers
     def _retry(self, what: str, attempt_fn):
@@ -47,7 +59,7 @@ class Queries:
             except Conflict:
                 pass
             except DatastoreUnavailable as e:
-                raise _unavailable(what, e) from None
+                raise unavailable(what, e) from None
             self.conflicts += 1
             log.debug("%s: CAS conflict on attempt %d, retrying", what, attempt)
             import random  # only on a conflict: not on every exec's import path

@@ -11,7 +11,6 @@ if TYPE_CHECKING:  # pragma: no cover
 from ..datastore import KV, Read
 from .errors import CorruptData, IPAMError
 from .model import Handle
-from .pool import pool_of_ip
 from .store import Conflict, Txn, commit, decode_block, decode_handle
 
 from ..log import log
@@ -100,6 +99,7 @@ class Releases(Queries):
 
     def release_ips(self, ips: Iterable) -> list[tuple[str, str]]:
         """Release single addresses (repair); returns [(ip, handle)] released."""
+        from .pool import pool_of_ip
         done = []
         for ip in ips:
             ip = ipnet.ip_address(ip)

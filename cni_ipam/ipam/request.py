@@ -9,9 +9,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable
 
 from ..constants import DEFAULT_ANNOTATION_PREFIX
-from ..datastore import DatastoreUnavailable
 from .block import BRIDGE, Block
-from .errors import CorruptData, TryAgain
+from .errors import CorruptData
 from .model import Handle
 from .pool import Pool
 from .store import Txn
@@ -113,16 +112,3 @@ def _reserved(key: str, value: bytes | None):
     except ValueError as e:
         raise CorruptData(f"corrupt value at etcd key {key}: {e}") from None
     return r or None
-
-
-def _unavailable(what: str, e: DatastoreUnavailable) -> TryAgain:
-    """Code 11 for an etcd that did not answer; when it was a commit that went unanswered, the
-    change may have been applied: say so, and what a retry does."""
-    text = str(e)
-    if getattr(e, "commit_sent", False):
-        done = "allocation" if what.startswith("assign") else "change"
-        return TryAgain(f"etcd did not answer the commit of {what} ({text}): the {done} may have been "
-                        f"recorded; a retried ADD returns what was allocated and a DEL releases it")
-    if text.startswith("etcd unavailable"):
-        return TryAgain(f"{text} (during {what})")
-    return TryAgain(f"etcd unavailable during {what}: {text}")

@@ -110,8 +110,11 @@ class Snapshot:
 # -- the plugin's node-local file ----------------------------------------------------
 def file_path(lock_file: str, ident: str) -> str:
     """``<dir of the lock file>/snapshot-<blake2b(ident), 16 bytes, hex>.json``."""
-    from .pool import _blake2b  # (from _blake2, not hashlib: that loads OpenSSL's libcrypto)
-    digest = _blake2b(ident.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+    try:  # blake2b without hashlib, which loads OpenSSL's libcrypto (~2 ms on every plugin exec)
+        from _blake2 import blake2b
+    except ImportError:  # pragma: no cover - an interpreter without the builtin module
+        from hashlib import blake2b
+    digest = blake2b(ident.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
     return os.path.join(os.path.dirname(lock_file) or ".", f"snapshot-{digest}.json")
 
 

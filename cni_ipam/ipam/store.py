@@ -37,15 +37,15 @@ from cni_ipam import _json as json  # json.loads/dumps without importing json (+
 
 from ..constants import DEFAULT_PREFIX
 from ..datastore.base import Compare, Delete, Put, Read, prefix_end
-from .block import Block, BlockError
+from .block import Block
 from .errors import CorruptData
 from .model import Handle, IPAMConfig, Schema
-from .pool import Pool, PoolError
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); annotations are strings
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Iterator, Sequence
     from ..datastore.base import KV, Datastore
+    from .pool import Pool
 
 # ============================================================================ keys
 
@@ -292,7 +292,7 @@ def decode_record(etcd_key: str, value: bytes | None, field_name: str) -> dict:
         raise CorruptData(f"corrupt value at etcd key {etcd_key}: {e}") from None
 
 
-_DECODE_ERRORS = (ValueError, BlockError, PoolError, RecursionError)
+_DECODE_ERRORS = (ValueError, RecursionError)   # (BlockError and PoolError are ValueErrors)
 
 
 def decode(key: str, value: bytes | None, decoder):
@@ -328,6 +328,7 @@ def decode_handle(key: str, value: bytes) -> Handle:
 
 
 def decode_pool(key: str, value: bytes) -> Pool:
+    from .pool import Pool   # (imported here: a DEL, which reads no pool, does not load pool.py)
     return decode(key, value, Pool.from_json)
 
 
