@@ -190,7 +190,8 @@ def die_with_us(argv: Sequence[str]) -> list[str]:
     child between fork and exec.  With a gRPC channel in use, about one such child in ten
     aborts before its exec (measured: 34 of 300 ``Popen(["true"], preexec_fn=...)``; 0 of 300
     without), and a child stuck there leaves ``Popen`` waiting for the exec with no time limit
-    (the 5-minute hang of ``test_member_restart_is_transparent[grpc]`` under load).
+    (the likely cause of the 5-minute hang of ``test_member_restart_is_transparent[grpc]`` under
+    load; not reproduced).
     ``vfork()`` runs no fork handlers."""
     argv = list(argv)
     if SETPRIV and threading.current_thread() is threading.main_thread():
