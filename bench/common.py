@@ -246,11 +246,17 @@ def exec_once(argv, env: dict, stdin: bytes, timeout: float = 120.0) -> ExecResu
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env, close_fds=True)
+        # a program may exit without reading all of stdin (a VERSION that answers a constant):
+        # the write, or the flush when closing, then meets a closed pipe -- not a failure here
         try:
             p.stdin.write(stdin)
+            p.stdin.flush()
         except BrokenPipeError:
             pass
-        p.stdin.close()
+        try:
+            p.stdin.close()   # (closes the pipe even when its flush fails)
+        except BrokenPipeError:
+            pass
         killer = threading.Timer(timeout, p.kill)  # a hung exec must not hang the benchmark
         killer.start()
         try:
