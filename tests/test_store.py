@@ -57,6 +57,11 @@ def test_strict_and_tolerant_decode():
         store.decode_block(other, b.to_json())
     with pytest.raises(CorruptData, match=f"corrupt value at etcd key {other}"):
         store.decode_block(other, b"{")
+    # a pool's and a block's own decode errors are CorruptData naming the key too
+    with pytest.raises(CorruptData, match=f"corrupt value at etcd key {k.pool('p')}: undecodable pool"):
+        store.decode_pool(k.pool("p"), b"[1]")
+    with pytest.raises(CorruptData, match=f"corrupt value at etcd key {k.block(b.cidr)}: unknown mode"):
+        store.decode_block(k.block(b.cidr), b.to_json().replace(b'"bridge"', b'"sideways"'))
     errors = []
     assert store.decode_or_none(other, b"[1]", Block.from_json, errors) is None
     assert errors and errors[0][0] == other
