@@ -5,6 +5,11 @@ node's host lock file, as on a real node.  Reported: wall time from the first
 spawn to the last exit, per-exec latency p50/p99, CAS conflicts and attempts
 (the plugin logs ``CAS conflict`` at debug level and ``(attempts N)`` per ADD),
 and that every ADD got a distinct address and every DEL released it.
+
+Two baselines through the same harness, side by side in the same run (what the machine and the
+harness give, so the absolute target can be read against them): Debian's Go host-local, 100
+ADDs at once (its own file lock and data dir), and the hello-world bundle (bench exec's floor of
+the packaging: the same bootloader and options, none of cni_ipam), 100 execs at once.
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ import subprocess
 import tempfile
 import time
 
-from bench.common import (ExecEnv, binary_note, cni_env, cni_ipam_conf, log, pyplot, save_plot, stats_ms,
-                          table)
+from bench.common import (HOST_LOCAL, ExecEnv, Impl, binary_note, cni_env, cni_ipam_conf, host_local_conf, log,
+                          pyplot, save_plot, stats_ms, table)
 from cni_ipam.datastore import open_datastore
 from cni_ipam.ipam.engine import IPAM
 from cni_ipam.ipam.pool import make_pool
@@ -97,6 +102,7 @@ def run(ctx) -> dict:
         log(f"burst: {n} x DEL at once")
         del_wall, dels = burst(impl, conf, "DEL", ids)
         del_log = logfile.read_text() if logfile.exists() else ""
+        baselines = _baselines(xe, ids)
 
     ips, add_fail, del_fail = [], [], []
     for r in adds:
@@ -130,6 +136,9 @@ def run(ctx) -> dict:
              f"{sum(add_attempts)} for {len(add_attempts)} ADDs (retries: {sum(add_attempts) - len(add_attempts)}); "
              f"distinct addresses: {len(set(ips))}/{n}; handles left after the DELs: {len(left)}; "
              f"{binary_note()} ({impl.name} used)")
+    if baselines:
+        text += "\n\nBaselines, the same harness in the same run (100 execs at once): " + "; ".join(
+            f"{name}: wall {wall:.2f} s ({ok_n}/{n} succeeded)" for name, (wall, ok_n) in baselines.items())
     if add_fail or del_fail:
         text += "\n\nFAILED:\n" + "\n".join((add_fail + del_fail)[:10])
 
@@ -151,12 +160,33 @@ def run(ctx) -> dict:
     data = {"n": n, "impl": impl.name, "add_wall_s": add_wall, "del_wall_s": del_wall, "add_ms": s_add,
             "del_ms": s_del, "cas_conflicts": conflicts, "add_attempts_total": sum(add_attempts),
             "adds_logged": len(add_attempts), "distinct_addresses": len(set(ips)), "handles_left": len(left),
-            "failures": add_fail + del_fail, "lock_timeouts_logged": lock_waits, "plot": plot}
+            "failures": add_fail + del_fail, "lock_timeouts_logged": lock_waits, "plot": plot,
+            "baselines_wall_s": {name: wall for name, (wall, _) in baselines.items()}}
     summary = [
         (f"100 ADDs at once: wall s ({impl.name})", round(add_wall, 2), "≤ 1.5 (issue 17)", add_wall <= 1.5),
         ("100 DELs at once: wall s", round(del_wall, 2), "", None),
         ("burst ADD per-exec p50 / p99 ms", f"{s_add['p50']:.0f} / {s_add['p99']:.0f}", "", None),
+        *((f"100 execs at once: wall s, {name} (baseline)", round(wall, 2), "", None)
+          for name, (wall, _) in baselines.items()),
         ("burst: all succeeded, distinct addresses, nothing left", ok, "yes", ok),
         ("burst: CAS conflicts / retries", f"{conflicts} / {sum(add_attempts) - len(add_attempts)}", "", None),
     ]
     return {"name": NAME, "title": TITLE, "text": text, "data": data, "summary": summary}
+
+
+def _baselines(xe: ExecEnv, ids: list[str]) -> dict:
+    """{name: (wall s, succeeded)} of 100 host-local ADDs and 100 hello-world bundle execs at once."""
+    from bench.bench_exec import HELLO_LABEL, hello_bundle
+    out = {}
+    runs = []
+    if os.path.exists(HOST_LOCAL):
+        runs.append((Impl("host-local (Go) ADD", [HOST_LOCAL], {"PATH": "/usr/bin:/bin", "CNI_PATH": "/usr/lib/cni"},
+                          "host-local"), host_local_conf(xe.tmp), "ADD"))
+    hello = hello_bundle()
+    if hello is not None:
+        runs.append((Impl(HELLO_LABEL, [str(hello)], {"PATH": "/usr/bin:/bin"}, "hello"), b"{}", "VERSION"))
+    for impl, conf, verb in runs:
+        log(f"burst: {len(ids)} x {impl.name} at once (baseline)")
+        wall, res = burst(impl, conf, verb, ids)
+        out[impl.name] = (wall, sum(1 for r in res if r["rc"] == 0))
+    return out
