@@ -61,9 +61,12 @@ class _Session:
     ADD's reclaim uses them): an exec loads ~5 M instructions less code (issue 17)."""
 
     def __init__(self, ic: IpamConfig, node: str = "", network: str | None = None, *, lock: bool = True,
-                 map_errors: bool = True, assigns: bool = True):
+                 map_errors: bool = True, assigns: bool = True, handle_id: str | None = None):
         self.ic, self.node, self.network, self.lock, self.map_errors = ic, node, network, lock, map_errors
-        self.assigns = assigns
+        self.assigns, self.handle_id = assigns, handle_id
+        self.handle_file = self.handle_key = None
+        #: (``handle_id``, with a network) the handle record this node's ADD wrote, for the DEL
+        self.cached_handle: tuple[int, bytes] | None = None
         self.ds = self.held = self.ipam = None
         self.snapshot_file = self.watch_file = self.ident = None
         self.before = None
@@ -73,7 +76,7 @@ class _Session:
         try:
             return self._open()
         except Exception as e:
-            self._close()
+            self._close(ok=False)
             err = _cni_error(e) if self.map_errors else None
             if err is None:
                 raise
@@ -81,7 +84,7 @@ class _Session:
 
     def __exit__(self, et, e, tb) -> None:
         try:
-            self._close()
+            self._close(ok=e is None)
         except Exception as close_error:
             if e is None:
                 e = close_error
@@ -119,15 +122,27 @@ class _Session:
             watch = reclaim.load(self.watch_file)
         self.ipam = self._engine(engine(self.ds, ic.etcd_prefix, use_snapshot=True, snapshot=self.before,
                                         empty_watch=watch))
+        if self.handle_id is not None:
+            self.handle_key = self.ipam.keys.handle(self.handle_id)
+            self.handle_file = snapshots.handle_file_path(ic.lock_file, self.ident, self.handle_key)
+            if not self.assigns:
+                self.cached_handle = snapshots.load_handle(self.handle_file, self.ident, self.handle_key)
         self.requests0 = self.ipam.ds.requests
         return self.ipam
+
+    def forget_handle(self, handle_id: str) -> None:
+        """Drop the kept handle record of ``handle_id`` (released by GC)."""
+        if self.ident is not None:
+            from .ipam import snapshot as snapshots
+            snapshots.drop_handle(snapshots.handle_file_path(self.ic.lock_file, self.ident,
+                                                             self.ipam.keys.handle(handle_id)))
 
     @staticmethod
     def _engine(ipam):
         """The engine the verb uses (a seam for tests that interpose on its datastore)."""
         return ipam
 
-    def _close(self) -> None:
+    def _close(self, ok: bool = True) -> None:
         ipam, ds, held = self.ipam, self.ds, self.held
         if ipam is not None:
             ds = ipam.ds
@@ -140,6 +155,13 @@ class _Session:
                 if self.watch_file is not None:
                     from .ipam import reclaim
                     reclaim.save(self.watch_file, ipam.empty_watch)
+                if ok and self.handle_file is not None:
+                    # an ADD keeps the handle record it wrote; a DEL drops it (done, or nothing held)
+                    written = ipam.written_handle if self.assigns else None
+                    if written is not None and written[0] == self.handle_key:
+                        snapshots.save_handle(self.handle_file, self.ident, *written)
+                    elif not self.assigns:
+                        snapshots.drop_handle(self.handle_file)
                 log.debug("etcd requests=%d (snapshot: %s)", ipam.ds.requests - self.requests0,
                           "used" if ipam.snapshot_hits else "warm" if self.before is not None else "none")
         finally:
@@ -214,7 +236,7 @@ class Plugin:
         try:
             if kube is not None:
                 req = self._from_kubernetes(ic, req, kube)
-            with _Session(ic, node, conf.name) as ipam:
+            with _Session(ic, node, conf.name, handle_id=req.handle_id) as ipam:
                 res = ipam.assign(req)
         finally:
             self._close_kube(kube)
@@ -229,8 +251,10 @@ class Plugin:
         ic, node = self._setup(env, conf)
         att = (conf.name, env.container_id or "", env.ifname or "")
         hid = handle_id(*att)
-        with _Session(ic, node, conf.name, assigns=False) as ipam:
-            h = ipam.release(hid, legacy_id=legacy_handle_id(*att), attachment=att, keep=True)
+        session = _Session(ic, node, conf.name, assigns=False, handle_id=hid)
+        with session as ipam:
+            h = ipam.release(hid, legacy_id=legacy_handle_id(*att), attachment=att, keep=True,
+                             cached=session.cached_handle)
         log.info("DEL %s -> %s", hid, ", ".join(str(a.ip) for a in h.addresses) if h else "nothing held")
 
     def check(self, env, conf) -> None:
@@ -255,8 +279,11 @@ class Plugin:
             # never read a missing list as "nothing is valid": that would free the whole network
             raise CNIError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments (or cni.dev/attachments)")
         keep = set(conf.valid_attachments)   # (containerID, ifname): handles are matched by their records
-        with _Session(ic, node, conf.name, assigns=False) as ipam:
+        session = _Session(ic, node, conf.name, assigns=False)
+        with session as ipam:
             released, failed = ipam.gc(conf.name, node, keep)
+            for hid in released:
+                session.forget_handle(hid)
         log.info("GC %s on %s: released %d handle(s), %d failure(s)", conf.name, node, len(released), len(failed))
         if failed:
             # corrupt data everywhere: retrying will not help, say so (113); else try again (11)

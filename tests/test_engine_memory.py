@@ -254,6 +254,54 @@ def test_release_from_a_stale_snapshot_block_retries_with_a_fresh_read(store):
     assert h2.addresses[0].ip not in held and len(held) == 2
 
 
+def test_release_with_the_handle_record_the_add_wrote_is_one_request(store):
+    """DEL with the handle record as this node's ADD wrote it (the plugin keeps it in a file) and a
+    warm snapshot: ONE txn, guarded by the content of the handle, the config, the schema record
+    and the block; the snapshot stays current (the next ADD is one request too)."""
+    ipam = client(store, use_snapshot=True)
+    ipam.create_pool(make_pool("p", "10.15.0.0/24", 28))
+    ipam.assign(req("h1"))
+    h2 = ipam.assign(req("h2")).handle
+    key, rev, value = ipam.written_handle
+    assert key == ipam.keys.handle("h2") and rev > 0 and value == ipam.ds.get(key).value
+    n = ipam.ds.requests
+    out = ipam.release("h2", cached=(rev, value))
+    assert ipam.ds.requests - n == 1 and out.addresses == h2.addresses and ipam.conflicts == 0
+    assert {h.id for h in ipam.handles()} == {"h1"} and h2.addresses[0].ip not in consistent(store)
+    n = ipam.ds.requests
+    ipam.assign(req("h3"))
+    assert ipam.ds.requests - n == 1
+
+
+@pytest.mark.parametrize("change", ["handle rewritten", "legacy record", "config changed", "handle gone"])
+def test_release_with_a_stale_handle_record_goes_the_usual_way(store, change):
+    """What the one-txn release was planned from changed after the ADD: the txn is refused
+    (nothing written) and the release is done the usual way, exactly."""
+    ipam = client(store, use_snapshot=True, max_retries=5)
+    ipam.create_pool(make_pool("p", "10.16.0.0/24", 28))
+    ipam.assign(req("h1"))
+    h2 = ipam.assign(req("h2")).handle
+    key, rev, value = ipam.written_handle
+    other = client(store)
+    if change == "handle rewritten":    # the same record, other bytes: a content compare sees it
+        other.ds.commit([], [Put(key, value + b" ")])
+    elif change == "legacy record":     # a record under the attachment's layout-1 id
+        other.ds.commit([], [Put(ipam.keys.handle("h2-legacy"), value)])
+    elif change == "config changed":
+        from cni_ipam.ipam.model import IPAMConfig
+        other.set_config(IPAMConfig(ip_cooldown_seconds=0, strict_affinity=True))
+    else:
+        other.release("h2")
+    out = ipam.release("h2", legacy_id="h2-legacy", cached=(rev, value))
+    assert ipam.conflicts == 1
+    assert (out is None) == (change == "handle gone")
+    if out is not None:
+        assert out.addresses[0] == h2.addresses[0]
+    assert {h.id for h in ipam.handles()} == {"h1"}
+    held = consistent(store)
+    assert h2.addresses[0].ip not in held and len(held) == 1
+
+
 def test_release_snapshot_race_during_the_commit(store):
     """Another client writes the block between the plan and the commit: refused, re-read,
     released; the other client's allocation survives."""

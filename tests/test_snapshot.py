@@ -361,3 +361,39 @@ def test_plugin_second_add_is_one_request(etcd_server, etcd_prefix, tmp_path):
     assert "requests=3 " in text and ip5 not in {ip1, ip3, ip4}
     ip6, text = add("c6")
     assert "requests=1 " in text
+
+
+def test_plugin_del_after_its_add_is_one_request(etcd_server, etcd_prefix, tmp_path):
+    """An ADD keeps the handle record it wrote (``handle-<hash>.json`` next to the snapshot,
+    0600); the DEL of the same attachment releases in ONE request from it and drops the file;
+    GC drops the files of what it released; a bad file only costs the usual reads."""
+    with open_datastore(etcd_server.endpoint) as ds:
+        IPAM(ds, etcd_prefix).create_pool(make_pool("pool-a", "10.201.0.0/24", 29))
+    conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path)
+    log = tmp_path / "cni-ipam.log"
+
+    def run(verb, cid=None, **kw):
+        before = log.read_text() if log.exists() else ""
+        r = exec_plugin(verb, dict(conf, **kw), container=cid)
+        assert r.rc == 0, r.stdout + r.stderr
+        return log.read_text()[len(before):]
+
+    def kept():
+        return sorted(p for p in tmp_path.iterdir() if p.name.startswith("handle-"))
+
+    for cid in ("c1", "c2", "c3"):
+        run("ADD", cid)
+    files = kept()
+    assert len(files) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    text = run("DEL", "c3")
+    assert "etcd requests=1 " in text, text
+    assert len(kept()) == 2
+    text = run("DEL", "c3")                     # nothing held any more: the usual read, no file
+    assert "nothing held" in text and "etcd requests=1 " in text and len(kept()) == 2
+    run("GC", cniVersion="1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]})
+    [left] = kept()
+    left.write_bytes(b"not json")               # a bad file: ignored (the usual 2 requests), then dropped
+    text = run("DEL", "c1")
+    assert "etcd requests=2 " in text and kept() == []
+    with open_datastore(etcd_server.endpoint) as ds:
+        assert IPAM(ds, etcd_prefix).handles() == []

@@ -142,6 +142,7 @@ class IPAM(Releases):
             if pkey in view.pools:
                 txn.read(pkey, view.pools[pkey][0])
         written = commit(self.ds, txn)
+        self.written_handle = (hkey, self.ds.last_revision, written[hkey])
         if self.use_snapshot:
             self._keep_snapshot(view, txn, written, req.node)
         return AssignResult(handle)
@@ -307,6 +308,7 @@ class IPAM(Releases):
             snap.blocks[key] = (rev, written[key])
         self.snapshot = snap
         self.snapshot_hits += 1
+        self.written_handle = (hkey, rev, written[hkey])
         return AssignResult(handle)
 
     def _pool_choice(self, req: AssignRequest, record) -> tuple[dict, dict, Callable[[Pool], bool],

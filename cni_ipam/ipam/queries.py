@@ -37,6 +37,9 @@ class Queries:
         self.snapshot_hits = 0     # ADDs done in one txn from the snapshot
         self.snapshot_misses = 0   # snapshot txns refused (something changed): re-read
         self._empty_watch = empty_watch
+        #: ``(key, mod_revision, value)`` of the handle record the last ADD wrote (None: none);
+        #: the plugin keeps it for that attachment's DEL (``Releases.release(cached=...)``)
+        self.written_handle: tuple[str, int, bytes] | None = None
 
     @property
     def empty_watch(self) -> EmptyBlockWatch:

@@ -8,10 +8,10 @@ TYPE_CHECKING = False  # typing is not imported at run time (start-up cost); ann
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable
 
-from ..datastore import KV, Read
-from .errors import CorruptData, IPAMError
+from ..datastore import KV, DatastoreUnavailable, Read
+from .errors import CorruptData, IPAMError, unavailable
 from .model import Handle
-from .store import Conflict, Txn, commit, decode_block, decode_handle
+from .store import Conflict, Txn, commit, decode_block, decode_handle, release_cooldown_of
 
 from ..log import log
 from .queries import Queries
@@ -22,13 +22,30 @@ class Releases(Queries):
 
     # ------------------------------------------------------------------ release
     def release(self, handle_id: str, *, legacy_id: str = "",
-                attachment: tuple[str, str, str] | None = None, keep: bool = False) -> Handle | None:
+                attachment: tuple[str, str, str] | None = None, keep: bool = False,
+                cached: tuple[int, bytes] | None = None) -> Handle | None:
         """Release everything a handle holds.  None when the handle does not exist.
         ``legacy_id``/``attachment``: the id an older layout gave the same attachment
         ``(network, containerID, ifname)``; a record there is released too when its own
         fields name that attachment (a DEL after an upgrade).
         ``keep`` (the plugin's DEL and GC): a StatefulSet pod's attachment (``keepAs``) keeps its
-        addresses under its kept handle when keepStatefulSetIPs is on (ipam/sticky.py)."""
+        addresses under its kept handle when keepStatefulSetIPs is on (ipam/sticky.py).
+        ``cached``: ``(mod_revision, value)`` of the handle record as this node's ADD wrote it
+        (the plugin keeps it in a node-local file): with a warm snapshot that holds the config,
+        the schema record and the handle's blocks, the release is ONE txn planned from those
+        and guarded by the content of every one of them (``_release_cached``); when it cannot
+        be planned so, or a guard fails, it is done the usual way."""
+        if cached is not None and self.snapshot is not None:
+            try:
+                out = self._release_cached(handle_id, legacy_id, cached, keep)
+            except Conflict:
+                self.conflicts += 1
+                log.debug("release %s: the cached handle or the snapshot is stale: reading", handle_id)
+                out = None
+            except DatastoreUnavailable as e:
+                raise unavailable(f"release {handle_id}", e) from None
+            if out is not None:
+                return out
         out, _ = self._retry(f"release {handle_id}",
                              lambda: self._release_once(handle_id, legacy_id, attachment, keep))
         return out or None
@@ -57,17 +74,59 @@ class Releases(Queries):
             out = sticky.keep(self, *mine[0])
             if out is not sticky.NOT_KEPT:
                 return out
-        # blocks by CONTENT: a block the warm snapshot holds is not read again (a DEL is then 2
-        # requests, not 3); the compare proves it is unchanged, else the retry reads it
         txn = Txn(by_value=True)
         for hkey, hkv, _ in mine:
             txn.read(hkey, hkv.mod_revision)
             txn.delete(hkey)
-        addrs = [(a, h.id) for _, _, h in mine for a in h.addresses]
+        return self._commit_release(txn, [h for _, _, h in mine], handle_id, cooldown, fetch=True)
+
+    def _release_cached(self, handle_id: str, legacy_id: str, cached: tuple[int, bytes],
+                        keep: bool) -> Handle | None:
+        """The release as ONE txn from what this node already holds: the handle record as its
+        ADD wrote it (``cached``) and the warm snapshot's config, schema record and blocks.
+        The txn's compares prove that each of them still holds exactly those bytes (content,
+        not revision numbers), that the attachment's layout-1 key is absent, and then it
+        deletes the handle and writes the blocks -- the plan ``_release_once`` makes after
+        reading the same contents.  None when it cannot be planned so (the usual way);
+        Conflict when a guard failed."""
+        k, snap = self.keys, self.snapshot
+        assert snap is not None   # (release: only with a snapshot)
+        schema = snap.records.get(k.schema)
+        rev, value = cached
+        hkey = k.handle(handle_id)
+        if schema is None or not value or not rev:
+            return None
+        try:
+            h = decode_handle(hkey, value)
+        except CorruptData:
+            return None
+        if h.id != handle_id or (keep and h.keep_as):
+            return None   # (a kept StatefulSet address: ipam/sticky.py, the usual way)
+        self._schema_guard(schema[1], 0)
+        txn = Txn(by_value=True)
+        txn.read(hkey, rev, value)
+        txn.delete(hkey)
+        if legacy_id:
+            txn.absent(k.handle(legacy_id))
+        txn.read(k.config, *snap.config)
+        txn.read(k.schema, *schema)
+        cooldown = release_cooldown_of(snap.config[1], k.config)
+        return self._commit_release(txn, [h], handle_id, cooldown, fetch=False)
+
+    def _commit_release(self, txn: Txn, handles: list[Handle], handle_id: str, cooldown: int,
+                        fetch: bool) -> Handle | None:
+        """Release ``handles``' addresses in their blocks and commit ``txn`` (which already
+        guards and deletes the handle records).  Blocks by CONTENT: one the warm snapshot holds
+        is not read again (the compare proves it unchanged); the others are read (``fetch``;
+        else None: not planned).  The released handle (with every handle's addresses)."""
+        k = self.keys
+        addrs = [(a, h.id) for h in handles for a in h.addresses]
         bkeys = list(dict.fromkeys(k.block(a.block) for a, _ in addrs))
         snap = self.snapshot.blocks if self.snapshot is not None else {}
         cached = {key: snap[key] for key in bkeys if snap.get(key, (0, None))[1] is not None}
         rest = [key for key in bkeys if key not in cached]
+        if rest and not fetch:
+            return None
         fetched = dict(zip(rest, self.ds.get_many(rest))) if rest else {}
         for key in bkeys:
             kv = fetched.get(key)
@@ -92,8 +151,8 @@ class Releases(Queries):
                 snap.pop(key, None)
             raise
         self._note_written(written)
-        h = mine[0][2]
-        for _, _, other in mine[1:]:
+        h = handles[0]
+        for other in handles[1:]:
             h.addresses += other.addresses
         return h
 

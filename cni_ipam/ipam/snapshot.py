@@ -108,14 +108,18 @@ class Snapshot:
 
 
 # -- the plugin's node-local file ----------------------------------------------------
-def file_path(lock_file: str, ident: str) -> str:
-    """``<dir of the lock file>/snapshot-<blake2b(ident), 16 bytes, hex>.json``."""
+def _digest(text: str) -> str:
+    """blake2b(text), 16 bytes, hex."""
     try:  # blake2b without hashlib, which loads OpenSSL's libcrypto (~2 ms on every plugin exec)
         from _blake2 import blake2b
     except ImportError:  # pragma: no cover - an interpreter without the builtin module
         from hashlib import blake2b
-    digest = blake2b(ident.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
-    return os.path.join(os.path.dirname(lock_file) or ".", f"snapshot-{digest}.json")
+    return blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def file_path(lock_file: str, ident: str) -> str:
+    """``<dir of the lock file>/snapshot-<blake2b(ident), 16 bytes, hex>.json``."""
+    return os.path.join(os.path.dirname(lock_file) or ".", f"snapshot-{_digest(ident)}.json")
 
 
 def read_private(path: str, limit: int) -> bytes | None:
@@ -161,9 +165,14 @@ def save(path: str, snap: Snapshot | None, ident: str) -> None:
         except OSError:
             pass
         return
+    _write_private(path, json.dumps(snap.to_dict(ident), separators=(",", ":")).encode())
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """``data`` to ``path`` atomically (a 0600 temp file renamed over it); on a failure nothing
+    is left behind (not even an older file): returns quietly."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        data = json.dumps(snap.to_dict(ident), separators=(",", ":")).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             view = memoryview(data)
@@ -181,3 +190,41 @@ def save(path: str, snap: Snapshot | None, ident: str) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+# -- the handle record an ADD wrote, kept for that attachment's DEL ------------------------
+def handle_file_path(lock_file: str, ident: str, handle_key: str) -> str:
+    """``<dir of the lock file>/handle-<blake2b(ident, handle key)>.json``."""
+    return os.path.join(os.path.dirname(lock_file) or ".", f"handle-{_digest(ident + chr(10) + handle_key)}.json")
+
+
+def save_handle(path: str, ident: str, key: str, rev: int, value: bytes) -> None:
+    """Keep the handle record this node's ADD wrote at ``key`` (revision ``rev``): the DEL of
+    the same attachment can then release in ONE request (``Releases.release(cached=...)``,
+    which guards it by content).  Failures are not errors: returns quietly."""
+    _write_private(path, json.dumps({"format": FORMAT, "ident": ident, "key": key, "rev": rev, "value": _b(value)},
+                                    separators=(",", ":")).encode())
+
+
+def load_handle(path: str, ident: str, key: str) -> tuple[int, bytes] | None:
+    """``(mod_revision, value)`` kept by ``save_handle`` for ``key``, or None (missing, not
+    ours, malformed, another key or identity: only a cache)."""
+    data = read_private(path, 1024 * 1024)
+    if data is None:
+        return None
+    try:
+        d = json.loads(data)
+        if (not isinstance(d, dict) or d.get("format") != FORMAT or d.get("ident") != ident
+                or d.get("key") != key):
+            return None
+        rev, value = _rev(d["rev"]), _unb(d["value"])
+        return (rev, value) if rev > 0 and value else None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
+def drop_handle(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

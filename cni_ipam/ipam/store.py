@@ -340,8 +340,13 @@ def release_cooldown(res, key: str) -> int:
     """ipCooldownSeconds from a read (RangeResult) of the config key, for a release: a release
     never fails on a corrupt config (it needs nothing else from it): then no cooldown, and a
     warning."""
+    return release_cooldown_of(res.kvs[0].value if res.kvs else None, key)
+
+
+def release_cooldown_of(value: bytes | None, key: str) -> int:
+    """``release_cooldown`` from the config key's value (None: absent)."""
     try:
-        return decode_config(res.kvs[0].value if res.kvs else None, key).ip_cooldown_seconds
+        return decode_config(value, key).ip_cooldown_seconds
     except CorruptData as e:
         from ..log import log
         log.warning("release: %s; releasing without a cooldown", e.msg)
