@@ -122,10 +122,18 @@ class _Lazy:
 
 
 class _Ordered(_Lazy):
-    """``<``, ``<=``, ``>``, ``>=`` as ``ipaddress`` orders: within one version (``TypeError``
+    """What ``Address`` and ``Network`` share: ``version``, ``max_prefixlen``, and ``<``, ``<=``, ``>``, ``>=`` as ``ipaddress`` orders: within one version (``TypeError``
     across), against anything of the same kind (``ipaddress``'s too); ``NotImplemented`` else.
     Subclasses give ``_order_key(other)`` -> ``(version, key)`` or None, and ``_own_order_key()``."""
     __slots__ = ()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def max_prefixlen(self) -> int:
+        return _MAX[self._version]
 
     def _order_key(self, other):
         raise NotImplementedError
@@ -175,14 +183,6 @@ class Address(_Ordered):
             ipa = _ipaddress()
             self._obj = (ipa.IPv4Address if self._version == 4 else ipa.IPv6Address)(self._ip)
         return self._obj
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def max_prefixlen(self) -> int:
-        return _MAX[self._version]
 
     def __int__(self) -> int:
         return self._ip
@@ -243,16 +243,8 @@ class Network(_Ordered):
         return self._obj
 
     @property
-    def version(self) -> int:
-        return self._version
-
-    @property
     def prefixlen(self) -> int:
         return self._prefixlen
-
-    @property
-    def max_prefixlen(self) -> int:
-        return _MAX[self._version]
 
     @property
     def num_addresses(self) -> int:
