@@ -99,15 +99,28 @@ def test_gc_matches_attachments_by_their_records(store, conf):
 
 
 # ----------------------------------------------------------------------------- upgrade: old + new
-@pytest.fixture(scope="module")
-def old_code(tmp_path_factory):
-    """The plugin/CLI as of OLD_COMMIT (layout 1), from this repository's history."""
+def _code_at(commit: str, tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("old-cni-ipam")
-    arch = subprocess.run(["git", "-C", ROOT, "archive", OLD_COMMIT, "cni_ipam"], capture_output=True)
+    arch = subprocess.run(["git", "-C", ROOT, "archive", commit, "cni_ipam"], capture_output=True)
     assert arch.returncode == 0, ("the rolling-upgrade tests run the previous version from git history; "
                                   f"a full clone is needed: {arch.stderr.decode()}")
     subprocess.run(["tar", "-x", "-C", str(d)], input=arch.stdout, check=True)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def old_code(tmp_path_factory):
+    """The plugin/CLI as of OLD_COMMIT (layout 1), from this repository's history."""
+    return _code_at(OLD_COMMIT, tmp_path_factory)
+
+
+#: the last commit before the kept handle records (layout 2, warm snapshots, no handle-*.json)
+PRE_HANDLE_FILES_COMMIT = "ded796740692641926296a06afa96d047c47ab3c"
+
+
+@pytest.fixture(scope="module")
+def pre_handle_files_code(tmp_path_factory):
+    return _code_at(PRE_HANDLE_FILES_COMMIT, tmp_path_factory)
 
 
 def old_plugin(old_code, *a, **kw):
@@ -462,3 +475,29 @@ def test_repeated_add_that_does_not_fit_the_existing_handle_is_an_error(store, c
     out = assert_error(exec_plugin("ADD", c, container="c1", args=args), 7)
     assert "already holds" in out["msg"] and ip in out["msg"], out
     assert dump(store.ds, etcd_prefix) == before
+
+
+def test_kept_handle_records_across_an_upgrade_on_one_node(store, conf, pre_handle_files_code, tmp_path):
+    """The kept handle records (``handle-<hash>.json``, next to the snapshot) when the old and the
+    new version take turns on one node: the old DEL does not know the file and leaves it; the
+    new DEL of that attachment is refused by the handle's content compare and releases nothing
+    else (the old version's allocation stays); an attachment the old version added has no file
+    and the new DEL releases it the usual way."""
+    c = conf(name="net", node="node-a")
+
+    def kept():
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("handle-"))
+
+    add_ip(exec_plugin("ADD", c, container="n1"))
+    assert len(kept()) == 1
+    assert old_plugin(pre_handle_files_code, "DEL", c, container="n1").rc == 0   # the file stays behind
+    assert len(kept()) == 1 and holders(store) == {}
+    ip_old = add_ip(old_plugin(pre_handle_files_code, "ADD", c, container="o1"))
+    assert len(kept()) == 1
+    log = tmp_path / "cni-ipam.log"
+    before = log.read_text()
+    assert exec_plugin("DEL", c, container="n1").rc == 0            # stale file: refused, dropped
+    assert "the cached handle or the snapshot is stale" in log.read_text()[len(before):]
+    assert kept() == [] and holders(store) == {ip_old: "net/o1/eth0"}
+    assert exec_plugin("DEL", c, container="o1").rc == 0            # no file: the usual way
+    assert holders(store) == {} and kept() == []
