@@ -180,11 +180,19 @@ class ExecEnv:
                "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(self.pycache)}
         return env
 
-    def impls(self, *, python_s: bool = True, host_local: bool = True, binary: bool = True) -> list[Impl]:
+    def impls(self, *, python_s: bool = True, host_local: bool = True, binary: bool = True,
+              server: "ExecServer | None" = None) -> list[Impl]:
         out = []
         if binary and BINARY.exists():
+            # the binary alone: its launcher is told to use no exec server (CNI_IPAM_EXEC_SOCKET empty)
             out.append(Impl("binary", [str(BINARY)], {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                                      "CNI_PATH": "/usr/lib/cni"}, "cni-ipam"))
+                                                      "CNI_PATH": "/usr/lib/cni", "CNI_IPAM_EXEC_SOCKET": ""},
+                            "cni-ipam"))
+            if server is not None:
+                out.append(Impl(SERVED_LABEL, [str(BINARY)], {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                                              "CNI_PATH": "/usr/lib/cni",
+                                                              "CNI_IPAM_EXEC_SOCKET": str(server.socket)},
+                                "cni-ipam"))
         out.append(Impl("python -m", [PYTHON, "-m", "cni_ipam"], self.base_env(), "cni-ipam"))
         if python_s:
             out.append(Impl("python -S -m", [PYTHON, "-S", "-m", "cni_ipam"], self.base_env(), "cni-ipam"))
@@ -196,6 +204,53 @@ class ExecEnv:
     def plugin_impl(self) -> Impl:
         """The shipped binary if built, else ``python -m cni_ipam``."""
         return self.impls(python_s=False, host_local=False)[0]
+
+
+SERVED_LABEL = "binary + exec server"
+
+
+class ExecServer:
+    """``dist/cni-ipam/cni-ipam exec-server`` on a socket in ``tmp`` (cni_ipam/execserver.py): the
+    node's warm plugin, which the binary's launcher hands its CNI execs to.  A context manager;
+    ``None``-like (``ok`` False) when the binary is not built or the server does not come up."""
+
+    def __init__(self, tmp: Path):
+        self.socket = Path(tmp) / "exec.sock"
+        self.proc = None
+        self.ok = False
+        self.log = Path(tmp) / "exec-server.log"
+
+    def __enter__(self):
+        if not BINARY.exists():
+            return self
+        import socket as _socket
+        self.proc = subprocess.Popen([str(BINARY), "exec-server", "--socket", str(self.socket)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+            try:
+                s.connect(str(self.socket))
+                self.ok = True
+                break
+            except OSError:
+                time.sleep(0.02)
+            finally:
+                s.close()
+        if not self.ok:
+            log(f"exec server did not start: {self.log.read_text()[-500:] if self.log.exists() else ''}")
+            self.__exit__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def binary_note() -> str:

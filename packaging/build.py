@@ -35,6 +35,8 @@ SPEC = os.path.join(ROOT, "packaging", "cni-ipam.spec")
 
 
 FLAVOR_DIRS = {"plugin": "cni-ipam", "controller": "cni-ipam-controller"}
+LAUNCHER_C = os.path.join(ROOT, "packaging", "launcher.c")
+BUILD_ID_FILE = "cni-ipam-build-id"   # cni_ipam/execserver.py reads it from _internal/
 
 
 def outputs(mode: str, dist: str, flavor: str = "plugin") -> tuple[str, str, str]:
@@ -56,7 +58,7 @@ def source_files() -> list[str]:
     files += [SPEC, os.path.join(ROOT, "packaging", "entry.py"), os.path.join(ROOT, "packaging", "hello.py"),
               os.path.join(ROOT, "packaging", "cni_exec.py"),
               os.path.join(ROOT, "packaging", "pyi_boot.py"), os.path.join(ROOT, "packaging", "modblob.py"),
-              os.path.abspath(__file__)]
+              LAUNCHER_C, os.path.abspath(__file__)]
     return files
 
 
@@ -130,6 +132,24 @@ def smoke_test(exe: str) -> str:
     return p.stdout.strip()
 
 
+def add_launcher(bundle: str, build_id: str) -> None:
+    """The plugin bundle's ``cni-ipam``: packaging/launcher.c, compiled static (an exec of it is
+    as cheap as one of /bin/true), with the build id that the bundle's exec server
+    (``_internal/cni-ipam-build-id``) must match to take an exec over."""
+    if not all(c.isalnum() or c in ".-_+" for c in build_id):
+        raise SystemExit(f"build: unexpected build id {build_id!r}")
+    with open(os.path.join(bundle, "_internal", BUILD_ID_FILE), "w") as f:
+        f.write(build_id + "\n")
+    cc = os.environ.get("CC", "gcc")
+    cmd = [cc, "-O2", "-static", "-s", "-Wall", "-Wextra", "-Werror", f'-DBUILD_ID="{build_id}"',
+           "-o", os.path.join(bundle, "cni-ipam"), LAUNCHER_C]
+    try:
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"build: compiling the launcher failed ({e}); it needs gcc and the static "
+                         "C library (Debian: gcc, libc6-dev)") from None
+
+
 def build(mode: str, dist: str, work: str, with_grpc: bool, quiet: bool, spec_args=(),
           flavor: str = "plugin") -> str:
     commit = git_commit()
@@ -151,6 +171,8 @@ def build(mode: str, dist: str, work: str, with_grpc: bool, quiet: bool, spec_ar
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
     staged, _, _ = outputs(mode, stage, flavor)
+    if mode == "onedir" and flavor == "plugin":
+        add_launcher(staged, f"{info['version']}-{digest[:12]}")
     final, exe, stamp = outputs(mode, dist, flavor)
     os.makedirs(dist, exist_ok=True)
     old = None

@@ -12,6 +12,7 @@ declare -A APT=(
   [/usr/share/gocode/src/github.com/containernetworking/cni/libcni/api.go]=golang-github-appc-cni-dev
   [containerd]=containerd [runc]=runc [podman]=podman [/bin/busybox]=busybox-static
   [iptables]=iptables [hyperfine]=hyperfine [/usr/bin/time]=time [setpriv]=util-linux
+  [gcc]=gcc [/usr/include/stdio.h]=libc6-dev
 )
 need=()
 for what in "${!APT[@]}"; do

@@ -16,7 +16,7 @@ import sys
 from ..cni.version import SUPPORTED_VERSIONS as SUPPORTED
 
 MODULES = ["pools", "inspect", "repair", "reservations"]
-OPTIONAL_MODULES = ["labels", "install", "controller"]
+OPTIONAL_MODULES = ["labels", "install", "controller", "execserver"]
 
 
 def version_text() -> str:
