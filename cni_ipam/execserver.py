@@ -23,7 +23,8 @@ Protocol (one SOCK_SEQPACKET connection per exec; the launcher's side is packagi
    (every field ends with a NUL; argc/envc are decimal).
 2. server (the forked child) -> launcher: ``A`` (accepted) or ``R<reason>`` (refused: the
    launcher execs the bundle itself).  A refusal is sent for another build, another user
-   (SO_PEERCRED), or a message that does not parse.
+   (SO_PEERCRED), or a message that does not parse -- and by the parent itself, without a fork,
+   when ``max_children`` children are running.
 3. launcher -> child: ``G`` (go).  Only now does the child run the verb: a launcher that gave up
    waiting for ``A`` (and execs the bundle instead) closes the socket without ``G``, and the
    child exits without running anything -- a verb never runs twice.
@@ -43,6 +44,9 @@ DEFAULT_SOCKET = "/run/cni-ipam/exec.sock"
 BUILD_ID_FILE = "cni-ipam-build-id"    # in the bundle's _internal/ (packaging/build.py writes it)
 MAX_MESSAGE = 1 << 20                  # a launcher's argv + environment; larger: it execs the bundle
 HANDSHAKE_TIMEOUT = 30.0               # a child waits this long for the launcher's "G"
+#: children at once (each ~5-10 MB of its own while it runs; most of a burst waits for the host
+#: lock); one more connection is refused at once and that exec starts the plugin itself
+DEFAULT_MAX_CHILDREN = 128
 
 #: what the verbs run: imported once by the server, before its first fork (the modules of
 #: packaging/modblob.py's groups follow from these; tests/test_execserver.py checks that a verb
@@ -110,12 +114,13 @@ def preload() -> None:
 
 
 class Server:
-    def __init__(self, path: str, build: str, log=None):
-        self.path, self.build = path, build
+    def __init__(self, path: str, build: str, log=None, max_children: int = DEFAULT_MAX_CHILDREN):
+        self.path, self.build, self.max_children = path, build, max_children
         self.log = log or (lambda msg: print(f"cni-ipam exec-server: {msg}", file=sys.stderr, flush=True))
         self.sock: socket.socket | None = None
         self.ino = None
-        self.served = 0
+        self.served = self.busy = 0
+        self.children: set[int] = set()
 
     # ---------------------------------------------------------------- the socket
     def bind(self) -> None:
@@ -172,12 +177,26 @@ class Server:
         import gc
         gc.collect()
         gc.freeze()     # the children never touch the imported objects' GC headers: fewer copied pages
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # children are reaped by the kernel
+        signal.signal(signal.SIGCHLD, lambda signum, frame: self._reap())
         while True:
             conn, _ = self.sock.accept()
+            self._reap()
+            if len(self.children) >= self.max_children:
+                # refused by the parent itself: that exec starts the plugin on its own (and waits
+                # for the host lock like the ones served)
+                self.busy += 1
+                try:
+                    conn.send(b"Rbusy")
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            # SIGCHLD held until the pid is counted (a child that ends at once is reaped after)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             try:
                 pid = os.fork()
             except OSError as e:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 self.log(f"fork failed ({e.strerror}); that exec runs the bundle itself")
                 conn.close()
                 continue
@@ -188,13 +207,28 @@ class Server:
                     code = self._child(conn)
                 finally:
                     os._exit(code)
+            self.children.add(pid)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             conn.close()
             self.served += 1
+
+    def _reap(self) -> None:
+        """Collect the children that ended (SIGCHLD, and before each fork)."""
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
 
     # ---------------------------------------------------------------- one exec
     def _child(self, conn: socket.socket) -> int:
         """In the forked child: take over the launcher's exec (protocol steps 1-4)."""
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         conn.settimeout(HANDSHAKE_TIMEOUT)
@@ -277,14 +311,14 @@ def _run_verb() -> int:
     return code
 
 
-def run(path: str, build: str | None = None) -> int:
+def run(path: str, build: str | None = None, max_children: int = DEFAULT_MAX_CHILDREN) -> int:
     """``cni-ipam exec-server``: preload, listen, serve until SIGTERM/SIGINT."""
     build = build or bundle_build_id()
     if build is None:
         raise ExecServerError("the exec server serves the launcher of its own bundle: run it from the built "
                               "binary (`dist/cni-ipam/cni-ipam exec-server`), not from the source tree")
     preload()
-    server = Server(path, build)
+    server = Server(path, build, max_children=max_children)
 
     def stop(signum, frame):
         raise SystemExit(0)
@@ -296,5 +330,6 @@ def run(path: str, build: str | None = None) -> int:
         server.serve_forever()
     finally:
         server.close()
-        server.log(f"stopped after {server.served} execs")
+        server.log(f"stopped after {server.served} execs"
+                   + (f" ({server.busy} more refused: {max_children} running)" if server.busy else ""))
     return 0

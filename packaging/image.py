@@ -49,7 +49,8 @@ def default_tag() -> str:
 
 def needed_libs(bundle: str) -> list[str]:
     """Absolute paths of the shared libraries (outside the bundle) the bundle's ELF files need."""
-    elves = [os.path.join(bundle, "cni-ipam")]
+    elves = [os.path.join(bundle, n) for n in ("cni-ipam", "cni-ipam-python")   # the launcher is static
+             if os.path.exists(os.path.join(bundle, n))]
     for base, _dirs, names in os.walk(bundle):
         elves += [os.path.join(base, n) for n in names if ".so" in n]
     bundle_real = os.path.realpath(bundle) + "/"

@@ -1,6 +1,6 @@
 """``cni-ipam exec-server``: the node's warm plugin (cni_ipam/execserver.py).
 
-    cni-ipam exec-server [--socket /run/cni-ipam/exec.sock]
+    cni-ipam exec-server [--socket /run/cni-ipam/exec.sock] [--max-children 128]
 
 Long-running; SIGTERM or SIGINT stops it (the socket file is removed if it is still its own).
 """
@@ -10,7 +10,7 @@ from .common import CLIError
 
 
 def register(sub) -> None:
-    from ..execserver import DEFAULT_SOCKET
+    from ..execserver import DEFAULT_MAX_CHILDREN, DEFAULT_SOCKET
     p = sub.add_parser(
         "exec-server", help="long-running, one per node: serve CNI execs from an already started plugin (faster pod starts)",
         description="Imports the plugin once and listens on a unix socket (root only). The installed "
@@ -20,12 +20,16 @@ def register(sub) -> None:
                     "plugin itself, as before. Logs to stderr.")
     p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH",
                    help=f"listen here (default {DEFAULT_SOCKET}; the launcher also reads CNI_IPAM_EXEC_SOCKET)")
+    p.add_argument("--max-children", type=int, default=DEFAULT_MAX_CHILDREN, metavar="N",
+                   help=f"execs served at once (default {DEFAULT_MAX_CHILDREN}); more start the plugin themselves")
     p.set_defaults(func=cmd_exec_server)
 
 
 def cmd_exec_server(args) -> int:
     from ..execserver import ExecServerError, run
     try:
-        return run(args.socket)
+        if args.max_children < 1:
+            raise CLIError("--max-children must be at least 1")
+        return run(args.socket, max_children=args.max_children)
     except ExecServerError as e:
         raise CLIError(str(e)) from None
