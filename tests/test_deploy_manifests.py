@@ -168,3 +168,40 @@ def test_example_conflist_renders_to_a_valid_config():
     secret = docs(DEPLOY / "examples" / "etcd-tls-secret.yaml")[0]
     assert sorted(secret["stringData"]) == ["ca.crt", "tls.crt", "tls.key"]
     assert "create secret generic cni-ipam-etcd-tls" in (DEPLOY / "examples" / "etcd-tls-secret.yaml").read_text()
+
+
+def test_the_exec_server_container_serves_the_launchers_socket_with_the_hosts_paths():
+    """The DaemonSet's exec-server container (cni_ipam/execserver.py): it runs the command the CLI
+    takes, on the socket the launcher (packaging/launcher.c) connects to by default, and the paths a
+    served exec uses by default -- the socket's dir, the lock file's dir (where the snapshot and
+    handle files live too), the log's dir, the dir of the kubeconfig and etcd TLS files install
+    writes -- are the host's own, mounted at the same path (a served exec opens the paths of the
+    conflist as the host sees them)."""
+    import re
+    from cni_ipam.config import DEFAULT_LOCK_FILE, DEFAULT_LOG_FILE
+    from cni_ipam.execserver import DEFAULT_SOCKET
+    ds = objects()[("DaemonSet", "cni-ipam-node")]["spec"]["template"]["spec"]
+    c = next(c for c in ds["containers"] if c["name"] == "exec-server")
+    install = next(c for c in ds["containers"] if c["name"] == "install")
+    assert c["image"] == install["image"]           # the same build as the installed launcher
+    args = build_parser().parse_args(c["args"])
+    assert args.cmd == "exec-server" and args.socket == DEFAULT_SOCKET
+    launcher = (ROOT / "packaging" / "launcher.c").read_text()
+    assert re.search(r'#define DEFAULT_SOCKET "([^"]+)"', launcher).group(1) == DEFAULT_SOCKET
+    vols = {v["name"]: v for v in ds["volumes"]}
+    mounted = {m["mountPath"]: (vols[m["name"]]["hostPath"]["path"], m.get("readOnly", False))
+               for m in c["volumeMounts"]}
+    kubeconfig = os.path.dirname(build_parser().parse_args(install["args"]).kubeconfig[len("/host"):])
+    needs = {os.path.dirname(DEFAULT_SOCKET): True, os.path.dirname(DEFAULT_LOCK_FILE): True,
+             os.path.dirname(DEFAULT_LOG_FILE): True, os.path.dirname(kubeconfig): False}
+    for path, writable in needs.items():
+        # the nearest mounted dir holding it, mounted from the same host path
+        where = max((m for m in mounted if path == m or path.startswith(m + "/")), key=len, default=None)
+        assert where is not None, f"{path} is not mounted in the exec-server container"
+        host, read_only = mounted[where]
+        same = host == where or (where.startswith("/var/run/") and host == where[len("/var"):])  # /var/run -> /run
+        assert same, f"{where} is mounted from {host}: a served exec would see other files"
+        assert not (writable and read_only), f"{where} must be writable"
+    # /var/run is /run on the host: both names of the dir are the same volume
+    assert mounted["/var/run/cni-ipam"][0] == "/run/cni-ipam"
+    assert c["securityContext"]["runAsUser"] == 0 and c["securityContext"]["capabilities"]["drop"] == ["ALL"]

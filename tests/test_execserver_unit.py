@@ -84,20 +84,25 @@ def test_parse_refuses_non_numbers():
 
 # ----------------------------------------------------------------------------- PRELOAD
 PRELOAD_SCRIPT = textwrap.dedent(r"""
-    import io, json, sys
+    import io, json, os, sys
     from cni_ipam import execserver
     execserver.preload()
     before = {m for m in sys.modules if m == "cni_ipam" or m.startswith("cni_ipam.")}
-    from cni_ipam.plugin import run_plugin
+    from cni_ipam.main import main     # what the server's child runs (execserver._run_verb)
 
     conf, base = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     out = {}
 
     def verb(name, command, doc, **env):
         e = dict(base, CNI_COMMAND=command, **env)
-        e = {k: v for k, v in e.items() if v is not None}
-        buf = io.StringIO()
-        rc = run_plugin(environ=e, stdin=json.dumps(doc).encode(), stdout=buf)
+        os.environ.clear()
+        os.environ.update({k: v for k, v in e.items() if v is not None})
+        sys.stdin = io.TextIOWrapper(io.BytesIO(json.dumps(doc).encode()))
+        sys.stdout = buf = io.StringIO()
+        try:
+            rc = main([])
+        finally:
+            sys.stdout, sys.stdin = sys.__stdout__, sys.__stdin__
         now = {m for m in sys.modules if m == "cni_ipam" or m.startswith("cni_ipam.")}
         out[name] = {"rc": rc, "stdout": buf.getvalue(), "new": sorted(now - before)}
         return buf.getvalue()
@@ -122,8 +127,10 @@ PRELOAD_SCRIPT = textwrap.dedent(r"""
 @pytest.mark.parametrize("version", ["1.1.0", "0.4.0"])
 def test_preload_covers_every_verb(etcd_server, etcd_prefix, tmp_path, version):
     """What ``cni-ipam exec-server`` imports before it forks is all a served verb needs: after
-    ``preload()`` the happy path of every verb imports no further module of cni_ipam (a verb
-    that did would pay that import in every served exec)."""
+    ``preload()`` the happy path of every verb (run as the server's child runs it:
+    ``cni_ipam.main.main`` with the exec's environment, stdin and stdout, which ends in
+    ``plugin.run_plugin``) imports no further module of cni_ipam (a verb that did would pay that
+    import in every served exec)."""
     with seed_store(etcd_server.endpoint, etcd_prefix):
         pass
     conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, version=version, ipv4_pools=["external-pool"])
