@@ -16,14 +16,18 @@ a shortcut, and a node without it works exactly as it always did.
 
 Protocol (one SOCK_SEQPACKET connection per exec; the launcher's side is packaging/launcher.c):
 
-1. launcher -> server: one message, with fds 0, 1, 2 attached::
+1. launcher -> server: one message, with the exec's stdin (read whole by the launcher into a
+   memory file, so that a refused exec can still give it to the bundle), stdout and stderr
+   attached::
 
        b"cni-ipam-exec/1\\0" build-id \\0 umask(octal) \\0 cwd \\0 argc \\0 argv... envc \\0 env...
 
    (every field ends with a NUL; argc/envc are decimal).
 2. server (the forked child) -> launcher: ``A`` (accepted) or ``R<reason>`` (refused: the
    launcher execs the bundle itself).  A refusal is sent for another build, another user
-   (SO_PEERCRED), or a message that does not parse -- and by the parent itself, without a fork,
+   (SO_PEERCRED), a message that does not parse, a network config naming paths the server cannot
+   see (``unseen_paths``: a server in a container without that host dir) -- and by the parent
+   itself, without a fork,
    when ``max_children`` children are running.
 3. launcher -> child: ``G`` (go).  Only now does the child run the verb: a launcher that gave up
    waiting for ``A`` (and execs the bundle instead) closes the socket without ``G``, and the
@@ -42,6 +46,7 @@ import sys
 MAGIC = b"cni-ipam-exec/1"
 DEFAULT_SOCKET = "/run/cni-ipam/exec.sock"
 BUILD_ID_FILE = "cni-ipam-build-id"    # in the bundle's _internal/ (packaging/build.py writes it)
+MAX_STDIN = 4 * 1024 * 1024 + 1        # what the plugin reads of stdin at most (cni.skel.MAX_STDIN + 1)
 MAX_MESSAGE = 1 << 20                  # a launcher's argv + environment; larger: it execs the bundle
 HANDSHAKE_TIMEOUT = 30.0               # a child waits this long for the launcher's "G"
 #: children at once (each ~5-10 MB of its own while it runs; most of a burst waits for the host
@@ -105,6 +110,39 @@ def encode_request(build: str, argv, env: dict, cwd: str = "/", umask: int = 0o0
     parts.append(b"%d" % len(env))
     parts += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
     return b"\0".join(parts) + b"\0"
+
+
+def unseen_paths(conf: bytes) -> list[str]:
+    """The paths of an exec's network config (stdin) that this server cannot see: the host lock's
+    dir (the snapshot and handle files are next to it), the log's dir, the kubeconfig, the etcd
+    TLS, password and node-name files.  A served exec opens them in the server's filesystem; in a
+    container that mounts only some of the host's dirs a path can be missing there, and that exec
+    is then left to start the plugin itself (which sees the host's).  A config that does not parse
+    has nothing to check (the verb reports it)."""
+    from . import _json as json
+    from .config import DEFAULT_LOCK_FILE, DEFAULT_LOG_FILE
+    try:
+        ipam = json.loads(conf.decode("utf-8")).get("ipam")
+    except (ValueError, AttributeError, RecursionError):
+        return []
+    if not isinstance(ipam, dict):
+        return []
+    out = []
+
+    def text(key, default=None):
+        v = ipam.get(key, default)
+        return v if isinstance(v, str) and v.strip() else None
+    for key, default in (("lock_file", DEFAULT_LOCK_FILE), ("log_file", DEFAULT_LOG_FILE)):
+        path = text(key, default)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            out.append(os.path.dirname(os.path.abspath(path)))
+    files = [text(k) for k in ("etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file", "etcd_password_file",
+                               "nodename_file")]
+    kube = ipam.get("kubernetes")
+    if isinstance(kube, dict) and isinstance(kube.get("kubeconfig"), str) and kube["kubeconfig"].strip():
+        files.append(kube["kubeconfig"])
+    out += [f for f in files if f and not os.path.exists(f)]
+    return out
 
 
 def preload() -> None:
@@ -252,7 +290,17 @@ class Server:
                 else:
                     if req["build"] != self.build:
                         reason = f"build {req['build']} is not the server's ({self.build})"
+                    else:
+                        try:
+                            conf = os.pread(fds[0], MAX_STDIN, 0)
+                        except OSError as e:
+                            reason = f"stdin is not a file the server can read from its start ({e.strerror})"
+                        else:
+                            unseen = unseen_paths(conf)
+                            if unseen:
+                                reason = "not visible to the exec server: " + ", ".join(unseen)
             if reason is not None:
+                self.log(f"left an exec to start the plugin itself: {reason}")
                 conn.sendall(b"R" + reason.encode()[:200])
                 return 0
             conn.sendall(b"A")
@@ -262,6 +310,7 @@ class Server:
             return 0
         conn.settimeout(None)
         # become the exec: its stdin/stdout/stderr, environment, cwd, umask, argv
+        os.lseek(fds[0], 0, os.SEEK_SET)     # (the launcher's copy of stdin: read from its start)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         for fd in fds:

@@ -1,7 +1,8 @@
 /* cni-ipam: the launcher, installed as the plugin's executable (the bundle's `cni-ipam`).
  *
  * A CNI exec (CNI_COMMAND set and not empty) is handed to the node's exec server
- * (cni_ipam/execserver.py, which describes the protocol) when one of THIS build is listening;
+ * (cni_ipam/execserver.py, which describes the protocol) when one of THIS build is listening and
+ * accepts it (it refuses an exec whose config names paths it cannot see);
  * everything else -- the CLI, no server, another build, any failure before the server accepted
  * -- execs the Python bundle next to this file (`cni-ipam-python`) with the same argv and
  * environment, exactly as if the launcher were not there.
@@ -14,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -46,7 +48,45 @@ static void cni_fail(int code, const char *msg) {
     _exit(1);
 }
 
+/* The exec's stdin, read whole into a memory file (a CNI runtime writes the config and closes
+ * it): the server's child reads the config from it BEFORE it accepts (it refuses an exec whose
+ * paths it does not see), and a refused exec passes it on, from the start, to the bundle. */
+static int stdin_copy = -1;
+
+static void copy_stdin(void) {
+    int fd = memfd_create("cni-ipam-stdin", MFD_CLOEXEC);
+    if (fd < 0)
+        return;
+    static char chunk[65536];
+    for (;;) {
+        ssize_t n = read(0, chunk, sizeof chunk);
+        if (n == 0)
+            break;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;     /* what could be read is what the plugin would have read */
+        }
+        for (ssize_t off = 0; off < n;) {
+            ssize_t w = write(fd, chunk + off, n - off);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                cni_fail(999, "cannot keep the network configuration read from stdin (memfd write)");
+            }
+            off += w;
+        }
+    }
+    stdin_copy = fd;
+}
+
 static void exec_bundle(char **argv) {
+    if (stdin_copy >= 0) {      /* stdin was read: the bundle gets the copy, from its start */
+        if (lseek(stdin_copy, 0, SEEK_SET) != 0 || dup2(stdin_copy, 0) != 0)
+            cni_fail(999, "cannot pass stdin on to the plugin");
+        close(stdin_copy);
+        stdin_copy = -1;
+    }
     char path[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", path, sizeof path - sizeof BUNDLE_EXE - 1);
     if (n <= 0)
@@ -87,6 +127,11 @@ static void try_server(int argc, char **argv) {
         close(s);
         return;
     }
+    copy_stdin();
+    if (stdin_copy < 0) {
+        close(s);
+        return;
+    }
     static char data[MAX_MESSAGE];
     struct buf b = {data, 0, sizeof data, 1};
     char num[32], cwd[PATH_MAX];
@@ -112,7 +157,7 @@ static void try_server(int argc, char **argv) {
         close(s);
         return;
     }
-    int fds[3] = {0, 1, 2};
+    int fds[3] = {stdin_copy, 1, 2};
     char control[CMSG_SPACE(sizeof fds)];
     memset(control, 0, sizeof control);
     struct iovec iov = {data, b.len};

@@ -1,0 +1,534 @@
+"""The exec server (cni_ipam/execserver.py) and the binary's launcher (packaging/launcher.c),
+end to end: ``cni-ipam exec-server`` from the built bundle on a socket under the test's temp dir,
+CNI execs of the bundle's ``cni-ipam`` pointed at it with ``CNI_IPAM_EXEC_SOCKET``, a real etcd.
+
+That an exec was really served (and not run by the launcher's fallback, the bundle itself) is
+proved by the server's own count: ``stopped after N execs`` on its stderr after SIGTERM (every
+connection it accepted; the fixture waits for the server's start-up line, never connects).
+Fake servers (a thread of the test on a SOCK_SEQPACKET socket) check the launcher's side of the
+protocol: what it sends, and that it obeys every answer."""
+from __future__ import annotations
+
+import array
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cni_ipam.execserver import encode_request, parse_request
+from tests.e2e.helpers import ROOT
+from tests.plugin_helpers import assert_error, exec_plugin, netconf, seed_store
+
+BIN_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": None}
+NO_SERVER = {**BIN_ENV, "CNI_IPAM_EXEC_SOCKET": ""}      # the cold path: never use a server
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+pytestmark = pytest.mark.time_limit(60)
+
+
+# ----------------------------------------------------------------------------- helpers
+def build_id(plugin_binary) -> str:
+    return (Path(plugin_binary).parent / "_internal" / "cni-ipam-build-id").read_text().strip()
+
+
+class RunningServer:
+    """One ``cni-ipam exec-server`` process (stderr to a file)."""
+
+    def __init__(self, binary: str, sock: Path, log: Path):
+        self.sock, self.log = sock, log
+        self.env = served_env(sock)
+        self.proc = subprocess.Popen([binary, "exec-server", "--socket", str(sock)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+                                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/")
+        self.rc: int | None = None
+        # ready = its start-up line (written after listen() and the rename into place); waiting
+        # for it instead of connecting keeps the server's count of accepted connections exact
+        deadline = time.monotonic() + START_TIMEOUT
+        while f"(pid {self.proc.pid})" not in self.stderr():
+            assert self.proc.poll() is None, f"exec server exited {self.proc.returncode}: {self.stderr()}"
+            assert time.monotonic() < deadline, f"exec server did not start: {self.stderr()}"
+            time.sleep(0.02)
+        assert sock.is_socket()
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> int:
+        """SIGTERM, wait; the number of connections it served (its last line); it must exit 0."""
+        if self.rc is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.rc = self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"exec server did not stop on SIGTERM: {self.stderr()}")
+        assert self.rc == 0, f"exec server exited {self.rc}: {self.stderr()}"
+        m = re.findall(r"stopped after (\d+) execs", self.stderr())
+        assert len(m) == 1, self.stderr()
+        assert "Traceback" not in self.stderr(), self.stderr()
+        return int(m[0])
+
+
+def served_env(sock) -> dict:
+    return {**BIN_ENV, "CNI_IPAM_EXEC_SOCKET": str(sock)}
+
+
+@pytest.fixture
+def start_server(plugin_binary, tmp_path):
+    """``start(sock=None)`` -> a ``RunningServer`` (default socket: tmp_path/exec.sock); every
+    server still running afterwards is stopped and must exit 0."""
+    started: list[RunningServer] = []
+
+    def start(sock: Path | None = None) -> RunningServer:
+        sock = Path(sock or tmp_path / "exec.sock")
+        s = RunningServer(plugin_binary, sock, tmp_path / f"exec-server-{len(started)}.log")
+        started.append(s)
+        return s
+    yield start
+    for s in started:
+        if s.rc is None:
+            s.stop()
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+@pytest.fixture
+def conf(etcd_server, etcd_prefix, tmp_path):
+    with seed_store(etcd_server.endpoint, etcd_prefix):
+        pass
+    return netconf(etcd_server.endpoint, etcd_prefix, tmp_path, version="1.1.0", ipv4_pools=["external-pool"])
+
+
+class Engine:
+    """The engine over the test's prefix (queries only)."""
+
+    def __init__(self, endpoint, prefix):
+        from cni_ipam.datastore import open_datastore
+        from cni_ipam.ipam.engine import IPAM
+        self.ds = open_datastore(endpoint)
+        self.ipam = IPAM(self.ds, prefix)
+
+    def close(self):
+        self.ds.close()
+
+
+@pytest.fixture
+def engine(etcd_server, etcd_prefix):
+    e = Engine(etcd_server.endpoint, etcd_prefix)
+    yield e.ipam
+    e.close()
+
+
+def no_status(**kw):
+    return dict(container=None, ifname=None, netns=None, **kw)
+
+
+# ----------------------------------------------------------------------------- a. served == cold
+def test_served_verbs_answer_as_cold_ones(plugin_binary, server, conf, engine):
+    argv = [plugin_binary]
+    add = exec_plugin("ADD", conf, argv=argv, env=server.env)
+    assert add.rc == 0, add.stdout + add.stderr
+    ip = add.out["ips"][0]["address"]
+    assert ip.startswith("172.16.0.") and ip.endswith("/29"), add.out
+    assert add.stderr == ""
+    # the same attachment again, cold: the existing allocation, the same answer byte for byte
+    cold_add = exec_plugin("ADD", conf, argv=argv, env=NO_SERVER)
+    assert (cold_add.rc, cold_add.stdout) == (0, add.stdout), cold_add.stdout + cold_add.stderr
+    (h,) = engine.handles()
+    assert (h.container_id, h.node, [str(a.interface) for a in h.addresses]) == ("c1", "node-a", [ip])
+
+    checked = {**conf, "prevResult": add.out}
+    for verb, doc, kw in (("CHECK", checked, {}), ("STATUS", conf, no_status()), ("VERSION", conf, {})):
+        served = exec_plugin(verb, doc, argv=argv, env=server.env, **kw)
+        cold = exec_plugin(verb, doc, argv=argv, env=NO_SERVER, **kw)
+        assert served.rc == 0, (verb, served.stdout + served.stderr)
+        assert (served.rc, served.stdout, served.stderr) == (cold.rc, cold.stdout, cold.stderr), verb
+    assert json.loads(served.stdout)["supportedVersions"][-1] == "1.1.0"
+
+    dele = exec_plugin("DEL", conf, argv=argv, env=server.env)
+    assert (dele.rc, dele.stdout) == (0, ""), dele.stdout + dele.stderr
+    assert engine.handles() == []
+    # an error answer, served and cold: the same
+    served = exec_plugin("CHECK", checked, argv=argv, env=server.env)
+    cold = exec_plugin("CHECK", checked, argv=argv, env=NO_SERVER)
+    assert_error(served, 3)
+    assert (served.rc, served.stdout) == (cold.rc, cold.stdout)
+    # served: ADD, CHECK, STATUS, VERSION, DEL, CHECK (the cold ones are not the server's)
+    assert server.stop() == 6
+
+
+# ----------------------------------------------------------------------------- b. errors
+def test_errors_through_the_server_are_the_specs(plugin_binary, server, conf, engine):
+    bad = exec_plugin("ADD", conf, argv=[plugin_binary], env=server.env, raw_stdin=b'{"cniVersion": "1.0.0", nope')
+    assert_error(bad, 6)
+    cold_bad = exec_plugin("ADD", conf, argv=[plugin_binary], env=NO_SERVER, raw_stdin=b'{"cniVersion": "1.0.0", nope')
+    assert (bad.rc, bad.stdout) == (cold_bad.rc, cold_bad.stdout)
+
+    served = exec_plugin("ADD", conf, argv=[plugin_binary], env=server.env, container=None)
+    cold = exec_plugin("ADD", conf, argv=[plugin_binary], env=NO_SERVER, container=None)
+    err = assert_error(served, cold.out["code"] if cold.out else -1)
+    assert err["code"] in (4, 7), err       # the spec's code for a missing variable
+    assert (served.rc, served.stdout) == (cold.rc, cold.stdout)
+    assert engine.handles() == []
+    assert server.stop() == 2
+
+
+# ----------------------------------------------------------------------------- c. the exec's own world
+def test_the_execs_cwd_umask_and_environment_are_used(plugin_binary, server, conf, engine, tmp_path):
+    """The served verb runs in the exec's cwd (a relative log_file lands there), with its umask
+    (the log directory it creates) and its environment (NODENAME, the conf naming no node)."""
+    work = tmp_path / "w"
+    work.mkdir()
+    c = json.loads(json.dumps(conf))
+    c["ipam"]["log_file"] = "logs/relative.log"
+    del c["ipam"]["nodename"]
+    env = {k: v for k, v in server.env.items() if v is not None}
+    env.update(CNI_COMMAND="ADD", CNI_CONTAINERID="c-env", CNI_IFNAME="eth0", CNI_NETNS="/var/run/netns/x",
+               CNI_PATH="/opt/cni/bin", NODENAME="node-from-the-exec")
+    p = subprocess.run(["/bin/sh", "-c", 'umask 027 && exec "$0"', plugin_binary], input=json.dumps(c).encode(),
+                       env=env, cwd=work, capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ip = json.loads(p.stdout)["ips"][0]["address"]
+    log = work / "logs" / "relative.log"
+    assert log.exists(), sorted(str(x) for x in tmp_path.rglob("*"))
+    assert (log.parent.stat().st_mode & 0o777) == 0o750
+    assert not (Path("/") / "logs" / "relative.log").exists()
+    assert "ADD " in log.read_text()
+    (h,) = engine.handles()
+    assert (h.container_id, h.node) == ("c-env", "node-from-the-exec")
+    assert [str(a.interface) for a in h.addresses] == [ip]
+    assert server.stop() == 1
+
+
+# ----------------------------------------------------------------------------- d. fallback, fake servers
+def test_no_server_listening_falls_back(plugin_binary, conf, engine, tmp_path):
+    env = served_env(tmp_path / "nobody.sock")
+    add = exec_plugin("ADD", conf, argv=[plugin_binary], env=env)
+    assert add.rc == 0, add.stdout + add.stderr
+    # a socket file nobody listens on any more (a server that was killed)
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(str(stale))
+    s.close()
+    again = exec_plugin("ADD", conf, argv=[plugin_binary], env=served_env(stale))
+    assert (again.rc, again.stdout) == (0, add.stdout), again.stdout + again.stderr
+    assert [h.container_id for h in engine.handles()] == ["c1"]
+
+
+class FakeServer(threading.Thread):
+    """Accepts ONE connection on ``sock`` and plays ``script(conn, data, fds)``; records what
+    the launcher sent."""
+
+    def __init__(self, sock: Path, script):
+        super().__init__(daemon=True)
+        self.sock_path, self.script = sock, script
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(str(sock))
+        self.listener.listen(4)
+        self.listener.settimeout(30)
+        self.data: bytes | None = None
+        self.nfds = 0
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self):
+        try:
+            conn, _ = self.listener.accept()
+            with conn:
+                conn.settimeout(30)
+                data, anc, flags, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(16 * 4))
+                fds = array.array("i")
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self.data, self.nfds = data, len(fds)
+                try:
+                    self.script(conn, data, list(fds))
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+        except BaseException as e:   # reported by finish()
+            self.error = e
+        finally:
+            self.listener.close()
+
+    def finish(self):
+        self.join(30)
+        assert not self.is_alive(), "the fake server is still waiting"
+        if self.error is not None:
+            raise self.error
+        assert self.data is not None, "the launcher never connected"
+        return parse_request(self.data)
+
+
+def refuse(conn, data, fds):
+    conn.sendall(b"Rother build")
+
+
+def close_at_once(conn, data, fds):
+    pass
+
+
+def obey_me(conn, data, fds):
+    conn.sendall(b"A")
+    assert conn.recv(16) == b"G"
+    os.write(fds[1], b'{"x":1}\n')
+    conn.sendall(b"S" + struct.pack("<i", 7))
+
+
+def die_after_go(conn, data, fds):
+    conn.sendall(b"A")
+    assert conn.recv(16) == b"G"
+
+
+@pytest.mark.parametrize("script", [refuse, close_at_once], ids=["refused", "closed"])
+def test_a_launcher_not_accepted_runs_the_verb_itself(plugin_binary, conf, engine, tmp_path, script):
+    fake = FakeServer(tmp_path / "fake.sock", script)
+    add = exec_plugin("ADD", conf, argv=[plugin_binary], env=served_env(fake.sock_path), args="K8S_POD_NAME=p1")
+    req = fake.finish()
+    assert add.rc == 0, add.stdout + add.stderr
+    assert add.out["ips"][0]["address"].startswith("172.16.0."), add.out
+    assert [h.container_id for h in engine.handles()] == ["c1"]
+    # what the launcher sent: its build, argv, environment, cwd, umask and fds 0, 1, 2
+    assert req["build"] == build_id(plugin_binary)
+    assert req["argv"] == [plugin_binary]
+    env = req["env"]
+    assert env["CNI_COMMAND"] == "ADD" and env["CNI_CONTAINERID"] == "c1" and env["CNI_IFNAME"] == "eth0"
+    assert env["CNI_ARGS"] == "K8S_POD_NAME=p1" and env["CNI_IPAM_EXEC_SOCKET"] == str(fake.sock_path)
+    assert "PYTHONPATH" not in env
+    assert req["cwd"] == os.fsencode(os.getcwd())
+    assert fake.nfds == 3
+
+
+def test_the_launcher_obeys_the_server(plugin_binary, conf, engine, tmp_path):
+    """Accepted: the server's child answers on the exec's own stdout and names the exit code;
+    the launcher exits with it and runs nothing itself."""
+    fake = FakeServer(tmp_path / "fake.sock", obey_me)
+    r = exec_plugin("ADD", conf, argv=[plugin_binary], env=served_env(fake.sock_path))
+    fake.finish()
+    assert (r.rc, r.stdout, r.stderr) == (7, '{"x":1}\n', "")
+    assert engine.handles() == []
+
+
+def test_a_server_child_that_dies_after_go_is_a_try_again_error(plugin_binary, conf, engine, tmp_path):
+    fake = FakeServer(tmp_path / "fake.sock", die_after_go)
+    r = exec_plugin("ADD", conf, argv=[plugin_binary], env=served_env(fake.sock_path))
+    fake.finish()
+    assert r.rc == 1
+    assert_error(r, 11)
+    assert engine.handles() == []       # not run again cold: it may have run in the server
+
+
+# ----------------------------------------------------------------------------- e. no "G", no verb
+def _client_exec(sock: Path, message: bytes, stdin_data: bytes, *, go: bool, timeout=20.0):
+    """Play the launcher: the message with (stdin file, stdout pipe, stderr pipe); 'G' if ``go``.
+    Returns (first reply, final reply or None, stdout bytes, stderr bytes); stdout and stderr
+    are read to EOF, i.e. until the server's child has exited."""
+    with tempfile.TemporaryFile() as stdin:
+        stdin.write(stdin_data)
+        stdin.seek(0)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        c.settimeout(timeout)
+        try:
+            c.connect(str(sock))
+            c.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   array.array("i", [stdin.fileno(), out_w, err_w]))])
+            os.close(out_w)
+            os.close(err_w)
+            out_w = err_w = -1
+            first = c.recv(256)
+            final = None
+            if go and first == b"A":
+                c.sendall(b"G")
+                final = c.recv(256)
+        finally:
+            c.close()
+            for fd in (out_w, err_w):
+                if fd >= 0:
+                    os.close(fd)
+        try:
+            return (first, final) + _read_to_eof([out_r, err_r], timeout)
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+
+
+def _read_to_eof(fds, timeout):
+    bufs = {fd: b"" for fd in fds}
+    open_fds = set(fds)
+    deadline = time.monotonic() + timeout
+    while open_fds:
+        left = deadline - time.monotonic()
+        assert left > 0, "the server's child still holds the exec's stdout/stderr"
+        ready, _, _ = select.select(list(open_fds), [], [], left)
+        for fd in ready:
+            chunk = os.read(fd, 65536)
+            if chunk:
+                bufs[fd] += chunk
+            else:
+                open_fds.discard(fd)
+    return tuple(bufs[fd] for fd in fds)
+
+
+def _add_env(container: str) -> dict:
+    return {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": container, "CNI_IFNAME": "eth0",
+            "CNI_NETNS": "/var/run/netns/x", "CNI_PATH": "/opt/cni/bin"}
+
+
+def test_nothing_runs_without_go(plugin_binary, server, conf, engine, tmp_path):
+    bid = build_id(plugin_binary)
+    stdin = json.dumps(conf).encode()
+    msg = encode_request(bid, [plugin_binary], _add_env("no-go"), str(tmp_path))
+    first, final, out, err = _client_exec(server.sock, msg, stdin, go=False)
+    assert (first, final, out, err) == (b"A", None, b"", b"")
+    assert engine.find_attachment(conf["name"], "no-go", "eth0") is None
+    assert engine.handles() == []
+
+    msg = encode_request(bid, [plugin_binary], _add_env("go"), str(tmp_path))
+    first, final, out, err = _client_exec(server.sock, msg, stdin, go=True)
+    assert (first, final, err) == (b"A", b"S" + struct.pack("<i", 0), b""), out
+    ip = json.loads(out)["ips"][0]["address"]
+    h = engine.find_attachment(conf["name"], "go", "eth0")
+    assert h is not None and [str(a.interface) for a in h.addresses] == [ip]
+    assert [x.container_id for x in engine.handles()] == ["go"]
+    assert server.stop() == 2
+
+
+# ----------------------------------------------------------------------------- f. refusals
+def test_another_build_is_refused(plugin_binary, server, conf, engine, tmp_path):
+    msg = encode_request("other", [plugin_binary], _add_env("other-build"), str(tmp_path))
+    first, final, out, err = _client_exec(server.sock, msg, json.dumps(conf).encode(), go=True)
+    assert first.startswith(b"R") and b"other" in first, first
+    assert (final, out, err) == (None, b"", b"")
+    # a message that does not parse, and one without its 3 fds
+    first, *_ = _client_exec(server.sock, b"hello\0", b"", go=True)
+    assert first.startswith(b"R"), first
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+        c.settimeout(20)
+        c.connect(str(server.sock))
+        c.sendall(encode_request(build_id(plugin_binary), [plugin_binary], _add_env("no-fds")))
+        first = c.recv(256)
+    assert first.startswith(b"R"), first
+    assert engine.handles() == []
+
+
+CLIENT_AS_NOBODY = r"""
+import array, socket, sys
+c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+c.settimeout(20)
+c.connect(sys.argv[1])
+c.sendmsg([bytes.fromhex(sys.argv[2])], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+reply = c.recv(256)
+if reply == b"A":
+    c.sendall(b"G")
+    reply += b" " + c.recv(256)
+sys.stderr.write(repr(reply))
+"""
+
+
+def test_another_user_is_refused(plugin_binary, start_server, conf, engine):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a client of another uid)")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    d = Path(tempfile.mkdtemp(prefix="cni-ipam-exec-"))   # (pytest's tmp_path is root's alone)
+    try:
+        d.chmod(0o755)
+        server = start_server(d / "exec.sock")
+        os.chmod(server.sock, 0o666)
+        msg = encode_request(build_id(plugin_binary), [plugin_binary], _add_env("nobody"), "/")
+        p = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                            sys.executable, "-c", CLIENT_AS_NOBODY, str(server.sock), msg.hex()],
+                           input=json.dumps(conf).encode(), capture_output=True, timeout=30, cwd="/",
+                           env={"PATH": "/usr/bin:/bin"})
+        assert p.returncode == 0, p.stderr
+        reply = eval(p.stderr.decode())   # noqa: S307 (our own repr)
+        assert reply.startswith(b"R") and b"uid" in reply, reply
+        assert p.stdout == b""
+        assert engine.handles() == []
+        assert server.stop() == 1
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- g. a burst
+def test_a_burst_of_served_execs(plugin_binary, server, conf, engine):
+    c = json.loads(json.dumps(conf))
+    c["ipam"]["ipv4_pools"] = ["internal-pool"]      # (external-pool has 64 addresses)
+    env = {k: v for k, v in server.env.items() if v is not None}
+    n = 40
+
+    def burst(command):
+        procs = []
+        for i in range(n):
+            e = dict(env, CNI_COMMAND=command, CNI_CONTAINERID=f"burst-{i}", CNI_IFNAME="eth0",
+                     CNI_NETNS="/var/run/netns/x", CNI_PATH="/opt/cni/bin")
+            procs.append(subprocess.Popen([plugin_binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env=e, cwd="/"))
+        data = json.dumps(c).encode()
+        out = []
+        for p in procs:
+            stdout, stderr = p.communicate(data, timeout=60)
+            out.append((p.returncode, stdout, stderr))
+        return out
+
+    adds = burst("ADD")
+    assert all(rc == 0 for rc, _, _ in adds), [x for x in adds if x[0] != 0][:3]
+    ips = {json.loads(stdout)["ips"][0]["address"] for _, stdout, _ in adds}
+    assert len(ips) == n and all(ip.startswith("192.168.") for ip in ips)
+    assert len(engine.handles()) == n
+    dels = burst("DEL")
+    assert all((rc, stdout) == (0, b"") for rc, stdout, _ in dels), [x for x in dels if x[0] != 0][:3]
+    assert engine.handles() == []
+    assert server.stop() == 2 * n
+
+
+# ----------------------------------------------------------------------------- h. takeover
+def test_a_new_server_takes_over_the_socket(plugin_binary, start_server, conf, engine):
+    first = start_server()
+    version = exec_plugin("VERSION", conf, argv=[plugin_binary], env=first.env)
+    assert version.rc == 0, version.stdout + version.stderr
+    second = start_server(first.sock)
+    assert second.sock == first.sock
+    again = exec_plugin("VERSION", conf, argv=[plugin_binary], env=second.env)
+    assert (again.rc, again.stdout) == (0, version.stdout)
+    ino = first.sock.stat().st_ino
+    assert first.stop() == 1            # it served the first exec only
+    assert first.sock.is_socket() and first.sock.stat().st_ino == ino, "the successor's socket was removed"
+    add = exec_plugin("ADD", conf, argv=[plugin_binary], env=second.env)
+    assert add.rc == 0, add.stdout + add.stderr
+    assert [h.container_id for h in engine.handles()] == ["c1"]
+    assert second.stop() == 2
+    assert not os.path.lexists(second.sock)
+    assert [p for p in second.sock.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ----------------------------------------------------------------------------- i. from source
+def test_exec_server_from_source_refuses(tmp_path):
+    sock = tmp_path / "src.sock"
+    p = subprocess.run([sys.executable, "-m", "cni_ipam", "exec-server", "--socket", str(sock)],
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stderr.startswith("cni-ipam: error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert p.stdout == ""
+    assert not os.path.lexists(sock)
