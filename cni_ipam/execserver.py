@@ -52,6 +52,9 @@ HANDSHAKE_TIMEOUT = 30.0               # a child waits this long for the launche
 #: children at once (each ~5-10 MB of its own while it runs; most of a burst waits for the host
 #: lock); one more connection is refused at once and that exec starts the plugin itself
 DEFAULT_MAX_CHILDREN = 128
+#: on SIGTERM: stop accepting, then wait this long for the execs being served (the DaemonSet's
+#: terminationGracePeriodSeconds is 10)
+DRAIN_SECONDS = 8.0
 
 #: what the verbs run: imported once by the server, before its first fork (the modules of
 #: packaging/modblob.py's groups follow from these; tests/test_execserver.py checks that a verb
@@ -250,6 +253,20 @@ class Server:
             conn.close()
             self.served += 1
 
+    def drain(self, seconds: float) -> None:
+        """After ``close``: wait up to ``seconds`` for the execs being served to end (the
+        container's runtime kills whatever is left of a pod's processes when this one exits)."""
+        import time
+        deadline = time.monotonic() + seconds
+        self._reap()
+        if self.children:
+            self.log(f"waiting for {len(self.children)} exec(s) being served")
+        while self.children and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self._reap()
+        if self.children:
+            self.log(f"{len(self.children)} exec(s) still running after {seconds:g} s")
+
     def _reap(self) -> None:
         """Collect the children that ended (SIGCHLD, and before each fork)."""
         while self.children:
@@ -379,6 +396,7 @@ def run(path: str, build: str | None = None, max_children: int = DEFAULT_MAX_CHI
         server.serve_forever()
     finally:
         server.close()
+        server.drain(DRAIN_SECONDS)
         server.log(f"stopped after {server.served} execs"
                    + (f" ({server.busy} more refused: {max_children} running)" if server.busy else ""))
     return 0

@@ -205,3 +205,16 @@ def test_the_exec_server_container_serves_the_launchers_socket_with_the_hosts_pa
     # /var/run is /run on the host: both names of the dir are the same volume
     assert mounted["/var/run/cni-ipam"][0] == "/run/cni-ipam"
     assert c["securityContext"]["runAsUser"] == 0 and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_the_systemd_unit_runs_the_exec_server_the_launcher_finds():
+    """deploy/systemd/cni-ipam-exec-server.service: the installed binary's exec-server command, on the
+    launcher's default socket, SIGTERM to the server only (it drains the execs it serves)."""
+    from cni_ipam.execserver import DEFAULT_SOCKET
+    unit = (DEPLOY / "systemd" / "cni-ipam-exec-server.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    exe, *argv = lines["ExecStart"].split()
+    assert exe == "/opt/cni/bin/cni-ipam"       # where `cni-ipam install` puts the launcher
+    args = build_parser().parse_args(argv)
+    assert args.cmd == "exec-server" and args.socket == DEFAULT_SOCKET
+    assert lines["KillMode"] == "mixed" and lines["Restart"] == "always"
