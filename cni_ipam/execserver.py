@@ -290,6 +290,8 @@ class Server:
         fds: list[int] = []
         try:
             data, anc, flags, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(3 * 4))
+            if not data and not anc:
+                return 0             # connected and closed (a probe): nothing to say
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds += list(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))

@@ -17,8 +17,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import subprocess
+import time
 import types
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -38,11 +41,47 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 POOLS_ANNOTATION = "cni.projectcalico.org/ipv4pools"
 
 
+def _start_exec_server(binary: str, tmp_path) -> tuple[subprocess.Popen, str, Path]:
+    """``cni-ipam exec-server`` of the binary on a socket in ``tmp_path``; waits until it accepts."""
+    sock, log = tmp_path / "exec.sock", tmp_path / "exec-server.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([binary, "exec-server", "--socket", str(sock)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 30
+    while not sock.exists():     # bound under a temporary name, renamed once it listens
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the exec server did not start: " + log.read_text()
+        time.sleep(0.02)
+    return proc, str(sock), log
+
+
+def _stop_exec_server(proc: subprocess.Popen, log: Path) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return log.read_text()
+
+
 @pytest.fixture
-def cri_node(tmp_path, etcd_server, etcd_prefix, plugin_binary):
+def cri_node(request, tmp_path, etcd_server, etcd_prefix, plugin_binary):
     """containerd (CRI) on a one-file CNI config: bridge ``crt<hex>`` + cni-ipam (through a
     recording wrapper that logs what containerd passed), two pools in a free 10.244.N.0/24,
-    namespaces annotated in etcd.  Everything is torn down even when the test fails."""
+    namespaces annotated in etcd.  Everything is torn down even when the test fails.
+    With the indirect parameter ``"exec-server"``: the plugin's execs go to an exec server
+    (``n.stop_exec_server()`` stops it and returns its log)."""
+    server = None
+    target = plugin_binary
+    if getattr(request, "param", None) == "exec-server":
+        proc, sock, log = _start_exec_server(plugin_binary, tmp_path)
+        server = (proc, log)
+        target = str(tmp_path / "served-cni-ipam")
+        with open(target, "w") as f:   # the runtime's environment names the server's socket
+            f.write(f"#!/bin/sh\nCNI_IPAM_EXEC_SOCKET={sock} exec {plugin_binary} \"$@\"\n")
+        os.chmod(target, 0o755)
     subnet = ipaddress.ip_network(free_test_subnet())
     ext_cidr = str(list(subnet.subnets(new_prefix=26))[0])   # 64 addresses, like the seed's
     int_cidr = str(list(subnet.subnets(new_prefix=25))[1])
@@ -52,7 +91,7 @@ def cri_node(tmp_path, etcd_server, etcd_prefix, plugin_binary):
     ipam.create_pool(make_pool("e2e-external", ext_cidr, 29))
     ipam.create_pool(make_pool("e2e-internal", int_cidr, 29))
     calls = str(tmp_path / "calls.log")
-    wrapper = recording_plugin(str(tmp_path / "wrap"), plugin_binary, calls)
+    wrapper = recording_plugin(str(tmp_path / "wrap"), target, calls)
     bin_dir = make_cni_bin_dir(str(tmp_path / "bin"), wrapper)
     conf_dir = tmp_path / "net.d"
     conf_dir.mkdir()
@@ -75,8 +114,11 @@ def cri_node(tmp_path, etcd_server, etcd_prefix, plugin_binary):
             yield types.SimpleNamespace(
                 ctrd=ctrd, cri=ctrd.cri(), ipam=ipam, node=node, bridge=bridge, calls=calls, tmp=tmp_path,
                 binary=plugin_binary, endpoint=etcd_server.endpoint, prefix=etcd_prefix,
-                pools={p.name: p.cidr for p in ipam.pools()}, ns_pool=ns)
+                pools={p.name: p.cidr for p in ipam.pools()}, ns_pool=ns,
+                stop_exec_server=(lambda: _stop_exec_server(*server)) if server else None)
         finally:
+            if server:
+                _stop_exec_server(*server)
             problems = ctrd.stop()
             delete_link(bridge)
             ipam.ds.close()
@@ -92,7 +134,10 @@ def _run_pod(n, name: str, namespace: str):
     return pod_id, uid, cfg
 
 
+@pytest.mark.parametrize("cri_node", [None, "exec-server"], ids=["cold", "exec-server"], indirect=True)
 def test_pods_get_addresses_from_their_namespace_pool_and_release_them(cri_node):
+    """... the same through the node's exec server (containerd -> bridge -> the launcher -> a fork
+    of the warm plugin): every one of the plugin's execs was served."""
     n = cri_node
     pods = []  # (namespace, name, uid, sandbox id, ip)
     for namespace in ("external-ns", "internal-ns"):
@@ -149,6 +194,11 @@ def test_pods_get_addresses_from_their_namespace_pool_and_release_them(cri_node)
     handles, blocks = wait_released(n.ipam, timeout=5)
     assert handles == [], handles
     assert not any(blocks.values()), blocks
+    if n.stop_exec_server:
+        log = n.stop_exec_server()
+        execs = len(read_calls(n.calls))
+        assert f"stopped after {execs} execs" in log, (execs, log)
+        assert "left an exec" not in log, log
 
 
 def test_failed_add_leaves_nothing_and_the_node_keeps_working(cri_node):

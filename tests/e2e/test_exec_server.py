@@ -66,8 +66,13 @@ class RunningServer:
     def stderr(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self) -> int:
-        """SIGTERM, wait; the number of connections it served (its last line); it must exit 0."""
+    def refusals(self) -> list[str]:
+        """The execs its children refused (each logs why): those ran the bundle themselves."""
+        return [line for line in self.stderr().splitlines() if "left an exec to start the plugin itself" in line]
+
+    def stop(self, refused: int = 0) -> int:
+        """SIGTERM, wait; the number of connections it forked a child for (its last line); it
+        must exit 0, and its children must have refused ``refused`` execs (the others ran)."""
         if self.rc is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -80,6 +85,7 @@ class RunningServer:
         m = re.findall(r"stopped after (\d+) execs", self.stderr())
         assert len(m) == 1, self.stderr()
         assert "Traceback" not in self.stderr(), self.stderr()
+        assert len(self.refusals()) == refused, self.stderr()
         return int(m[0])
 
 
@@ -136,6 +142,25 @@ def engine(etcd_server, etcd_prefix):
     e.close()
 
 
+def run_exec(argv, command, conf, *, env, cwd="/", container="c1", shell=None, timeout=60):
+    """One CNI exec (Popen: its pid is known) -> (rc, stdout, stderr, pid)."""
+    e = {k: v for k, v in env.items() if v is not None}
+    e.update(CNI_COMMAND=command, CNI_IFNAME="eth0", CNI_NETNS="/var/run/netns/x", CNI_PATH="/opt/cni/bin")
+    if container is not None:
+        e["CNI_CONTAINERID"] = container
+    if shell is not None:      # e.g. 'umask 277 && exec "$0"'
+        argv = ["/bin/sh", "-c", shell, *argv]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e, cwd=cwd)
+    out, err = p.communicate(json.dumps(conf).encode(), timeout=timeout)
+    return p.returncode, out.decode(), err.decode(), p.pid
+
+
+def log_pids(path: Path, verb: str, container: str) -> set[int]:
+    """The pids in the plugin's log lines of that exec (tagged "[pid] ADD <container>")."""
+    return {int(m) for m in re.findall(rf"^\S+ \S+ \w+ \[(\d+)\] {verb} {re.escape(container)} ",
+                                       path.read_text(), re.M)}
+
+
 def no_status(**kw):
     return dict(container=None, ifname=None, netns=None, **kw)
 
@@ -172,6 +197,21 @@ def test_served_verbs_answer_as_cold_ones(plugin_binary, server, conf, engine):
     assert (served.rc, served.stdout) == (cold.rc, cold.stdout)
     # served: ADD, CHECK, STATUS, VERSION, DEL, CHECK (the cold ones are not the server's)
     assert server.stop() == 6
+    # the plugin's log: the served ADD ran in a child of the server, the cold one in the exec's
+    # own process (the launcher execs the bundle: same pid)
+    log = Path(conf["ipam"]["log_file"])
+    rc, out, err, pid = run_exec(argv, "ADD", conf, env=NO_SERVER, container="cold-pid")
+    assert rc == 0, out + err
+    assert log_pids(log, "ADD", "cold-pid") == {pid}
+
+
+def test_a_served_exec_runs_in_the_servers_child(plugin_binary, server, conf):
+    log = Path(conf["ipam"]["log_file"])
+    rc, out, err, pid = run_exec([plugin_binary], "ADD", conf, env=server.env)
+    assert rc == 0, out + err
+    (logged,) = log_pids(log, "ADD", "c1")
+    assert logged != pid and logged != server.proc.pid
+    assert server.stop() == 1
 
 
 # ----------------------------------------------------------------------------- b. errors
@@ -193,28 +233,43 @@ def test_errors_through_the_server_are_the_specs(plugin_binary, server, conf, en
 # ----------------------------------------------------------------------------- c. the exec's own world
 def test_the_execs_cwd_umask_and_environment_are_used(plugin_binary, server, conf, engine, tmp_path):
     """The served verb runs in the exec's cwd (a relative log_file lands there), with its umask
-    (the log directory it creates) and its environment (NODENAME, the conf naming no node)."""
+    (the mode of the log file it creates) and its environment (NODENAME, the conf naming no node).
+    (The relative log dir, "tmp", exists in the server's cwd, "/", too: see the next test.)"""
     work = tmp_path / "w"
-    work.mkdir()
+    (work / "tmp").mkdir(parents=True)
     c = json.loads(json.dumps(conf))
-    c["ipam"]["log_file"] = "logs/relative.log"
+    c["ipam"]["log_file"] = "tmp/relative.log"
     del c["ipam"]["nodename"]
-    env = {k: v for k, v in server.env.items() if v is not None}
-    env.update(CNI_COMMAND="ADD", CNI_CONTAINERID="c-env", CNI_IFNAME="eth0", CNI_NETNS="/var/run/netns/x",
-               CNI_PATH="/opt/cni/bin", NODENAME="node-from-the-exec")
-    p = subprocess.run(["/bin/sh", "-c", 'umask 027 && exec "$0"', plugin_binary], input=json.dumps(c).encode(),
-                       env=env, cwd=work, capture_output=True, timeout=60)
-    assert p.returncode == 0, p.stdout + p.stderr
-    ip = json.loads(p.stdout)["ips"][0]["address"]
-    log = work / "logs" / "relative.log"
+    env = dict(server.env, NODENAME="node-from-the-exec")
+    rc, out, err, pid = run_exec([plugin_binary], "ADD", c, env=env, cwd=work, container="c-env",
+                                 shell='umask 277 && exec "$0"')
+    assert rc == 0, out + err
+    ip = json.loads(out)["ips"][0]["address"]
+    log = work / "tmp" / "relative.log"
     assert log.exists(), sorted(str(x) for x in tmp_path.rglob("*"))
-    assert (log.parent.stat().st_mode & 0o777) == 0o750
-    assert not (Path("/") / "logs" / "relative.log").exists()
-    assert "ADD " in log.read_text()
+    assert not Path("/tmp/relative.log").exists()
+    assert (log.stat().st_mode & 0o777) == 0o400           # 0o600 & ~0o277 (the server's umask: 0o600)
+    (logged,) = log_pids(log, "ADD", "c-env")
+    assert logged != pid                                   # served, not the launcher's fallback
     (h,) = engine.handles()
     assert (h.container_id, h.node) == ("c-env", "node-from-the-exec")
     assert [str(a.interface) for a in h.addresses] == [ip]
     assert server.stop() == 1
+
+
+def test_a_relative_log_dir_is_looked_for_in_the_execs_cwd(plugin_binary, server, conf, tmp_path):
+    """The server's check of the paths it must see (execserver.unseen_paths) resolves a relative
+    log_file against the EXEC's cwd, where the served verb opens it."""
+    work = tmp_path / "w"
+    (work / "logs-of-this-exec").mkdir(parents=True)
+    assert not Path("/logs-of-this-exec").exists()
+    c = json.loads(json.dumps(conf))
+    c["ipam"]["log_file"] = "logs-of-this-exec/relative.log"
+    rc, out, err, pid = run_exec([plugin_binary], "ADD", c, env=server.env, cwd=work)
+    assert rc == 0, out + err
+    log = work / "logs-of-this-exec" / "relative.log"
+    assert log.exists()
+    assert server.stop(refused=0) == 1, server.stderr()
 
 
 # ----------------------------------------------------------------------------- d. fallback, fake servers
@@ -415,6 +470,7 @@ def test_nothing_runs_without_go(plugin_binary, server, conf, engine, tmp_path):
 
 # ----------------------------------------------------------------------------- f. refusals
 def test_another_build_is_refused(plugin_binary, server, conf, engine, tmp_path):
+    """Refused (R<reason>, logged by the server), nothing run: the launcher would run the bundle."""
     msg = encode_request("other", [plugin_binary], _add_env("other-build"), str(tmp_path))
     first, final, out, err = _client_exec(server.sock, msg, json.dumps(conf).encode(), go=True)
     assert first.startswith(b"R") and b"other" in first, first
@@ -429,6 +485,7 @@ def test_another_build_is_refused(plugin_binary, server, conf, engine, tmp_path)
         first = c.recv(256)
     assert first.startswith(b"R"), first
     assert engine.handles() == []
+    assert server.stop(refused=3) == 3
 
 
 CLIENT_AS_NOBODY = r"""
@@ -465,7 +522,7 @@ def test_another_user_is_refused(plugin_binary, start_server, conf, engine):
         assert reply.startswith(b"R") and b"uid" in reply, reply
         assert p.stdout == b""
         assert engine.handles() == []
-        assert server.stop() == 1
+        assert server.stop(refused=1) == 1
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
