@@ -282,6 +282,8 @@ class Server:
     # ---------------------------------------------------------------- one exec
     def _child(self, conn: socket.socket) -> int:
         """In the forked child: take over the launcher's exec (protocol steps 1-4)."""
+        if conn.fileno() <= 2:      # (never, with 0-2 open) it must outlive the dup2s onto 0-2
+            conn = socket.socket(fileno=fcntl_dup_high(conn.fileno()))
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -330,11 +332,12 @@ class Server:
         conn.settimeout(None)
         # become the exec: its stdin/stdout/stderr, environment, cwd, umask, argv
         os.lseek(fds[0], 0, os.SEEK_SET)     # (the launcher's copy of stdin: read from its start)
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
+        high = [fcntl_dup_high(fd) for fd in fds]      # none of them among 0-2 ...
         for fd in fds:
-            if fd > 2:
-                os.close(fd)
+            os.close(fd)
+        for target, fd in enumerate(high):     # ... while 0-2 are replaced
+            os.dup2(fd, target)
+            os.close(fd)
         os.umask(req["umask"])
         try:
             os.chdir(req["cwd"])
@@ -343,12 +346,29 @@ class Server:
         os.environ.clear()
         os.environ.update(req["env"])
         sys.argv = req["argv"] or ["cni-ipam"]
+        _std_streams()
         code = _run_verb()
         try:
             conn.sendall(b"S" + struct.pack("<i", code))
         except OSError:
             pass
         return code
+
+
+def fcntl_dup_high(fd: int) -> int:
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+
+
+def _std_streams() -> None:
+    """sys.stdin/stdout/stderr over fds 0-2 (now the exec's): a server started with one of them
+    closed has ``None`` there, which a verb cannot use."""
+    import io
+    for name, fd, mode, errors in (("stdin", 0, "rb", "surrogateescape"), ("stdout", 1, "wb", "surrogateescape"),
+                                   ("stderr", 2, "wb", "backslashreplace")):
+        if getattr(sys, name) is None:
+            raw = io.open(fd, mode, closefd=False)
+            setattr(sys, name, io.TextIOWrapper(raw, encoding="utf-8", errors=errors, line_buffering=fd == 2))
 
 
 def _run_verb() -> int:
@@ -385,6 +405,11 @@ def run(path: str, build: str | None = None, max_children: int = DEFAULT_MAX_CHI
     if build is None:
         raise ExecServerError("the exec server serves the launcher of its own bundle: run it from the built "
                               "binary (`dist/cni-ipam/cni-ipam exec-server`), not from the source tree")
+    for fd in (0, 1, 2):       # started with one of them closed: a socket must not take its number
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_RDWR), fd)
     preload()
     server = Server(path, build, max_children=max_children)
 

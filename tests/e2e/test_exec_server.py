@@ -47,13 +47,14 @@ def build_id(plugin_binary) -> str:
 class RunningServer:
     """One ``cni-ipam exec-server`` process (stderr to a file)."""
 
-    def __init__(self, binary: str, sock: Path, log: Path):
+    def __init__(self, binary: str, sock: Path, log: Path, *args: str):
         self.sock, self.log = sock, log
         self.env = served_env(sock)
-        self.proc = subprocess.Popen([binary, "exec-server", "--socket", str(sock)], stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([binary, "exec-server", "--socket", str(sock), *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
                                      env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/")
         self.rc: int | None = None
+        self.terminated = False
         # ready = its start-up line (written after listen() and the rename into place); waiting
         # for it instead of connecting keeps the server's count of accepted connections exact
         deadline = time.monotonic() + START_TIMEOUT
@@ -66,6 +67,11 @@ class RunningServer:
     def stderr(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def terminate(self) -> None:
+        """SIGTERM, once (a second one ends its wait for the execs being served)."""
+        self.terminated = True
+        self.proc.send_signal(signal.SIGTERM)
+
     def refusals(self) -> list[str]:
         """The execs its children refused (each logs why): those ran the bundle themselves."""
         return [line for line in self.stderr().splitlines() if "left an exec to start the plugin itself" in line]
@@ -74,7 +80,8 @@ class RunningServer:
         """SIGTERM, wait; the number of connections it forked a child for (its last line); it
         must exit 0, and its children must have refused ``refused`` execs (the others ran)."""
         if self.rc is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self.terminated:
+                self.terminate()
             try:
                 self.rc = self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -99,9 +106,9 @@ def start_server(plugin_binary, tmp_path):
     server still running afterwards is stopped and must exit 0."""
     started: list[RunningServer] = []
 
-    def start(sock: Path | None = None) -> RunningServer:
+    def start(sock: Path | None = None, *args: str) -> RunningServer:
         sock = Path(sock or tmp_path / "exec.sock")
-        s = RunningServer(plugin_binary, sock, tmp_path / f"exec-server-{len(started)}.log")
+        s = RunningServer(plugin_binary, sock, tmp_path / f"exec-server-{len(started)}.log", *args)
         started.append(s)
         return s
     yield start
@@ -525,6 +532,95 @@ def test_another_user_is_refused(plugin_binary, start_server, conf, engine):
         assert server.stop(refused=1) == 1
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- busy, drain
+def children_of(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def wait_for(what, predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_full_server_refuses_and_the_exec_runs_itself(plugin_binary, start_server, conf, engine, tmp_path):
+    """``--max-children 1``, its one child busy (accepted, waiting for "G"): the next exec is
+    refused by the server itself ("Rbusy") and starts the plugin on its own."""
+    server = start_server(None, "--max-children", "1")
+    with tempfile.TemporaryFile() as stdin:
+        stdin.write(json.dumps(conf).encode())
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        holder.settimeout(20)
+        try:
+            holder.connect(str(server.sock))
+            msg = encode_request(build_id(plugin_binary), [plugin_binary], _add_env("held"), "/")
+            holder.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [stdin.fileno(), 1, 2]))])
+            assert holder.recv(16) == b"A"
+            log = Path(conf["ipam"]["log_file"])
+            rc, out, err, pid = run_exec([plugin_binary], "ADD", conf, env=server.env, container="busy")
+            assert rc == 0, out + err
+            assert log_pids(log, "ADD", "busy") == {pid}          # the launcher's own process: cold
+        finally:
+            holder.close()
+    assert [h.container_id for h in engine.handles()] == ["busy"]      # "held" never ran
+    assert server.stop() == 1
+    assert "1 more refused" in server.stderr(), server.stderr()
+
+
+def test_sigterm_lets_the_execs_being_served_finish(plugin_binary, server, conf, engine):
+    """SIGTERM: the server stops listening (the socket file goes: new execs run the plugin
+    themselves) and waits for the exec it is serving (here: waiting for the host lock)."""
+    import fcntl
+    lock = conf["ipam"]["lock_file"]
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        e = {k: v for k, v in server.env.items() if v is not None}
+        e.update(CNI_COMMAND="ADD", CNI_CONTAINERID="drained", CNI_IFNAME="eth0", CNI_NETNS="/var/run/netns/x",
+                 CNI_PATH="/opt/cni/bin")
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(json.dumps(conf).encode())
+            stdin.seek(0)
+            p = subprocess.Popen([plugin_binary], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=e, cwd="/")
+
+        def child_waits_for_the_lock():
+            for child in children_of(server.proc.pid):
+                try:
+                    if any(os.readlink(f"/proc/{child}/fd/{x}") == lock for x in os.listdir(f"/proc/{child}/fd")):
+                        return child
+                except OSError:
+                    pass
+            return None
+        child = wait_for("the served ADD to wait for the host lock", child_waits_for_the_lock)
+        server.terminate()
+        wait_for("the socket file to go", lambda: not os.path.lexists(server.sock))
+        assert server.proc.poll() is None                # still there: draining
+        assert p.poll() is None
+    finally:
+        os.close(fd)                                     # the lock: the ADD goes on
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, out + err
+    assert json.loads(out)["ips"][0]["address"].startswith("172.16.0.")
+    assert log_pids(Path(conf["ipam"]["log_file"]), "ADD", "drained") == {child}
+    assert server.stop() == 1
+    assert "waiting for 1 exec(s) being served" in server.stderr()
+    assert [h.container_id for h in engine.handles()] == ["drained"]
 
 
 # ----------------------------------------------------------------------------- g. a burst
