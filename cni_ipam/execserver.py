@@ -57,11 +57,13 @@ DEFAULT_MAX_CHILDREN = 128
 DRAIN_SECONDS = 8.0
 
 #: what the verbs run: imported once by the server, before its first fork (the modules of
-#: packaging/modblob.py's groups follow from these; tests/test_execserver.py checks that a verb
-#: served by the server imports nothing more of cni_ipam)
+#: packaging/modblob.py's groups follow from these, and the Kubernetes client's with what it
+#: imports when it is used; tests/test_execserver_unit.py checks that a served verb imports
+#: nothing more)
 PRELOAD = ("cni_ipam.main", "cni_ipam.cni.version", "cni_ipam.cni.skel", "cni_ipam.plugin",
            "cni_ipam.datastore.gateway", "cni_ipam.ipam.releases", "cni_ipam.ipam.snapshot",
-           "cni_ipam.ipam.engine", "cni_ipam.ipam.reclaim", "cni_ipam.cni.result")
+           "cni_ipam.ipam.engine", "cni_ipam.ipam.reclaim", "cni_ipam.cni.result",
+           "cni_ipam.k8s", "cni_ipam.ipam.annotations")
 
 
 class ExecServerError(Exception):
@@ -115,13 +117,13 @@ def encode_request(build: str, argv, env: dict, cwd: str = "/", umask: int = 0o0
     return b"\0".join(parts) + b"\0"
 
 
-def unseen_paths(conf: bytes) -> list[str]:
+def unseen_paths(conf: bytes, cwd: str = "/") -> list[str]:
     """The paths of an exec's network config (stdin) that this server cannot see: the host lock's
     dir (the snapshot and handle files are next to it), the log's dir, the kubeconfig, the etcd
     TLS, password and node-name files.  A served exec opens them in the server's filesystem; in a
     container that mounts only some of the host's dirs a path can be missing there, and that exec
     is then left to start the plugin itself (which sees the host's).  A config that does not parse
-    has nothing to check (the verb reports it)."""
+    has nothing to check (the verb reports it).  A relative path is the exec's: under ``cwd``."""
     from . import _json as json
     from .config import DEFAULT_LOCK_FILE, DEFAULT_LOG_FILE
     try:
@@ -135,16 +137,18 @@ def unseen_paths(conf: bytes) -> list[str]:
     def text(key, default=None):
         v = ipam.get(key, default)
         return v if isinstance(v, str) and v.strip() else None
+    def where(path):
+        return os.path.normpath(os.path.join(cwd, path))
     for key, default in (("lock_file", DEFAULT_LOCK_FILE), ("log_file", DEFAULT_LOG_FILE)):
         path = text(key, default)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            out.append(os.path.dirname(os.path.abspath(path)))
+        if path and not os.path.isdir(os.path.dirname(where(path))):
+            out.append(os.path.dirname(where(path)))
     files = [text(k) for k in ("etcd_ca_cert_file", "etcd_cert_file", "etcd_key_file", "etcd_password_file",
                                "nodename_file")]
     kube = ipam.get("kubernetes")
     if isinstance(kube, dict) and isinstance(kube.get("kubeconfig"), str) and kube["kubeconfig"].strip():
         files.append(kube["kubeconfig"])
-    out += [f for f in files if f and not os.path.exists(f)]
+    out += [f for f in files if f and not os.path.exists(where(f))]
     return out
 
 
@@ -152,6 +156,10 @@ def preload() -> None:
     import importlib
     for name in PRELOAD:
         importlib.import_module(name)
+    try:
+        import yaml  # noqa: F401  (cni_ipam.k8s reads a kubeconfig with it, imported on first use)
+    except ImportError:
+        pass
 
 
 class Server:
@@ -317,7 +325,7 @@ class Server:
                         except OSError as e:
                             reason = f"stdin is not a file the server can read from its start ({e.strerror})"
                         else:
-                            unseen = unseen_paths(conf)
+                            unseen = unseen_paths(conf, os.fsdecode(req["cwd"]))
                             if unseen:
                                 reason = "not visible to the exec server: " + ", ".join(unseen)
             if reason is not None:

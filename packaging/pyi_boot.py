@@ -60,6 +60,13 @@ def _pyi_lean_bootstrap():
         fd = os.open(meipass + "/modules.blob", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return
+    if fd < 3:   # started with fd 0, 1 or 2 closed: the blob must not take a std stream's number
+        low = []  # (the exec server's children dup2 an exec's stdin/stdout/stderr onto 0-2)
+        while fd < 3:
+            low.append(fd)
+            fd = os.dup(fd)     # (not inheritable)
+        for f in low:
+            os.close(f)
     try:
         head = os.pread(fd, 12, 0)
         if head[:8] != b"CNIB" + sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:

@@ -3,6 +3,7 @@
 import no module of cni_ipam the server did not import before forking)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -124,13 +125,15 @@ PRELOAD_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.parametrize("version", ["1.1.0", "0.4.0"])
-def test_preload_covers_every_verb(etcd_server, etcd_prefix, tmp_path, version):
+@pytest.mark.parametrize("version,kubernetes", [("1.1.0", False), ("0.4.0", False), ("1.1.0", True)],
+                         ids=["1.1.0", "0.4.0", "1.1.0-kubernetes"])
+def test_preload_covers_every_verb(etcd_server, etcd_prefix, tmp_path, version, kubernetes):
     """What ``cni-ipam exec-server`` imports before it forks is all a served verb needs: after
     ``preload()`` the happy path of every verb (run as the server's child runs it:
     ``cni_ipam.main.main`` with the exec's environment, stdin and stdout, which ends in
     ``plugin.run_plugin``) imports no further module of cni_ipam (a verb that did would pay that
-    import in every served exec)."""
+    import in every served exec).  ``kubernetes``: the conf has the ``kubernetes`` section the
+    DaemonSet's conflist has (deploy/examples/conflist-configmap.yaml), against the API stand-in."""
     with seed_store(etcd_server.endpoint, etcd_prefix):
         pass
     conf = netconf(etcd_server.endpoint, etcd_prefix, tmp_path, version=version, ipv4_pools=["external-pool"])
@@ -138,9 +141,16 @@ def test_preload_covers_every_verb(etcd_server, etcd_prefix, tmp_path, version):
             "CNI_NETNS": "/var/run/netns/x", "CNI_PATH": "/opt/cni/bin"}
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    p = subprocess.run([sys.executable, "-c", PRELOAD_SCRIPT, json.dumps(conf), json.dumps(base)],
-                       cwd=cwd, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}, capture_output=True,
-                       text=True, timeout=60, stdin=subprocess.DEVNULL)
+    with contextlib.ExitStack() as stack:
+        if kubernetes:
+            from tests.support.k8s_standin import K8sStandin
+            api = stack.enter_context(K8sStandin(tmp_path / "api"))
+            api.add_namespace("ns", annotations={"cni.projectcalico.org/ipv4pools": '["external-pool"]'})
+            api.add_node("node-a")
+            api.add_pod("ns", "web-0", node="node-a")
+            conf["ipam"]["kubernetes"] = {"kubeconfig": str(api.write_kubeconfig(tmp_path / "kubeconfig"))}
+            base["CNI_ARGS"] = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=web-0"
+        p = _run_preload_script(conf, base, cwd)
     assert p.returncode == 0, p.stdout + p.stderr
     results = json.loads(p.stdout.splitlines()[-1])
     expected = ["VERSION", "ADD", "ADD-again", "CHECK", "ADD-gone"]
@@ -156,6 +166,12 @@ def test_preload_covers_every_verb(etcd_server, etcd_prefix, tmp_path, version):
     # GC (or DEL) released "gone" (GC kept c1), DEL released c1: nothing is left
     with _engine(etcd_server.endpoint, etcd_prefix) as ipam:
         assert ipam.handles() == []
+
+
+def _run_preload_script(conf, base, cwd):
+    return subprocess.run([sys.executable, "-c", PRELOAD_SCRIPT, json.dumps(conf), json.dumps(base)],
+                          cwd=cwd, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 class _engine:

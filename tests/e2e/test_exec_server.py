@@ -3,8 +3,11 @@ end to end: ``cni-ipam exec-server`` from the built bundle on a socket under the
 CNI execs of the bundle's ``cni-ipam`` pointed at it with ``CNI_IPAM_EXEC_SOCKET``, a real etcd.
 
 That an exec was really served (and not run by the launcher's fallback, the bundle itself) is
-proved by the server's own count: ``stopped after N execs`` on its stderr after SIGTERM (every
-connection it accepted; the fixture waits for the server's start-up line, never connects).
+proved by the server's own count: ``stopped after N execs`` on its stderr after SIGTERM (the
+connections it forked a child for; the fixture waits for the server's start-up line, never
+connects) with no "left an exec to start the plugin itself" line (a child's refusal), and where
+it matters by the pid in the plugin's log lines (a cold exec's is the launcher's own: it execs
+the bundle; a served one's is a child of the server).
 Fake servers (a thread of the test on a SOCK_SEQPACKET socket) check the launcher's side of the
 protocol: what it sends, and that it obeys every answer."""
 from __future__ import annotations
@@ -47,10 +50,13 @@ def build_id(plugin_binary) -> str:
 class RunningServer:
     """One ``cni-ipam exec-server`` process (stderr to a file)."""
 
-    def __init__(self, binary: str, sock: Path, log: Path, *args: str):
+    def __init__(self, binary: str, sock: Path, log: Path, *args: str, shell: str | None = None):
         self.sock, self.log = sock, log
         self.env = served_env(sock)
-        self.proc = subprocess.Popen([binary, "exec-server", "--socket", str(sock), *args], stdin=subprocess.DEVNULL,
+        argv = [binary, "exec-server", "--socket", str(sock), *args]
+        if shell is not None:     # e.g. 'exec "$0" "$@" <&-'
+            argv = ["/bin/sh", "-c", shell, *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
                                      env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/")
         self.rc: int | None = None
@@ -76,9 +82,8 @@ class RunningServer:
         """The execs its children refused (each logs why): those ran the bundle themselves."""
         return [line for line in self.stderr().splitlines() if "left an exec to start the plugin itself" in line]
 
-    def stop(self, refused: int = 0) -> int:
-        """SIGTERM, wait; the number of connections it forked a child for (its last line); it
-        must exit 0, and its children must have refused ``refused`` execs (the others ran)."""
+    def shutdown(self) -> None:
+        """SIGTERM (once), wait; it must exit 0."""
         if self.rc is None:
             if not self.terminated:
                 self.terminate()
@@ -86,9 +91,14 @@ class RunningServer:
                 self.rc = self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.rc = self.proc.wait()
                 pytest.fail(f"exec server did not stop on SIGTERM: {self.stderr()}")
         assert self.rc == 0, f"exec server exited {self.rc}: {self.stderr()}"
+
+    def stop(self, refused: int = 0) -> int:
+        """``shutdown``; the number of connections it forked a child for (its last line); its
+        children must have refused ``refused`` execs (the others ran)."""
+        self.shutdown()
         m = re.findall(r"stopped after (\d+) execs", self.stderr())
         assert len(m) == 1, self.stderr()
         assert "Traceback" not in self.stderr(), self.stderr()
@@ -106,15 +116,14 @@ def start_server(plugin_binary, tmp_path):
     server still running afterwards is stopped and must exit 0."""
     started: list[RunningServer] = []
 
-    def start(sock: Path | None = None, *args: str) -> RunningServer:
+    def start(sock: Path | None = None, *args: str, shell: str | None = None) -> RunningServer:
         sock = Path(sock or tmp_path / "exec.sock")
-        s = RunningServer(plugin_binary, sock, tmp_path / f"exec-server-{len(started)}.log", *args)
+        s = RunningServer(plugin_binary, sock, tmp_path / f"exec-server-{len(started)}.log", *args, shell=shell)
         started.append(s)
         return s
     yield start
     for s in started:
-        if s.rc is None:
-            s.stop()
+        s.shutdown()
 
 
 @pytest.fixture
@@ -230,11 +239,20 @@ def test_errors_through_the_server_are_the_specs(plugin_binary, server, conf, en
 
     served = exec_plugin("ADD", conf, argv=[plugin_binary], env=server.env, container=None)
     cold = exec_plugin("ADD", conf, argv=[plugin_binary], env=NO_SERVER, container=None)
-    err = assert_error(served, cold.out["code"] if cold.out else -1)
-    assert err["code"] in (4, 7), err       # the spec's code for a missing variable
+    err = assert_error(served, 4, names="CNI_CONTAINERID")     # the spec's "invalid environment variables"
     assert (served.rc, served.stdout) == (cold.rc, cold.stdout)
     assert engine.handles() == []
     assert server.stop() == 2
+
+
+def test_an_oversized_config_is_refused_alike(plugin_binary, server, conf):
+    """5 MB on stdin (the launcher keeps all of it; the plugin reads 4 MiB + 1): the same code 7."""
+    big = dict(conf, padding="x" * 5_000_000)
+    served = exec_plugin("ADD", big, argv=[plugin_binary], env=server.env)
+    cold = exec_plugin("ADD", big, argv=[plugin_binary], env=NO_SERVER)
+    assert_error(served, 7)
+    assert (served.rc, served.stdout) == (cold.rc, cold.stdout)
+    assert server.stop() == 1
 
 
 # ----------------------------------------------------------------------------- c. the exec's own world
@@ -307,6 +325,7 @@ class FakeServer(threading.Thread):
         self.listener.settimeout(30)
         self.data: bytes | None = None
         self.nfds = 0
+        self.stdin: bytes | None = None
         self.error: BaseException | None = None
         self.start()
 
@@ -321,6 +340,8 @@ class FakeServer(threading.Thread):
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
                 self.data, self.nfds = data, len(fds)
+                if fds:    # the exec's stdin: a copy the launcher made, readable from its start
+                    self.stdin = os.pread(fds[0], 1 << 20, 0)
                 try:
                     self.script(conn, data, list(fds))
                 finally:
@@ -376,7 +397,11 @@ def test_a_launcher_not_accepted_runs_the_verb_itself(plugin_binary, conf, engin
     assert env["CNI_ARGS"] == "K8S_POD_NAME=p1" and env["CNI_IPAM_EXEC_SOCKET"] == str(fake.sock_path)
     assert "PYTHONPATH" not in env
     assert req["cwd"] == os.fsencode(os.getcwd())
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert req["umask"] == umask
     assert fake.nfds == 3
+    assert fake.stdin == json.dumps(conf).encode()
 
 
 def test_the_launcher_obeys_the_server(plugin_binary, conf, engine, tmp_path):
@@ -621,6 +646,27 @@ def test_sigterm_lets_the_execs_being_served_finish(plugin_binary, server, conf,
     assert server.stop() == 1
     assert "waiting for 1 exec(s) being served" in server.stderr()
     assert [h.container_id for h in engine.handles()] == ["drained"]
+
+
+@pytest.mark.parametrize("closed", ["<&-", "<&- >&-"], ids=["stdin-closed", "stdin-and-stdout-closed"])
+def test_a_server_started_with_closed_stdio_serves_like_the_others(plugin_binary, start_server, conf, tmp_path,
+                                                                    closed):
+    """A server started with its fd 0 (and 1) closed: the bundle's module blob, the listening
+    socket... take those numbers, and a child's dup2 of the exec's stdin/stdout onto 0/1 must not
+    clobber them (nor find ``sys.stdin`` / ``sys.stdout`` None).  A served exec answers as a
+    cold one: VERSION, and an ADD whose kubeconfig does not do (its error path imports
+    cni_ipam.k8s, which is not preloaded)."""
+    server = start_server(None, shell=f'exec "$0" "$@" {closed}')
+    (tmp_path / "kubeconfig").write_text("{}")
+    c = json.loads(json.dumps(conf))
+    c["ipam"]["kubernetes"] = {"kubeconfig": str(tmp_path / "kubeconfig")}
+    for verb, doc in (("VERSION", conf), ("ADD", c)):
+        served = exec_plugin(verb, doc, argv=[plugin_binary], env=server.env)
+        cold = exec_plugin(verb, doc, argv=[plugin_binary], env=NO_SERVER)
+        assert (served.rc, served.stdout) == (cold.rc, cold.stdout), (verb, served.stdout + served.stderr)
+        assert "Traceback" not in served.stderr, served.stderr
+    assert_error(cold, 7)
+    assert server.stop() == 2
 
 
 # ----------------------------------------------------------------------------- g. a burst
