@@ -7,7 +7,9 @@ all start on one signal.  Two runs on the same cluster:
   datastore/CAS contention, without exec cost);
 * ``exec`` -- each node process execs the plugin 50 times in a row (as a
   node's runtime would; the binary if built), so 20 execs run at any moment
-  on this 2-core machine.
+  on this 2-core machine;
+* ``served`` -- the same execs through an exec server (``cni-ipam exec-server``; one for
+  the machine, as each node runs its own), as deploy/daemonset.yaml runs the plugin.
 
 Pool 10.64.0.0/16 in /28 blocks (13 usable addresses in bridge mode), so every
 node claims about 4 blocks while the others claim theirs.  Each node lists the
@@ -21,7 +23,8 @@ import json
 import subprocess
 import time
 
-from bench.common import (PYTHON, ROOT, ExecEnv, binary_note, log, pyplot, save_plot, stats_ms, table)
+from bench.common import (PYTHON, ROOT, SERVED_LABEL, ExecEnv, ExecServer, binary_note, log, pyplot, save_plot,
+                          stats_ms, table)
 from cni_ipam.datastore import open_datastore
 from cni_ipam.ipam.block import Block
 from cni_ipam.ipam.engine import IPAM
@@ -66,8 +69,9 @@ def run_mode(cluster, mode: str, xe: ExecEnv, impl) -> dict:
     for i in range(NODES):
         rot = eps[i % len(eps):] + eps[:i % len(eps)]
         argv = [PYTHON, "-m", "bench.node_worker", "--endpoints", ",".join(rot), "--prefix", prefix,
-                "--node", f"node-{i:02d}", "--n", str(ADDS), "--mode", mode, "--tmp", str(xe.tmp)]
-        if mode == "exec":
+                "--node", f"node-{i:02d}", "--n", str(ADDS), "--mode", "engine" if mode == "engine" else "exec",
+                "--tmp", str(xe.tmp)]
+        if mode != "engine":
             argv += ["--plugin", json.dumps(impl.argv), "--plugin-env", json.dumps(impl.env)]
         procs.append(subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=xe.base_env()))
@@ -108,24 +112,30 @@ def run_mode(cluster, mode: str, xe: ExecEnv, impl) -> dict:
 
 def run(ctx) -> dict:
     from tests.support.etcd import EtcdCluster
-    modes = ("engine", "exec")
+    modes = ["engine", "exec"]
     results = {}
+    names = {"engine": "engine"}
     cluster = EtcdCluster(3)
     try:
         cluster.start()
         log(f"nodes: 3-member cluster up: {', '.join(cluster.endpoints)}")
-        with ExecEnv("nodes") as xe:
+        with ExecEnv("nodes") as xe, ExecServer(xe.tmp) as server:
+            impls = {i.name: i for i in xe.impls(python_s=False, host_local=False, server=server if server.ok else None)}
             impl = xe.plugin_impl()
+            names["exec"] = f"exec ({impl.name})"
+            if SERVED_LABEL in impls:   # one exec server for the 20 "nodes" of this machine
+                modes.append("served")
+                names["served"] = f"exec ({SERVED_LABEL})"
             for mode in modes:
-                log(f"nodes: {NODES} nodes x {ADDS} ADDs ({mode})")
-                results[mode] = run_mode(cluster, mode, xe, impl)
+                log(f"nodes: {NODES} nodes x {ADDS} ADDs ({names[mode]})")
+                results[mode] = run_mode(cluster, mode, xe, impls[SERVED_LABEL] if mode == "served" else impl)
     finally:
         cluster.stop()
     rows = []
     for mode in modes:
         r = results[mode]
         v = r["verify"]
-        rows.append([mode if mode == "engine" else f"exec ({impl.name})", r["allocations"], r["wall_s"], r["per_s"],
+        rows.append([names[mode], r["allocations"], r["wall_s"], r["per_s"],
                      r["lat_ms"]["p50"], r["lat_ms"]["p99"], r["conflicts"], r["retries"], r["max_attempts"],
                      len(v["duplicates"]), v["n_mismatches"], v["blocks"]])
     text = table(["ADDs by", "allocations", "wall s", "allocations/s", "per-ADD p50 ms", "p99 ms",
@@ -142,7 +152,7 @@ def run(ctx) -> dict:
         for mode in modes:
             ft = results[mode]["finish_times"]
             ax.step([0] + ft, [0] + [(k + 1) * ADDS for k in range(len(ft))], where="post",
-                    label=f"{mode}: {results[mode]['per_s']:.0f} allocations/s")
+                    label=f"{names[mode]}: {results[mode]['per_s']:.0f} allocations/s")
         ax.set_xlabel("seconds since the start signal")
         ax.set_ylabel("allocations done (by finished nodes)")
         ax.set_title(f"{NODES} nodes x {ADDS} ADDs, 3-member etcd")
@@ -150,13 +160,24 @@ def run(ctx) -> dict:
         ax.legend(fontsize=8)
         plot = save_plot(fig, "nodes")
     e, x = results["engine"], results["exec"]
+    sv = results.get("served")
     clean = all(not r["verify"]["duplicates"] and not r["verify"]["n_mismatches"]
                 and r["verify"]["handles"] == NODES * ADDS and not r["failures"] for r in results.values())
-    summary = [
-        ("aggregate allocations/s, in-process engine per node", e["per_s"], "≥ 50", e["per_s"] >= 50),
-        (f"aggregate allocations/s, plugin exec per ADD ({impl.name})", x["per_s"], "≥ 50", x["per_s"] >= 50),
-        ("CAS conflicts / retries (engine; exec)",
-         f"{e['conflicts']} / {e['retries']}; {x['conflicts']} / {x['retries']}", "", None),
-        ("1,000 ADDs each, no duplicate address, blocks agree with handles", clean, "yes", clean),
+    summary = [("aggregate allocations/s, in-process engine per node", e["per_s"], "≥ 50", e["per_s"] >= 50)]
+    # the target is read on the nodes as deployed (each runs its exec server, deploy/daemonset.yaml);
+    # the binary alone is the fallback's figure
+    if sv is not None:
+        summary += [(f"aggregate allocations/s, plugin exec per ADD ({SERVED_LABEL})", sv["per_s"], "≥ 50",
+                     sv["per_s"] >= 50),
+                    (f"aggregate allocations/s, plugin exec per ADD ({impl.name}, no exec server)", x["per_s"], "",
+                     None)]
+    else:
+        summary.append((f"aggregate allocations/s, plugin exec per ADD ({impl.name})", x["per_s"], "≥ 50",
+                        x["per_s"] >= 50))
+    summary += [
+        ("CAS conflicts / retries (engine; exec" + ("; served)" if sv else ")"),
+         f"{e['conflicts']} / {e['retries']}; {x['conflicts']} / {x['retries']}"
+         + (f"; {sv['conflicts']} / {sv['retries']}" if sv else ""), "", None),
+        (f"{NODES * ADDS:,} ADDs each, no duplicate address, blocks agree with handles", clean, "yes", clean),
     ]
     return {"name": NAME, "title": TITLE, "text": text, "data": results, "summary": summary}

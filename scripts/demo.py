@@ -5,7 +5,8 @@
 2. ``cni-ipam apply -f conf/pools.yaml`` (external-pool 172.16.0.0/26, internal-pool 192.168.0.0/16,
    blockSize 29);
 3. ``cni-ipam namespace annotate external-ns cni.projectcalico.org/ipv4pools='["external-pool"]'``
-   and internal-ns likewise (stored in etcd: no Kubernetes needed);
+   and internal-ns likewise (stored in etcd: no Kubernetes needed); then the node's exec server
+   (``cni-ipam exec-server``), which serves the plugin's execs below;
 4. containerd (Debian's, with its CRI plugin, a temp config) runs three "nginx" pods in each
    namespace over CRI -- what kubelet does -- so containerd calls Debian's bridge plugin, which
    calls the cni-ipam binary with K8S_POD_NAMESPACE/K8S_POD_NAME; (cnitool + network namespaces if
@@ -13,7 +14,8 @@
 5. a ``kubectl get pods -o wide``-style table; every external-ns IP must be in external-pool and
    every internal-ns IP in internal-pool (exit 1 otherwise);
 6. ``cni-ipam show --blocks``: a /29 per pool claimed by this node;
-7. teardown (pods removed -> addresses released, checked), and where the logs are.
+7. teardown (pods removed -> addresses released, checked; the exec server stopped, with how many
+   execs it served), and where the logs are.
 
 Run as root: ``make demo`` (installs what is missing, builds/reuses the binary), or
 ``python3 scripts/demo.py --binary dist/cni-ipam/cni-ipam``.  Leaves nothing running.
@@ -84,6 +86,8 @@ class Demo:
         self.pods: list[dict] = []
         self.cleanup_notes: list[str] = []
         self.ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()  # put back on exit
+        self.exec_server: subprocess.Popen | None = None
+        self.exec_server_log = os.path.join(keep_logs, "exec-server.log")
 
     # -- the admin CLI ---------------------------------------------------------------
     def cli_env(self) -> dict:
@@ -171,6 +175,45 @@ class Demo:
         with open(path, "w") as f:
             json.dump(conf, f, indent=2)
         return bin_dir, conf_dir, conf
+
+    def start_exec_server(self) -> None:
+        """The node's exec server (what the DaemonSet's second container runs), on a socket of its
+        own (not /run/cni-ipam/exec.sock: a real one may live there); the plugin's execs find it
+        through CNI_IPAM_EXEC_SOCKET, which containerd passes on to the plugins it runs."""
+        banner("The node's exec server (the plugin, loaded once; each exec served by a fork of it)")
+        sock = os.path.join(self.work, "exec.sock")
+        show_cmd(["cni-ipam", "exec-server", "--socket", sock, "&"])
+        with open(self.exec_server_log, "ab") as err:
+            self.exec_server = subprocess.Popen([self.binary, "exec-server", "--socket", sock],
+                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):   # renamed into place once it listens
+            if self.exec_server.poll() is not None or time.monotonic() > deadline:
+                raise DemoFailed(f"the exec server did not start: {Path(self.exec_server_log).read_text()[-500:]}")
+            time.sleep(0.02)
+        os.environ["CNI_IPAM_EXEC_SOCKET"] = sock
+        show_cmd(["export", f"CNI_IPAM_EXEC_SOCKET={sock}"])
+        note("(on a node it listens on /run/cni-ipam/exec.sock, where the plugin looks by default)")
+
+    def stop_exec_server(self, report: bool = False) -> None:
+        if self.exec_server is None:
+            return
+        if self.exec_server.poll() is None:
+            self.exec_server.terminate()
+            try:
+                self.exec_server.wait(20)
+            except subprocess.TimeoutExpired:
+                self.exec_server.kill()
+                self.exec_server.wait()
+        self.exec_server = None
+        os.environ.pop("CNI_IPAM_EXEC_SOCKET", None)
+        if report:
+            lines = Path(self.exec_server_log).read_text().splitlines()
+            for line in lines:
+                print(f"  {line}")
+            left = [line for line in lines if "left an exec" in line]
+            if left:
+                note(f"{len(left)} exec(s) started the plugin themselves (see above)")
 
     def pod_names(self) -> list[str]:
         rs = "".join(random.choices("0123456789abcdef", k=10))
@@ -298,9 +341,12 @@ class Demo:
         if in_use:
             raise DemoFailed(f"addresses are still allocated after every pod was removed: {in_use}")
         note("every address is released (the blocks stay affine to the node, as in Calico)")
+        note("the exec server, stopped: how many of the plugin's execs it served")
+        self.stop_exec_server(report=True)
 
     def stop_everything(self) -> None:
-        """Whatever happened: pods, containerd, bridge, netns, etcd, temp dirs."""
+        """Whatever happened: the exec server, pods, containerd, bridge, netns, etcd, temp dirs."""
+        self.stop_exec_server()
         if self.ctrd is not None:
             problems = self.ctrd.stop()
             self.cleanup_notes += problems
@@ -372,6 +418,7 @@ def main(argv=None) -> int:
         demo.start_etcd()
         demo.apply_pools()
         demo.annotate()
+        demo.start_exec_server()
         why = containerd_unusable() if args.runtime != "cnitool" else "--runtime cnitool"
         if why is None:
             try:
@@ -405,8 +452,10 @@ def main(argv=None) -> int:
         leftovers.append("containerd")
     if demo.etcd is not None and demo.etcd.running:
         leftovers.append("etcd")
+    if demo.exec_server is not None and demo.exec_server.poll() is None:
+        leftovers.append("the exec server")
     banner("Done" if rc == 0 and not leftovers else "Done, with problems")
-    print(f"  everything started here is gone: {'containerd, ' if demo.ctrd else ''}etcd, the pods, "
+    print(f"  everything started here is gone: {'containerd, ' if demo.ctrd else ''}etcd, the exec server, the pods, "
           f"the bridge {demo.bridge}, the temp dirs"
           if not leftovers else f"  LEFT BEHIND: {', '.join(leftovers)}")
     for n in demo.cleanup_notes:
