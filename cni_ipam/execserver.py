@@ -167,7 +167,7 @@ class Server:
         self.path, self.build, self.max_children = path, build, max_children
         self.log = log or (lambda msg: print(f"cni-ipam exec-server: {msg}", file=sys.stderr, flush=True))
         self.sock: socket.socket | None = None
-        self.ino = None
+        self.ino: int | None = None
         self.served = self.busy = 0
         self.children: set[int] = set()
 
