@@ -380,8 +380,8 @@ def _std_streams() -> None:
 
 
 def _run_verb() -> int:
-    """``cni_ipam.main.main()`` as packaging/entry.py runs it in a CNI exec (no cyclic GC; the
-    code flushed out at the end, a failed flush is exit 120, as Python's own)."""
+    """``cni_ipam.main.main()`` as packaging/entry.py runs it in a CNI exec: no cyclic GC, and
+    ended by ``cni_exec.finish`` (threads, atexit, flushes; a failed flush is exit 120)."""
     import gc
     gc.disable()
     from cni_ipam.main import main
@@ -394,17 +394,9 @@ def _run_verb() -> int:
         import traceback
         traceback.print_exc()
         code = 1
-    if "threading" in sys.modules:
-        sys.modules["threading"]._shutdown()
-    import atexit
-    atexit._run_exitfuncs()
-    for f in (sys.stdout, sys.stderr):
-        try:
-            if f is not None and not f.closed:
-                f.flush()
-        except (OSError, ValueError):
-            code = 120
-    return code
+    # the end of packaging/entry.py's CNI exec, minus its os._exit (the server runs only from the
+    # bundle, whose entry imported packaging/cni_exec.py)
+    return sys.modules["cni_exec"].finish(code)
 
 
 def run(path: str, build: str | None = None, max_children: int = DEFAULT_MAX_CHILDREN) -> int:

@@ -19,9 +19,16 @@ def begin() -> None:
 def exit_now(code) -> None:
     """End a CNI exec without ``Py_Finalize``: it tears down every module and collects every
     object, 8-12 M instructions per exec for nothing (the kernel frees the memory anyway).  What
-    finalization does that matters is done here: non-daemon threads are waited for, atexit
-    handlers run, stdout/stderr are flushed (a failed flush exits 120, as Python does).  The
-    plugin closes its files, sockets and locks itself."""
+    finalization does that matters is done first (``finish``).  The plugin closes its files,
+    sockets and locks itself."""
+    os._exit(finish(code))
+
+
+def finish(code: int) -> int:
+    """What Python's finalization does that matters at the end of a CNI exec: non-daemon threads
+    are waited for, atexit handlers run, stdout/stderr are flushed.  Returns the exit code (120
+    when a flush failed, as Python's own).  Also how the exec server's child ends a served exec
+    (cni_ipam/execserver.py)."""
     if "threading" in sys.modules:
         sys.modules["threading"]._shutdown()
     import atexit
@@ -32,4 +39,4 @@ def exit_now(code) -> None:
                 f.flush()
         except (OSError, ValueError):
             code = 120
-    os._exit(code)
+    return code
