@@ -444,3 +444,70 @@ def test_controller_deployment_runs_from_the_image(image_archive, etcd_server, e
                        "--etcd-endpoints", "http://127.0.0.1:9", check=False)
         assert p.returncode != 0 and b"needs the" in p.stderr, p.stderr
     ipam.ds.close()
+
+
+def test_the_exec_server_container_serves_the_hosts_execs(image_archive, etcd_server, etcd_prefix, tmp_path,
+                                                          plugin_binary):
+    """deploy/daemonset.yaml's exec-server container from the image under podman (its args,
+    securityContext, host network, its hostPath mounts under a temp host root ``H`` as in the
+    DaemonSet test): the plugin ON THE HOST hands its execs to it through the socket in
+    ``H/run/cni-ipam`` and they are served IN THE CONTAINER (an fd passed across mount
+    namespaces).  The one deviation: the network config's lock and log files are in a dir ``T``
+    that the container also mounts at ``T`` (on a node: /run/cni-ipam and /var/log/cni-ipam, which
+    the manifest mounts at the same paths).  A config whose lock file is in a host dir the
+    container does not mount is not served: that exec runs the plugin itself, and the server's
+    log says why."""
+    from tests.plugin_helpers import exec_plugin, netconf, seed_store
+    tag = image_archive["tag"]
+    pod = yaml.safe_load((DEPLOY / "daemonset.yaml").read_text())["spec"]["template"]["spec"]
+    c = next(x for x in pod["containers"] if x["name"] == "exec-server")
+    sc = c["securityContext"]
+    host, shared = tmp_path / "host", tmp_path / "shared"
+    shared.mkdir()
+    with seed_store(etcd_server.endpoint, etcd_prefix):
+        pass
+    with Podman(cni_plugin_dirs=[CNI_PLUGIN_DIR], network_config_dir=str(tmp_path / "podman-net")) as podman:
+        podman.run("load", "-i", str(ARCHIVE))
+        args = ["run", "-d", "--name", "exec-server-1", "--pull=never", "--cgroup-parent", podman.cgroup_parent,
+                f"--user={sc['runAsUser']}", "--read-only", "--security-opt=no-new-privileges",
+                *[f"--cap-drop={x.lower()}" for x in sc["capabilities"]["drop"]]]
+        assert pod["hostNetwork"] is True and sc["readOnlyRootFilesystem"] is True
+        args.append("--network=host")
+        vols = {v["name"]: v for v in pod["volumes"]}
+        for m in c["volumeMounts"]:
+            src = host / vols[m["name"]]["hostPath"]["path"].lstrip("/")
+            src.mkdir(parents=True, exist_ok=True)        # kubelet's DirectoryOrCreate
+            args += ["-v", f"{src}:{m['mountPath']}:{'ro' if m.get('readOnly') else 'rw'}"]
+        args += ["-v", f"{shared}:{shared}:rw", tag, *c["args"]]
+        podman.run(*args)
+        sock = host / "run/cni-ipam/exec.sock"
+        assert c["args"][-1] == "--socket=/run/cni-ipam/exec.sock"
+        try:
+            wait_for(sock.exists, 60, "the exec server's socket on the host")
+            env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": None, "CNI_IPAM_EXEC_SOCKET": str(sock)}
+            conf = netconf(etcd_server.endpoint, etcd_prefix, shared, ipv4_pools=["external-pool"])
+            add = exec_plugin("ADD", conf, argv=[plugin_binary], env=env, container="served-1")
+            assert add.rc == 0, add.stdout + add.stderr
+            assert add.out["ips"][0]["address"].startswith("172.16.0.")
+            dele = exec_plugin("DEL", conf, argv=[plugin_binary], env=env, container="served-1")
+            assert dele.rc == 0, dele.stdout + dele.stderr
+            # a lock file in a host dir the container does not see: served cold, and said so
+            elsewhere = tmp_path / "not-mounted"
+            other = {**conf, "ipam": {**conf["ipam"], "lock_file": str(elsewhere / "ipam.lock")}}
+            elsewhere.mkdir()
+            add2 = exec_plugin("ADD", other, argv=[plugin_binary], env=env, container="cold-1")
+            assert add2.rc == 0, add2.stdout + add2.stderr
+            assert (elsewhere / "ipam.lock").exists()       # the host's own plugin took that lock
+        finally:
+            podman.run("stop", "-t", "10", "exec-server-1", check=False)
+        logs = (podman.run("logs", "exec-server-1", check=False).stdout
+                + podman.run("logs", "exec-server-1", check=False).stderr).decode(errors="replace")
+        code = podman.run("inspect", "--format", "{{.State.ExitCode}}", "exec-server-1").stdout.decode().strip()
+        assert code == "0", logs
+        assert "stopped after 3 execs" in logs, logs
+        assert logs.count("left an exec to start the plugin itself") == 1, logs
+        assert f"not visible to the exec server: {elsewhere}" in logs, logs
+        podman.run("rm", "exec-server-1", check=False)
+    # the served execs wrote the log and the lock the host sees (T is the same dir on both sides)
+    assert "served-1" in (shared / "cni-ipam.log").read_text()
+    assert (shared / "lock-node-a").exists()
