@@ -49,8 +49,8 @@ BUILD_ID_FILE = "cni-ipam-build-id"    # in the bundle's _internal/ (packaging/b
 MAX_STDIN = 4 * 1024 * 1024 + 1        # what the plugin reads of stdin at most (cni.skel.MAX_STDIN + 1)
 MAX_MESSAGE = 1 << 20                  # a launcher's argv + environment; larger: it execs the bundle
 HANDSHAKE_TIMEOUT = 30.0               # a child waits this long for the launcher's "G"
-#: children at once (each ~5-10 MB of its own while it runs; most of a burst waits for the host
-#: lock); one more connection is refused at once and that exec starts the plugin itself
+#: children at once (most of a burst waits for the host lock, ~3 MB of its own each); one more
+#: connection is refused at once and that exec starts the plugin itself
 DEFAULT_MAX_CHILDREN = 128
 #: on SIGTERM: stop accepting, then wait this long for the execs being served (the DaemonSet's
 #: terminationGracePeriodSeconds is 10)
