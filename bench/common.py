@@ -212,39 +212,28 @@ SERVED_LABEL = "binary + exec server"
 class ExecServer:
     """``dist/cni-ipam/cni-ipam exec-server`` on a socket in ``tmp`` (cni_ipam/execserver.py): the
     node's warm plugin, which the binary's launcher hands its CNI execs to.  A context manager;
-    ``None``-like (``ok`` False) when the binary is not built or the server does not come up."""
+    ``ok`` False when the binary is not built or the server does not come up."""
 
     def __init__(self, tmp: Path):
         self.socket = Path(tmp) / "exec.sock"
-        self.proc = None
-        self.ok = False
         self.log = Path(tmp) / "exec-server.log"
+        self.server = None
+        self.ok = False
 
     def __enter__(self):
         if not BINARY.exists():
             return self
-        self.proc = subprocess.Popen([str(BINARY), "exec-server", "--socket", str(self.socket)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "ab"), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if self.socket.exists():     # bound under a temporary name, renamed once it listens
-                self.ok = True
-                break
-            time.sleep(0.02)
-        if not self.ok:
-            log(f"exec server did not start: {self.log.read_text()[-500:] if self.log.exists() else ''}")
-            self.__exit__()
+        from tests.support.exec_server import ExecServerProcess
+        try:
+            self.server = ExecServerProcess(str(BINARY), self.socket, self.log, timeout=60)
+            self.ok = True
+        except RuntimeError as e:
+            log(str(e))
         return self
 
     def __exit__(self, *exc):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.server is not None:
+            self.server.end(10)
 
 
 def binary_note() -> str:

@@ -41,6 +41,12 @@ DEFAULT_PREFIX = "/cni-ipam"
 # -- Kubernetes names --------------------------------------------------------------------------
 #: the prefix of the namespace/pod annotations that choose pools (Calico's: its manifests keep working)
 DEFAULT_ANNOTATION_PREFIX = "cni.projectcalico.org"
+
+# `cni-ipam exec-server` (cni_ipam/execserver.py): here so that the CLI's parser does not import
+# the server (socket, selectors, signal: ~9 ms on every CLI command).  packaging/launcher.c has
+# the same socket path compiled in (tests/test_deploy_manifests.py compares them).
+EXEC_SERVER_SOCKET = "/run/cni-ipam/exec.sock"
+EXEC_SERVER_MAX_CHILDREN = 128
 #: a DNS subdomain (RFC 1123, lower case: Kubernetes' rule for object names and annotation prefixes)
 DNS_SUBDOMAIN_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 MAX_DNS_SUBDOMAIN = 253

@@ -43,15 +43,17 @@ import socket
 import struct
 import sys
 
+from .constants import EXEC_SERVER_MAX_CHILDREN, EXEC_SERVER_SOCKET
+
 MAGIC = b"cni-ipam-exec/1"
-DEFAULT_SOCKET = "/run/cni-ipam/exec.sock"
+DEFAULT_SOCKET = EXEC_SERVER_SOCKET
 BUILD_ID_FILE = "cni-ipam-build-id"    # in the bundle's _internal/ (packaging/build.py writes it)
 MAX_STDIN = 4 * 1024 * 1024 + 1        # what the plugin reads of stdin at most (cni.skel.MAX_STDIN + 1)
 MAX_MESSAGE = 1 << 20                  # a launcher's argv + environment; larger: it execs the bundle
 HANDSHAKE_TIMEOUT = 30.0               # a child waits this long for the launcher's "G"
 #: children at once (most of a burst waits for the host lock, ~3 MB of its own each); one more
 #: connection is refused at once and that exec starts the plugin itself
-DEFAULT_MAX_CHILDREN = 128
+DEFAULT_MAX_CHILDREN = EXEC_SERVER_MAX_CHILDREN
 #: on SIGTERM: stop accepting, then wait this long for the execs being served (the DaemonSet's
 #: terminationGracePeriodSeconds is 10)
 DRAIN_SECONDS = 8.0

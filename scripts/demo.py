@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e.runtimes import (IMAGE_REF, Containerd, RuntimeError_, build_busybox_image,  # noqa: E402
                                 delete_link, make_cni_bin_dir, unique_name)
 from tests.support.etcd import EtcdServer  # noqa: E402
+from tests.support.exec_server import ExecServerProcess  # noqa: E402
 
 POOLS_FILE = ROOT / "conf" / "pools.yaml"
 BRIDGE_EXAMPLE = ROOT / "conf" / "10-cni-ipam-bridge.conflist"
@@ -86,7 +87,7 @@ class Demo:
         self.pods: list[dict] = []
         self.cleanup_notes: list[str] = []
         self.ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()  # put back on exit
-        self.exec_server: subprocess.Popen | None = None
+        self.exec_server: ExecServerProcess | None = None
         self.exec_server_log = os.path.join(keep_logs, "exec-server.log")
 
     # -- the admin CLI ---------------------------------------------------------------
@@ -182,15 +183,11 @@ class Demo:
         through CNI_IPAM_EXEC_SOCKET, which containerd passes on to the plugins it runs."""
         banner("The node's exec server (the plugin, loaded once; each exec served by a fork of it)")
         sock = os.path.join(self.work, "exec.sock")
-        show_cmd(["cni-ipam", "exec-server", "--socket", sock, "&"])
-        with open(self.exec_server_log, "ab") as err:
-            self.exec_server = subprocess.Popen([self.binary, "exec-server", "--socket", sock],
-                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):   # renamed into place once it listens
-            if self.exec_server.poll() is not None or time.monotonic() > deadline:
-                raise DemoFailed(f"the exec server did not start: {Path(self.exec_server_log).read_text()[-500:]}")
-            time.sleep(0.02)
+        show_cmd(["cni-ipam", "exec-server", "--socket", sock])   # (left running in the background)
+        try:
+            self.exec_server = ExecServerProcess(self.binary, sock, self.exec_server_log)
+        except RuntimeError as e:
+            raise DemoFailed(str(e)) from None
         os.environ["CNI_IPAM_EXEC_SOCKET"] = sock
         show_cmd(["export", f"CNI_IPAM_EXEC_SOCKET={sock}"])
         note("(on a node it listens on /run/cni-ipam/exec.sock, where the plugin looks by default)")
@@ -198,13 +195,7 @@ class Demo:
     def stop_exec_server(self, report: bool = False) -> None:
         if self.exec_server is None:
             return
-        if self.exec_server.poll() is None:
-            self.exec_server.terminate()
-            try:
-                self.exec_server.wait(20)
-            except subprocess.TimeoutExpired:
-                self.exec_server.kill()
-                self.exec_server.wait()
+        self.exec_server.end()
         self.exec_server = None
         os.environ.pop("CNI_IPAM_EXEC_SOCKET", None)
         if report:
@@ -452,7 +443,7 @@ def main(argv=None) -> int:
         leftovers.append("containerd")
     if demo.etcd is not None and demo.etcd.running:
         leftovers.append("etcd")
-    if demo.exec_server is not None and demo.exec_server.poll() is None:
+    if demo.exec_server is not None and demo.exec_server.proc.poll() is None:
         leftovers.append("the exec server")
     banner("Done" if rc == 0 and not leftovers else "Done, with problems")
     print(f"  everything started here is gone: {'containerd, ' if demo.ctrd else ''}etcd, the exec server, the pods, "

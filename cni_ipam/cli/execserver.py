@@ -10,7 +10,7 @@ from .common import CLIError
 
 
 def register(sub) -> None:
-    from ..execserver import DEFAULT_MAX_CHILDREN, DEFAULT_SOCKET
+    from ..constants import EXEC_SERVER_MAX_CHILDREN as DEFAULT_MAX_CHILDREN, EXEC_SERVER_SOCKET as DEFAULT_SOCKET
     p = sub.add_parser(
         "exec-server", help="long-running, one per node: serve CNI execs from an already started plugin (faster pod starts)",
         description="Imports the plugin once and listens on a unix socket (root only). The installed "

@@ -17,11 +17,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import subprocess
-import time
 import types
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -33,37 +30,13 @@ from tests.e2e.runtimes import (Containerd, build_busybox_image, bridge_conflist
                                 etcd_allocations, free_test_subnet, link_exists, make_cni_bin_dir,
                                 missing_tools, read_calls, recording_plugin, run_cli,
                                 unique_name, wait_released)
+from tests.support.exec_server import ExecServerProcess
 
 _why = missing_tools("containerd", "ctr", "runc", "/bin/busybox", "/usr/lib/cni/bridge",
                      modules=("grpc", "cri_api"))
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 POOLS_ANNOTATION = "cni.projectcalico.org/ipv4pools"
-
-
-def _start_exec_server(binary: str, tmp_path) -> tuple[subprocess.Popen, str, Path]:
-    """``cni-ipam exec-server`` of the binary on a socket in ``tmp_path``; waits until it accepts."""
-    sock, log = tmp_path / "exec.sock", tmp_path / "exec-server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([binary, "exec-server", "--socket", str(sock)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 30
-    while not sock.exists():     # bound under a temporary name, renamed once it listens
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the exec server did not start: " + log.read_text()
-        time.sleep(0.02)
-    return proc, str(sock), log
-
-
-def _stop_exec_server(proc: subprocess.Popen, log: Path) -> str:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return log.read_text()
 
 
 @pytest.fixture
@@ -76,12 +49,15 @@ def cri_node(request, tmp_path, etcd_server, etcd_prefix, plugin_binary):
     server = None
     target = plugin_binary
     if getattr(request, "param", None) == "exec-server":
-        proc, sock, log = _start_exec_server(plugin_binary, tmp_path)
-        server = (proc, log)
+        server = ExecServerProcess(plugin_binary, tmp_path / "exec.sock", tmp_path / "exec-server.log")
         target = str(tmp_path / "served-cni-ipam")
         with open(target, "w") as f:   # the runtime's environment names the server's socket
-            f.write(f"#!/bin/sh\nCNI_IPAM_EXEC_SOCKET={sock} exec {plugin_binary} \"$@\"\n")
+            f.write(f"#!/bin/sh\nCNI_IPAM_EXEC_SOCKET={server.sock} exec {plugin_binary} \"$@\"\n")
         os.chmod(target, 0o755)
+
+    def stop_exec_server() -> str:
+        server.end()
+        return server.stderr()
     subnet = ipaddress.ip_network(free_test_subnet())
     ext_cidr = str(list(subnet.subnets(new_prefix=26))[0])   # 64 addresses, like the seed's
     int_cidr = str(list(subnet.subnets(new_prefix=25))[1])
@@ -115,10 +91,10 @@ def cri_node(request, tmp_path, etcd_server, etcd_prefix, plugin_binary):
                 ctrd=ctrd, cri=ctrd.cri(), ipam=ipam, node=node, bridge=bridge, calls=calls, tmp=tmp_path,
                 binary=plugin_binary, endpoint=etcd_server.endpoint, prefix=etcd_prefix,
                 pools={p.name: p.cidr for p in ipam.pools()}, ns_pool=ns,
-                stop_exec_server=(lambda: _stop_exec_server(*server)) if server else None)
+                stop_exec_server=stop_exec_server if server else None)
         finally:
             if server:
-                _stop_exec_server(*server)
+                server.end()
             problems = ctrd.stop()
             delete_link(bridge)
             ipam.ds.close()

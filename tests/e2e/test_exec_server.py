@@ -18,7 +18,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -33,6 +32,7 @@ import pytest
 from cni_ipam.execserver import encode_request, parse_request
 from tests.e2e.helpers import ROOT
 from tests.plugin_helpers import assert_error, exec_plugin, netconf, seed_store
+from tests.support.exec_server import ExecServerProcess
 
 BIN_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": None}
 NO_SERVER = {**BIN_ENV, "CNI_IPAM_EXEC_SOCKET": ""}      # the cold path: never use a server
@@ -47,36 +47,14 @@ def build_id(plugin_binary) -> str:
     return (Path(plugin_binary).parent / "_internal" / "cni-ipam-build-id").read_text().strip()
 
 
-class RunningServer:
-    """One ``cni-ipam exec-server`` process (stderr to a file)."""
+class RunningServer(ExecServerProcess):
+    """One ``cni-ipam exec-server`` process (stderr to a file), with the tests' checks."""
 
     def __init__(self, binary: str, sock: Path, log: Path, *args: str, shell: str | None = None):
-        self.sock, self.log = sock, log
+        super().__init__(binary, sock, log, *args, shell=shell, timeout=START_TIMEOUT)
         self.env = served_env(sock)
-        argv = [binary, "exec-server", "--socket", str(sock), *args]
-        if shell is not None:     # e.g. 'exec "$0" "$@" <&-'
-            argv = ["/bin/sh", "-c", shell, *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
-                                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/")
         self.rc: int | None = None
-        self.terminated = False
-        # ready = its start-up line (written after listen() and the rename into place); waiting
-        # for it instead of connecting keeps the server's count of accepted connections exact
-        deadline = time.monotonic() + START_TIMEOUT
-        while f"(pid {self.proc.pid})" not in self.stderr():
-            assert self.proc.poll() is None, f"exec server exited {self.proc.returncode}: {self.stderr()}"
-            assert time.monotonic() < deadline, f"exec server did not start: {self.stderr()}"
-            time.sleep(0.02)
         assert sock.is_socket()
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def terminate(self) -> None:
-        """SIGTERM, once (a second one ends its wait for the execs being served)."""
-        self.terminated = True
-        self.proc.send_signal(signal.SIGTERM)
 
     def refusals(self) -> list[str]:
         """The execs its children refused (each logs why): those ran the bundle themselves."""
@@ -85,13 +63,8 @@ class RunningServer:
     def shutdown(self) -> None:
         """SIGTERM (once), wait; it must exit 0."""
         if self.rc is None:
-            if not self.terminated:
-                self.terminate()
-            try:
-                self.rc = self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.rc = self.proc.wait()
+            self.rc, killed = self.end(STOP_TIMEOUT)
+            if killed:
                 pytest.fail(f"exec server did not stop on SIGTERM: {self.stderr()}")
         assert self.rc == 0, f"exec server exited {self.rc}: {self.stderr()}"
 
@@ -239,7 +212,7 @@ def test_errors_through_the_server_are_the_specs(plugin_binary, server, conf, en
 
     served = exec_plugin("ADD", conf, argv=[plugin_binary], env=server.env, container=None)
     cold = exec_plugin("ADD", conf, argv=[plugin_binary], env=NO_SERVER, container=None)
-    err = assert_error(served, 4, names="CNI_CONTAINERID")     # the spec's "invalid environment variables"
+    assert_error(served, 4, names="CNI_CONTAINERID")     # the spec's "invalid environment variables"
     assert (served.rc, served.stdout) == (cold.rc, cold.stdout)
     assert engine.handles() == []
     assert server.stop() == 2
